@@ -1,0 +1,137 @@
+"""Llama-family decoder in Flax, functional over a paged KV cache.
+
+The cache is passed in and returned, never held: `Llama.apply(params, token_ids, positions, kv,
+batch)` returns `(logits, kv)`. Layers are stacked and run with `nn.scan`, so a 30-layer model
+compiles about as fast as a 1-layer one; the KV pools ride in the scan carry and are updated in
+place (scatter into a loop carry needs no copy when the caller donates them).
+
+Parameter names follow Hugging Face's Llama so that loaders map weights one to one; Dense kernels
+are stored [in, out] and every per-layer leaf has a leading [num_layers] axis.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pensieve_jax.attention import AttentionBatch, KVCache, get_attention, token_slots, write_kv
+from pensieve_jax.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * weight.astype(jnp.float32)).astype(self.dtype)
+
+
+def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [T, head_dim] (float32) for rotate-half RoPE at the given positions [T]."""
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [T, heads, head_dim]; the two halves of head_dim are the rotated pairs (HF layout)."""
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos[:, None, :] + rotated * sin[:, None, :]).astype(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    dtype: Any
+    attention: str
+    max_q_len: int
+
+    @nn.compact
+    def __call__(self, carry, layer, rope, slots, batch: AttentionBatch):
+        h, kv = carry
+        c = self.config
+        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype,  # noqa: E731
+                                         param_dtype=self.dtype, name=name)
+        num_tokens = h.shape[0]
+
+        x = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(h)
+        q = dense(c.num_heads * c.head_dim, "q_proj")(x).reshape(num_tokens, c.num_heads, c.head_dim)
+        k = dense(c.num_kv_heads * c.head_dim, "k_proj")(x).reshape(
+            num_tokens, c.num_kv_heads, c.head_dim)
+        v = dense(c.num_kv_heads * c.head_dim, "v_proj")(x).reshape(
+            num_tokens, c.num_kv_heads, c.head_dim)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        kv = write_kv(kv, layer, k, v, slots)
+        attn = get_attention(self.attention)(q, kv, layer, batch, sm_scale=c.head_dim ** -0.5,
+                                             max_q_len=self.max_q_len)
+        h = h + dense(c.hidden_size, "o_proj")(attn.reshape(num_tokens, -1))
+
+        x = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(h)
+        mlp = nn.silu(dense(c.intermediate_size, "gate_proj")(x)) * dense(
+            c.intermediate_size, "up_proj")(x)
+        h = h + dense(c.hidden_size, "down_proj")(mlp)
+        return (h, kv), None
+
+
+class Llama(nn.Module):
+    """Decoder over a paged KV cache.
+
+    __call__(token_ids [T] int32, positions [T] int32, kv: KVCache, batch: AttentionBatch,
+             logits_indices [R] int32 | None) -> (logits [R or T, vocab] float32, kv)
+
+    max_q_len: static bound on any sequence's new tokens in a step (defaults to T).
+    """
+
+    config: ModelConfig
+    dtype: Any = jnp.float32
+    attention: str = "xla"
+
+    @nn.compact
+    def __call__(self, token_ids, positions, kv: KVCache, batch: AttentionBatch,
+                 logits_indices=None, max_q_len: int | None = None):
+        c = self.config
+        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
+                         name="embed_tokens")
+        h = embed(token_ids)
+        rope = rope_tables(positions, jnp.asarray(c.rope_inv_freq()))
+        slots = token_slots(positions, batch, kv.num_pages, kv.page_size)
+
+        layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                         length=c.num_layers)
+        (h, kv), _ = layers(c, self.dtype, self.attention, max_q_len or token_ids.shape[0],
+                            name="layers")((h, kv), jnp.arange(c.num_layers, dtype=jnp.int32),
+                                           rope, slots, batch)
+
+        if logits_indices is not None:
+            h = h[logits_indices]
+        h = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(h)
+        if c.tie_word_embeddings:
+            logits = embed.attend(h)
+        else:
+            logits = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype,
+                              param_dtype=self.dtype, name="lm_head")(h)
+        return logits.astype(jnp.float32), kv
+
+
+def param_shapes(config: ModelConfig, dtype=jnp.float32) -> Any:
+    """The parameter tree of `Llama(config)` as ShapeDtypeStructs (no memory allocated)."""
+    model = Llama(config, dtype)
+    pool = jax.ShapeDtypeStruct((config.num_layers, 1, 1, config.num_kv_heads, config.head_dim),
+                                dtype)
+    kv = KVCache(pool, pool)
+    batch = AttentionBatch(jax.ShapeDtypeStruct((1, 1), jnp.int32),
+                           jax.ShapeDtypeStruct((1,), jnp.int32),
+                           jax.ShapeDtypeStruct((2,), jnp.int32))
+    ids = jax.ShapeDtypeStruct((1,), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.key(0), ids, ids, kv, batch)
