@@ -1,0 +1,112 @@
+"""Model runner: pads a step to shape buckets, runs the compiled step, returns sampled tokens.
+
+The host plans, the device computes: a step arrives as small NumPy arrays, is padded to
+power-of-two buckets (tokens, sequences, pages per sequence, longest query run), and each bucket
+is compiled once (ahead of time, on first use). The KV pools are donated into every step, so
+they are updated in place. One device-to-host copy per step: the sampled token ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pensieve_jax.attention import AttentionBatch, init_kv_cache
+from pensieve_jax.model import Llama
+from pensieve_jax.sampling import sample
+from pensieve_jax.weights import LoadedModel
+
+
+class StepInput(NamedTuple):
+    """One step, unpadded. T = total new tokens, S = sequences, P = pages of the longest one."""
+
+    token_ids: np.ndarray    # int32 [T]
+    positions: np.ndarray    # int32 [T]
+    page_table: np.ndarray   # int32 [S, P]
+    kv_lens: np.ndarray      # int32 [S]
+    cu_q_lens: np.ndarray    # int32 [S + 1]
+    temperature: np.ndarray  # float32 [S]
+    top_k: np.ndarray        # int32 [S]
+    top_p: np.ndarray        # float32 [S]
+    seeds: np.ndarray        # uint32 [S]
+    counters: np.ndarray     # int32 [S], index of the token each row samples
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    min_tokens: int = 8
+    min_seqs: int = 1
+    min_pages: int = 4
+
+
+def bucket(n: int, minimum: int) -> int:
+    size = max(minimum, 1)
+    while size < n:
+        size *= 2
+    return size
+
+
+def _pad(a: np.ndarray, shape: tuple[int, ...], fill=0) -> np.ndarray:
+    out = np.full(shape, fill, dtype=a.dtype)
+    out[tuple(slice(0, n) for n in a.shape)] = a
+    return out
+
+
+class ModelRunner:
+    def __init__(self, model: LoadedModel, num_pages: int, page_size: int, attention: str = "xla",
+                 dtype=jnp.float32, buckets: Buckets = Buckets()):
+        c = model.config
+        self.config = c
+        self.params = model.params
+        self.page_size = page_size
+        self.buckets = buckets
+        self.dtype = jnp.dtype(dtype)
+        self.kv = init_kv_cache(c.num_layers, num_pages, page_size, c.num_kv_heads, c.head_dim,
+                                self.dtype)
+        self._model = Llama(c, self.dtype, attention)
+        self._compiled: dict[tuple[int, ...], Any] = {}
+        self._step = jax.jit(self._step_impl, static_argnames=("max_q_len",),
+                             donate_argnames=("kv",))
+
+    @property
+    def num_compilations(self) -> int:
+        return len(self._compiled)
+
+    def _step_impl(self, params, kv, token_ids, positions, batch, logits_indices, temperature, top_k,
+              top_p, seeds, counters, *, max_q_len):
+        logits, kv = self._model.apply(params, token_ids, positions, kv, batch, logits_indices,
+                                       max_q_len)
+        return sample(logits, temperature, top_k, top_p, seeds, counters), kv
+
+    def step(self, s: StepInput) -> np.ndarray:
+        """Run one step; returns the sampled token of each sequence, int32 [S]."""
+        num_seqs = len(s.kv_lens)
+        q_lens = np.diff(s.cu_q_lens)
+        t = bucket(len(s.token_ids), self.buckets.min_tokens)
+        n = bucket(num_seqs, self.buckets.min_seqs)
+        p = bucket(s.page_table.shape[1], self.buckets.min_pages)
+        q = min(bucket(int(q_lens.max(initial=1)), 1), t)
+        cu = np.concatenate([s.cu_q_lens, np.full(n - num_seqs, s.cu_q_lens[-1])]).astype(np.int32)
+        args = (
+            _pad(s.token_ids.astype(np.int32), (t,)),
+            _pad(s.positions.astype(np.int32), (t,)),
+            AttentionBatch(_pad(s.page_table.astype(np.int32), (n, p)),
+                           _pad(s.kv_lens.astype(np.int32), (n,)), cu),
+            np.maximum(cu[1:] - 1, 0).astype(np.int32),
+            _pad(s.temperature.astype(np.float32), (n,)),
+            _pad(s.top_k.astype(np.int32), (n,)),
+            _pad(s.top_p.astype(np.float32), (n,), 1.0),
+            _pad(s.seeds.astype(np.uint32), (n,)),
+            _pad(s.counters.astype(np.int32), (n,)),
+        )
+        key = (t, n, p, q)
+        if key not in self._compiled:
+            with jax.default_matmul_precision("highest" if self.dtype == jnp.float32 else "default"):
+                self._compiled[key] = self._step.lower(self.params, self.kv, *args,
+                                                       max_q_len=q).compile()
+        tokens, self.kv = self._compiled[key](self.params, self.kv, *args)
+        return np.asarray(tokens)[:num_seqs]
