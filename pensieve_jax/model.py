@@ -100,6 +100,7 @@ class Llama(nn.Module):
     def __call__(self, token_ids, positions, kv: KVCache, batch: AttentionBatch,
                  logits_indices=None, max_q_len: int | None = None):
         c = self.config
+        batch = AttentionBatch(*(jnp.asarray(a, jnp.int32) for a in batch))
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
                          name="embed_tokens")
         h = embed(token_ids)

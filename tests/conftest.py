@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+
+from pensieve_jax.attention import AttentionBatch, init_kv_cache
+
+
+def dense_attention(q, k, v, q_pos, sm_scale):
+    """Plain causal attention for one sequence. q [n, H, D], k/v [C, KVH, D], q_pos [n]."""
+    h, kvh = q.shape[1], k.shape[1]
+    k = np.repeat(k, h // kvh, axis=1)
+    v = np.repeat(v, h // kvh, axis=1)
+    s = np.einsum("qhd,chd->hqc", q.astype(np.float64), k.astype(np.float64)) * sm_scale
+    mask = np.arange(k.shape[0])[None, :] <= np.asarray(q_pos)[:, None]
+    s = np.where(mask[None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("hqc,chd->qhd", p, v.astype(np.float64))
+
+
+def run_model(model, params, config, token_lists, starts, page_table, kv=None, num_pages=32,
+              page_size=4, max_q_len=None, pad_to=None):
+    """Run one step of `model` over several sequences: sequence s feeds token_lists[s] at
+    positions starts[s]... Returns (logits [T, V] as numpy, kv)."""
+    if kv is None:
+        kv = init_kv_cache(config.num_layers, num_pages, page_size, config.num_kv_heads,
+                           config.head_dim)
+    tokens = np.concatenate([np.asarray(t, np.int32) for t in token_lists])
+    positions = np.concatenate([np.arange(s, s + len(t), dtype=np.int32)
+                                for t, s in zip(token_lists, starts)])
+    q_lens = [len(t) for t in token_lists]
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    kv_lens = np.asarray([s + n for s, n in zip(starts, q_lens)], np.int32)
+    n = len(tokens)
+    if pad_to is not None:
+        tokens = np.pad(tokens, (0, pad_to - n))
+        positions = np.pad(positions, (0, pad_to - n))
+    batch = AttentionBatch(np.asarray(page_table, np.int32), kv_lens, cu)
+    logits, kv = model.apply(params, tokens, positions, kv, batch, max_q_len=max_q_len)
+    return np.asarray(logits)[:n], kv
+
+
+@pytest.fixture(scope="session")
+def rng():
+    return np.random.default_rng(0)

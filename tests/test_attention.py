@@ -1,0 +1,104 @@
+"""The XLA paged-attention path against plain dense attention, and KV writes into pages."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import dense_attention
+from pensieve_jax.attention import (AttentionBatch, KVCache, get_attention, token_slots,
+                                    write_kv, xla_paged_attention)
+
+
+def make_case(rng, q_lens, kv_lens, heads=4, kv_heads=2, head_dim=16, page_size=4, num_pages=40,
+              pad_rows=3, dtype=np.float32):
+    """Random pools and a batch with each sequence's pages scattered over the pool."""
+    num_seqs = len(q_lens)
+    max_pages = max(-(-k // page_size) for k in kv_lens)
+    perm = rng.permutation(num_pages)
+    page_table = np.zeros((num_seqs, max_pages + 1), np.int32)
+    used = 0
+    for s, k in enumerate(kv_lens):
+        n = -(-k // page_size)
+        page_table[s, :n] = perm[used:used + n]
+        used += n
+    k_pool = rng.standard_normal((1, num_pages, page_size, kv_heads, head_dim)).astype(dtype)
+    v_pool = rng.standard_normal((1, num_pages, page_size, kv_heads, head_dim)).astype(dtype)
+    total = sum(q_lens)
+    q = rng.standard_normal((total + pad_rows, heads, head_dim)).astype(dtype)
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    batch = AttentionBatch(page_table, np.asarray(kv_lens, np.int32), cu)
+    return q, KVCache(k_pool, v_pool), batch
+
+
+def reference(q, kv, batch, sm_scale):
+    out = np.zeros(q.shape, np.float64)
+    ps = kv.k.shape[2]
+    for s in range(len(batch.kv_lens)):
+        lo, hi = batch.cu_q_lens[s], batch.cu_q_lens[s + 1]
+        if hi == lo:
+            continue
+        ctx = batch.kv_lens[s]
+        pages = batch.page_table[s, : -(-ctx // ps)]
+        k = np.asarray(kv.k[0])[pages].reshape(-1, *kv.k.shape[3:])[:ctx]
+        v = np.asarray(kv.v[0])[pages].reshape(-1, *kv.v.shape[3:])[:ctx]
+        q_pos = np.arange(ctx - (hi - lo), ctx)
+        out[lo:hi] = dense_attention(np.asarray(q[lo:hi]), k, v, q_pos, sm_scale)
+    return out
+
+
+@pytest.mark.parametrize("q_lens,kv_lens", [
+    ([5], [5]),                    # prefill from scratch
+    ([1, 1, 1], [9, 1, 17]),       # decodes
+    ([7, 1, 0, 3], [20, 6, 4, 3]), # mixed: prefill over history, decode, idle row, fresh prefill
+])
+@pytest.mark.parametrize("group", [1, 2])
+def test_matches_dense_attention(rng, q_lens, kv_lens, group):
+    q, kv, batch = make_case(rng, q_lens, kv_lens, heads=2 * group, kv_heads=2)
+    scale = 16 ** -0.5
+    out = xla_paged_attention(jnp.asarray(q), kv, jnp.int32(0), batch, sm_scale=scale,
+                              max_q_len=max(q_lens))
+    out = np.asarray(out)
+    np.testing.assert_allclose(out, reference(q, kv, batch, scale), atol=2e-5)
+    total = sum(q_lens)
+    assert np.all(out[total:] == 0) and np.all(np.isfinite(out))
+
+
+def test_two_query_ranges_share_one_context(rng):
+    """Pensieve's recompute case: a dropped front and the new prompt as two rows, one page table."""
+    q, kv, batch = make_case(rng, [4, 3], [4, 12])
+    batch = batch._replace(page_table=np.repeat(batch.page_table[1:2], 2, axis=0))
+    out = np.asarray(xla_paged_attention(jnp.asarray(q), kv, jnp.int32(0), batch,
+                                         sm_scale=0.25, max_q_len=4))
+    np.testing.assert_allclose(out, reference(q, kv, batch, 0.25), atol=2e-5)
+
+
+def test_bfloat16_inputs_accumulate_in_float32(rng):
+    q, kv, batch = make_case(rng, [6, 1], [10, 30])
+    ref = reference(q, kv, batch, 0.25)
+    qb = jnp.asarray(q, jnp.bfloat16)
+    kvb = KVCache(jnp.asarray(kv.k, jnp.bfloat16), jnp.asarray(kv.v, jnp.bfloat16))
+    out = xla_paged_attention(qb, kvb, jnp.int32(0), batch, sm_scale=0.25, max_q_len=6)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=5e-2)
+
+
+def test_write_kv_lands_in_the_right_slots_and_drops_padding(rng):
+    num_pages, ps = 6, 4
+    kv = KVCache(jnp.zeros((2, num_pages, ps, 1, 2)), jnp.zeros((2, num_pages, ps, 1, 2)))
+    batch = AttentionBatch(np.array([[3, 5], [1, 0]], np.int32), np.array([6, 2], np.int32),
+                           np.array([0, 2, 4], np.int32))
+    positions = np.array([4, 5, 0, 1, 0, 0], np.int32)   # last two rows are padding
+    slots = token_slots(jnp.asarray(positions), batch, num_pages, ps)
+    np.testing.assert_array_equal(np.asarray(slots[0]), [5, 5, 1, 1, num_pages, num_pages])
+    new = jnp.arange(12, dtype=jnp.float32).reshape(6, 1, 2) + 1
+    out = write_kv(kv, jnp.int32(1), new, -new, slots)
+    k = np.asarray(out.k)
+    assert np.all(k[0] == 0)                                   # other layer untouched
+    np.testing.assert_array_equal(k[1, 5, 0:2, 0], np.asarray(new[0:2, 0]))
+    np.testing.assert_array_equal(k[1, 1, 0:2, 0], np.asarray(new[2:4, 0]))
+    assert np.count_nonzero(k) == 8                            # padding rows wrote nothing
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
+        get_attention("nope")
