@@ -1,3 +1,4 @@
+import jax
 import numpy as np
 import pytest
 
@@ -15,6 +16,9 @@ def dense_attention(q, k, v, q_pos, sm_scale):
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     return np.einsum("hqc,chd->qhd", p, v.astype(np.float64))
+
+
+_JITTED = {}
 
 
 def run_model(model, params, config, token_lists, starts, page_table, kv=None, num_pages=32,
@@ -35,10 +39,31 @@ def run_model(model, params, config, token_lists, starts, page_table, kv=None, n
         tokens = np.pad(tokens, (0, pad_to - n))
         positions = np.pad(positions, (0, pad_to - n))
     batch = AttentionBatch(np.asarray(page_table, np.int32), kv_lens, cu)
-    logits, kv = model.apply(params, tokens, positions, kv, batch, max_q_len=max_q_len)
+    key = (model.config, jax.numpy.dtype(model.dtype), model.attention)
+    fn = _JITTED.setdefault(key, jax.jit(model.apply, static_argnames=("max_q_len",)))
+    logits, kv = fn(params, tokens, positions, kv, batch, max_q_len=max_q_len)
     return np.asarray(logits)[:n], kv
 
 
 @pytest.fixture(scope="session")
 def rng():
     return np.random.default_rng(0)
+
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M-Instruct GGUF, converted to float32 (no conversion cache)."""
+    from pensieve_jax.weights import load_model
+    return load_model("smollm2-135m-instruct", "float32", cache_dir=False)
+
+
+@pytest.fixture(scope="session")
+def hf_reference():
+    """Outputs of Hugging Face transformers on the same GGUF; see fixtures/make_smollm2_reference.py."""
+    import json
+    ref = json.loads((FIXTURES / "smollm2_reference.json").read_text())
+    ref["logits"] = np.load(FIXTURES / ref["logits_file"])["logits"]
+    return ref
