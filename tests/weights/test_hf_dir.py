@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 
 from pensieve_jax.attention import AttentionBatch, init_kv_cache
 from pensieve_jax.config import PRESETS, ModelConfig, RopeScaling
-from pensieve_jax.model import Llama
+from pensieve_jax.model import Llama, param_shapes
 from pensieve_jax.tokenizer import Tokenizer
 from pensieve_jax.weights import load_model
 from pensieve_jax.weights.assemble import ModelLoadError, random_params
@@ -201,7 +201,9 @@ def test_head_dim_and_kv_heads_defaults(tmp_path):
     """No num_key_value_heads -> MHA; explicit head_dim wins over hidden / heads."""
     config = ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_layers=1,
                          num_heads=2, num_kv_heads=2, head_dim=24, name="odd")
-    params = jax.tree.map(np.asarray, random_params(config, jnp.float32, seed=5))
+    rng = np.random.default_rng(5)
+    params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32),
+                          param_shapes(config))
     over = {"head_dim": 24}
     root = tmp_path / "model"
     write_hf_dir(root, config, hf_tensors(config, params), config_over=over)

@@ -1,0 +1,91 @@
+"""Time the model runner's steps: one prefill and batched decodes over a paged KV cache.
+
+    python benchmarks/model_step.py --model smollm2-135m-instruct --prefill 512 \
+        --decode-batch 1 8 32 --context 512 --out benchmarks/results/model_step_cpu.json
+
+Each configuration is compiled first, then timed over --iters runs (median reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+from pensieve_jax.runner import ModelRunner, StepInput
+from pensieve_jax.weights import load_model
+
+
+def make_step(num_seqs: int, q_len: int, context: int, page_size: int, vocab: int) -> StepInput:
+    pages = math.ceil(context / page_size)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab, num_seqs * q_len).astype(np.int32)
+    positions = np.tile(np.arange(context - q_len, context, dtype=np.int32), num_seqs)
+    table = np.arange(num_seqs * pages, dtype=np.int32).reshape(num_seqs, pages)
+    ones = np.ones(num_seqs)
+    return StepInput(tokens, positions, table, np.full(num_seqs, context, np.int32),
+                     np.arange(0, (num_seqs + 1) * q_len, q_len, dtype=np.int32),
+                     0 * ones.astype(np.float32), 0 * ones.astype(np.int32),
+                     ones.astype(np.float32), ones.astype(np.uint32), 0 * ones.astype(np.int32))
+
+
+def time_step(runner: ModelRunner, step: StepInput, iters: int) -> float:
+    runner.step(step)                                   # compile + warm up
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        runner.step(step)                               # returns host tokens: synchronizes
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--attention", default="xla")
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--decode-batch", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+
+    model = load_model(args.model, args.dtype)
+    max_seqs = max(args.decode_batch)
+    num_pages = max_seqs * math.ceil(max(args.context, args.prefill) / args.page_size)
+    runner = ModelRunner(model, num_pages, args.page_size, args.attention, args.dtype)
+    vocab = model.config.vocab_size
+    rows = []
+    t = time_step(runner, make_step(1, args.prefill, args.prefill, args.page_size, vocab), args.iters)
+    rows.append({"kind": "prefill", "seqs": 1, "tokens": args.prefill, "context": args.prefill,
+                 "seconds": t, "tokens_per_s": args.prefill / t})
+    for b in args.decode_batch:
+        t = time_step(runner, make_step(b, 1, args.context, args.page_size, vocab), args.iters)
+        rows.append({"kind": "decode", "seqs": b, "tokens": b, "context": args.context,
+                     "seconds": t, "tokens_per_s": b / t})
+    for r in rows:
+        print(f"{r['kind']:8s} seqs={r['seqs']:3d} tokens={r['tokens']:5d} ctx={r['context']:5d} "
+              f"{r['seconds'] * 1e3:9.2f} ms  {r['tokens_per_s']:9.1f} tok/s")
+    result = {"command": " ".join(["python"] + sys.argv), "model": model.source,
+              "dtype": args.dtype, "attention": args.attention,
+              "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+              "machine": f"{platform.machine()} {platform.processor()} "
+                         f"{__import__('os').cpu_count()} cpus",
+              "jax": jax.__version__, "rows": rows}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
