@@ -174,8 +174,8 @@ class Tokenizer:
         byte_chars.sort()
         vocab = {c: i for i, c in enumerate(byte_chars)}
         first_special = len(vocab)
-        vocab.update({f"<|reserved_{i}|>": i for i in range(first_special + len(specials),
-                                                             vocab_size)})
+        vocab.update({t: first_special + i for i, t in enumerate(specials)})
+        vocab.update({f"<|reserved_{i}|>": i for i in range(len(vocab), vocab_size)})
         backend = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         backend.decoder = decoders.ByteLevel()

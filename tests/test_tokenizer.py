@@ -61,6 +61,10 @@ def test_byte_level_tokenizer_round_trips_any_text():
     assert len(ids) == len(text.encode("utf-8"))
     assert tok.decode(ids) == text
     assert tok.decode(list(range(512)))          # every id decodes
+    assert tok.encode("<|im_end|>") == [tok.eos_token_id]
+    assert tok.encode("<|im_start|>") == [tok.bos_token_id]
+    assert tok.stop_token_ids == (tok.eos_token_id,)
+    assert len(set(tok.backend.get_vocab().values())) == tok.vocab_size == 512   # no id clashes
     chat = tok.apply_chat_template([{"role": "user", "content": "hi"}])
     assert tok.decode(chat) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 

@@ -51,7 +51,10 @@ def embedded_model_path(alias: str) -> str:
 
 
 def _check_dtype(dtype) -> jnp.dtype:
-    name = jnp.dtype(dtype).name
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = str(dtype)
     if name not in _DTYPES:
         raise ValueError(f"unsupported dtype {name!r} (supported: {', '.join(_DTYPES)})")
     return jnp.dtype(dtype)
@@ -102,8 +105,11 @@ def load_model(source: str, dtype="float32", cache_dir: str | Path | None | bool
 
     cached = None
     if cache_dir is not False:
-        st = path.stat()
-        key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype.name}".encode())
+        key = hashlib.sha256(f"{path.resolve()}|{dtype.name}".encode())
+        for f in ([path] if path.is_file() else sorted(path.iterdir())):
+            if f.is_file():   # a directory's own mtime misses files rewritten in place
+                st = f.stat()
+                key.update(f"|{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
         cached = Path(cache_dir or default_cache_dir()) / f"{path.name}-{key.hexdigest()[:16]}"
         if is_converted_dir(cached):
             return LoadedModel(*load_converted(cached, dtype), str(path))

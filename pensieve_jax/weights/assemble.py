@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -81,5 +82,6 @@ def random_params(config: ModelConfig, dtype, seed: int = 0, std: float = 0.02) 
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _normal(key, shape, dtype, std):
-    return jax.jit(lambda k: (jax.random.normal(k, shape, jnp.float32) * std).astype(dtype))(key)
+    return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)

@@ -74,15 +74,20 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str], path: str
         raise ModelLoadError(f"{path}: unsupported rope scaling "
                              f"{meta.get(f'{arch}.rope.scaling.type')!r}")
     vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
-    return ModelConfig(
-        vocab_size=int(vocab), hidden_size=hidden,
-        intermediate_size=int(key("feed_forward_length")), num_layers=int(key("block_count")),
-        num_heads=heads, num_kv_heads=int(key("attention.head_count_kv", heads)), head_dim=head_dim,
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(key("rope.freq_base", 10000.0)), rope_scaling=scaling,
-        max_position_embeddings=int(key("context_length", 4096)),
-        tie_word_embeddings="output.weight" not in tensor_names,
-        name=str(meta.get("general.name", path)))
+    try:
+        return ModelConfig(
+            vocab_size=int(vocab), hidden_size=hidden,
+            intermediate_size=int(key("feed_forward_length")), num_layers=int(key("block_count")),
+            num_heads=heads, num_kv_heads=int(key("attention.head_count_kv", heads)), head_dim=head_dim,
+            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(key("rope.freq_base", 10000.0)), rope_scaling=scaling,
+            max_position_embeddings=int(key("context_length", 4096)),
+            tie_word_embeddings="output.weight" not in tensor_names,
+            name=str(meta.get("general.name", path)))
+    except ModelLoadError:
+        raise
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: invalid model config in GGUF metadata: {e}") from e
 
 
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:

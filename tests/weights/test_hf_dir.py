@@ -18,7 +18,7 @@ from pensieve_jax.config import PRESETS, ModelConfig, RopeScaling
 from pensieve_jax.model import Llama, param_shapes
 from pensieve_jax.tokenizer import Tokenizer
 from pensieve_jax.weights import load_model
-from pensieve_jax.weights.assemble import ModelLoadError, random_params
+from pensieve_jax.weights.assemble import ModelLoadError
 
 CFG = dataclasses.replace(PRESETS["tiny"], name="org/tiny-llama", rms_norm_eps=1e-6,
                           rope_theta=500000.0)
@@ -88,9 +88,20 @@ def assert_trees_equal(got, want):
                                       err_msg=jax.tree_util.keystr(path))
 
 
+def _random_params(config, seed):
+    """N(0, 0.02) weights, ones for norms, as numpy (drawn in numpy: no per-leaf compiles)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        if jax.tree_util.keystr(path).endswith("['weight']"):
+            return np.ones(leaf.shape, np.float32)
+        return (rng.standard_normal(leaf.shape) * 0.02).astype(np.float32)
+    return jax.tree_util.tree_map_with_path(draw, param_shapes(config))
+
+
 @pytest.fixture(scope="module")
 def tiny():
-    params = jax.tree.map(np.asarray, random_params(CFG, jnp.float32, seed=3))
+    params = _random_params(CFG, seed=3)
     return CFG, params, hf_tensors(CFG, params)
 
 
