@@ -1,52 +1,99 @@
-"""The engine: owns the model runner, the KV page pool and the tokenizer.
+"""The engine: a loop of schedule -> run -> postprocess over conversations that keep their cache.
 
-This is the foundation's single-request engine: `generate` prefills a prompt (in chunks of
-max_batched_tokens) and decodes one token per step over the paged KV cache. The batching,
-stateful engine builds on the same runner and names.
+Callers on any thread `submit` turns (or use `generate` / `session`); one background thread owns
+all scheduling state and runs the steps, so requests join and leave at step boundaries.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
+import queue
 import secrets
-from typing import Sequence
+import threading
+import time
+import uuid
+from typing import Any, Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pensieve_jax.cache import PageAllocator
+from pensieve_jax.conversations import ConversationStore
+from pensieve_jax.request import Request, RequestHandle, TokenEvent
 from pensieve_jax.runner import ModelRunner, StepInput
 from pensieve_jax.sampling import SamplingParams
+from pensieve_jax.scheduler import Row, Scheduler, SchedulerConfig
 from pensieve_jax.tokenizer import Tokenizer
 from pensieve_jax.weights import DEFAULT_MODEL, LoadedModel, load_model
+
+CACHE_POLICIES = ("stateful", "stateless")
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     page_size: int = 16
-    num_pages: int | None = None        # None: room for 4 sequences of max_model_len
-    max_model_len: int | None = None    # None: min(model context, 4096)
+    num_pages: int | None = None         # None: from kv_cache_bytes / kv_cache_fraction
+    kv_cache_bytes: int | None = None    # None: kv_cache_fraction of free accelerator memory
+    kv_cache_fraction: float = 0.6       # (on CPU: 512 MiB, capped at what the seqs can use)
+    max_model_len: int | None = None     # None: min(model context, 4096)
     max_batched_tokens: int = 512
+    max_num_seqs: int = 64
     attention: str = "xla"
+    cache_policy: str = "stateful"       # "stateless": drop each turn's KV (the baseline)
 
     def __post_init__(self):
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {self.page_size}")
-        if self.max_batched_tokens < 1:
-            raise ValueError(f"max_batched_tokens must be >= 1, got {self.max_batched_tokens}")
+        for name in ("max_batched_tokens", "max_num_seqs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cache_policy not in CACHE_POLICIES:
+            raise ValueError(f"cache_policy must be one of {CACHE_POLICIES}, "
+                             f"got {self.cache_policy!r}")
+        if not 0 < self.kv_cache_fraction <= 1:
+            raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
+
+
+def _pool_pages(model: LoadedModel, config: EngineConfig, dtype, max_model_len: int) -> int:
+    if config.num_pages is not None:
+        return config.num_pages
+    c = model.config
+    page_bytes = 2 * c.num_layers * config.page_size * c.num_kv_heads * c.head_dim * \
+        jnp.dtype(dtype).itemsize
+    budget = config.kv_cache_bytes
+    stats = jax.devices()[0].memory_stats() if budget is None else None
+    if budget is None and stats and "bytes_limit" in stats:
+        budget = int((stats["bytes_limit"] - stats.get("bytes_in_use", 0)) * config.kv_cache_fraction)
+    if budget is None:
+        usable = config.max_num_seqs * math.ceil(max_model_len / config.page_size)
+        return max(1, min(usable, (512 << 20) // page_bytes))
+    return max(1, budget // page_bytes)
 
 
 class Engine:
     def __init__(self, model: LoadedModel, dtype="float32", config: EngineConfig = EngineConfig()):
         self.model = model
-        self.engine_config = config
+        self.config = config
         self.max_model_len = config.max_model_len or min(model.config.max_position_embeddings, 4096)
-        pages_per_seq = math.ceil(self.max_model_len / config.page_size)
-        self.allocator = PageAllocator(config.num_pages or 4 * pages_per_seq)
-        self.runner = ModelRunner(model, self.allocator.num_pages, config.page_size,
-                                  config.attention, dtype)
-        self._stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "steps": 0}
+        num_pages = _pool_pages(model, config, dtype, self.max_model_len)
+        if num_pages * config.page_size < self.max_model_len:
+            raise ValueError(f"KV pool of {num_pages} pages x {config.page_size} tokens cannot hold "
+                             f"one sequence of max_model_len {self.max_model_len}")
+        self.allocator = PageAllocator(num_pages)
+        self.store = ConversationStore(self.allocator, config.page_size)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_batched_tokens, config.max_num_seqs),
+                                   self.store)
+        self.runner = ModelRunner(model, num_pages, config.page_size, config.attention, dtype)
+        self._inbox: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closing: set[str] = set()
+        self._counts = dict.fromkeys(("steps", "requests", "finished", "prompt_tokens",
+                                      "cached_tokens", "prefilled_tokens", "recomputed_tokens",
+                                      "completion_tokens", "step_tokens", "failed_steps"), 0)
 
     @classmethod
     def from_pretrained(cls, source: str = DEFAULT_MODEL, dtype="float32", cache_dir=None,
@@ -57,73 +104,231 @@ class Engine:
         unknown = set(options) - fields
         if unknown:
             raise TypeError(f"unknown engine options {sorted(unknown)} (known: {sorted(fields)})")
-        return cls(load_model(source, dtype, cache_dir), dtype, EngineConfig(**options))
+        config = EngineConfig(**options)
+        return cls(load_model(source, dtype, cache_dir), dtype, config)
 
     @property
     def tokenizer(self) -> Tokenizer:
         return self.model.tokenizer
 
-    def stats(self) -> dict:
-        return dict(self._stats, compilations=self.runner.num_compilations,
-                    free_pages=self.allocator.num_free, total_pages=self.allocator.num_pages)
+    # -- public, thread-safe ------------------------------------------------------------------
 
-    def generate(self, prompt_token_ids: Sequence[int],
-                 params: SamplingParams | None = None) -> list[int]:
-        """Generate from one prompt. Returns the new token ids, without the stop token."""
+    def submit(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None,
+               conversation_id: str | None = None) -> RequestHandle:
+        """Queue one turn. prompt_token_ids is the conversation's whole sequence (history + new
+        turn); the longest prefix still cached for `conversation_id` (or, without an id, for the
+        anonymous conversation that shares it) is reused."""
         params = params or SamplingParams()
-        prompt = self._check_prompt(prompt_token_ids, params)
-        stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            stop_ids |= set(self.tokenizer.stop_token_ids)
+        prompt = self._check_prompt(prompt_token_ids)
         seed = params.seed if params.seed is not None else secrets.randbits(32)
-        ps = self.engine_config.page_size
-        pages = self.allocator.allocate(math.ceil((len(prompt) + params.max_tokens) / ps))
-        page_table = np.asarray([pages], np.int32)
-        self._stats["requests"] += 1
-        self._stats["prompt_tokens"] += len(prompt)
+        handle = RequestHandle(uuid.uuid4().hex, conversation_id)
+        self._post(lambda: self._add(Request(handle.request_id, prompt, params, seed,
+                                             conversation_id, handle)))
+        return handle
+
+    def generate(self, prompt_token_ids, params: SamplingParams | None = None):
+        """Generate for one prompt (a list of ids) or a batch (a list of lists). Returns the new
+        token ids per prompt, without a final stop token."""
+        batch = len(prompt_token_ids) > 0 and not isinstance(prompt_token_ids[0], (int, np.integer))
+        prompts = prompt_token_ids if batch else [prompt_token_ids]
+        handles = [self.submit(p, params) for p in prompts]
+        outs = [self.strip_stop(h.result()) for h in handles]
+        return outs if batch else outs[0]
+
+    def strip_stop(self, output) -> list[int]:
+        ids = list(output.token_ids)
+        if output.finish_reason == "stop" and ids and output.stop_text_index is None:
+            ids.pop()
+        return ids
+
+    def session(self, system: str | None = None):
+        from pensieve_jax.session import Session
+        return Session(self, system)
+
+    def end_conversation(self, conversation_id: str) -> bool:
+        """Free a conversation's cache (after its running turn, if any). False if unknown."""
+        return self._call(lambda: self._end(conversation_id))
+
+    def stats(self) -> dict[str, Any]:
+        return self._call(self._stats)
+
+    def shutdown(self) -> None:
+        if self._thread is not None:
+            self._post(None)
+            self._thread.join()
+            self._thread = None
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _post(self, fn: Callable[[], None] | None) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._loop, name="pensieve-engine",
+                                                    daemon=True)
+                    self._thread.start()
+        self._inbox.put(fn)
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run():
+            try:
+                future.set_result(fn())
+            except Exception as e:  # delivered to the caller
+                future.set_exception(e)
+        self._post(run)
+        return future.result()
+
+    def _loop(self) -> None:
+        while True:
+            block = not self.scheduler.has_work()
+            try:
+                while True:
+                    fn = self._inbox.get(block=block)
+                    if fn is None:
+                        return
+                    fn()
+                    block = False
+            except queue.Empty:
+                pass
+            self.step()
+
+    def step(self) -> int:
+        """One engine step (called by the loop thread); returns the number of rows run."""
+        rows = self.scheduler.schedule()
+        for req, error in self.scheduler.rejected:
+            req.handle._put(error)
+        self.scheduler.rejected.clear()
+        if not rows:
+            return 0
         try:
-            out: list[int] = []
-            done = 0
-            while done < len(prompt):  # chunked prefill; the last chunk samples the first token
-                chunk = prompt[done:done + self.engine_config.max_batched_tokens]
-                token = self._run(chunk, done, page_table, params, seed, 0)
-                done += len(chunk)
-            while True:
-                if token in stop_ids:
-                    break
-                out.append(token)
-                if len(out) >= params.max_tokens or self._hit_stop_string(out, params.stop):
-                    break
-                token = self._run([token], len(prompt) + len(out) - 1, page_table, params, seed,
-                                  len(out))
-        finally:
-            self.allocator.free(pages)
-        self._stats["completion_tokens"] += len(out)
-        return out
+            tokens = self.runner.step(self._step_input(rows))
+        except Exception as e:  # fail what is in flight; the pools may be gone (donated)
+            self._fail_all(RuntimeError(f"engine step failed: {type(e).__name__}: {e}"))
+            return 0
+        self._counts["steps"] += 1
+        self._counts["step_tokens"] += sum(r.end - r.start for r in rows)
+        for row, token in zip(rows, tokens):
+            self._postprocess(row, int(token))
+        return len(rows)
 
-    def _run(self, tokens: list[int], start: int, page_table: np.ndarray, params: SamplingParams,
-             seed: int, counter: int) -> int:
-        n = len(tokens)
-        self._stats["steps"] += 1
-        step = StepInput(
-            token_ids=np.asarray(tokens, np.int32),
-            positions=np.arange(start, start + n, dtype=np.int32),
-            page_table=page_table, kv_lens=np.asarray([start + n], np.int32),
-            cu_q_lens=np.asarray([0, n], np.int32),
-            temperature=np.asarray([params.temperature], np.float32),
-            top_k=np.asarray([params.top_k], np.int32), top_p=np.asarray([params.top_p], np.float32),
-            seeds=np.asarray([seed], np.uint32), counters=np.asarray([counter], np.int32))
-        return int(self.runner.step(step)[0])
+    def _step_input(self, rows: list[Row]) -> StepInput:
+        width = max(len(r.request.conversation.pages) for r in rows)
+        table = np.zeros((len(rows), width), np.int32)
+        for i, r in enumerate(rows):
+            pages = r.request.conversation.pages
+            table[i, :len(pages)] = pages
+        reqs = [r.request for r in rows]
+        p = [r.params for r in reqs]
+        return StepInput(
+            token_ids=np.concatenate([r.request.token_ids[r.start:r.end] for r in rows]).astype(
+                np.int32),
+            positions=np.concatenate([np.arange(r.start, r.end) for r in rows]).astype(np.int32),
+            page_table=table, kv_lens=np.asarray([r.end for r in rows], np.int32),
+            cu_q_lens=np.cumsum([0] + [r.end - r.start for r in rows]).astype(np.int32),
+            temperature=np.asarray([x.temperature for x in p], np.float32),
+            top_k=np.asarray([x.top_k for x in p], np.int32),
+            top_p=np.asarray([x.top_p for x in p], np.float32),
+            seeds=np.asarray([r.seed for r in reqs], np.uint32),
+            counters=np.asarray([len(r.output) for r in reqs], np.int32))
 
-    def _hit_stop_string(self, out: list[int], stop: tuple[str, ...]) -> bool:
-        if not stop:
+    def _postprocess(self, row: Row, token: int) -> None:
+        req = row.request
+        req.count_computed(row.start, row.end)
+        req.conversation.num_computed = row.end
+        if req.finished:                                   # the cache flush after a turn
+            if row.end == len(req.token_ids):
+                self._release(req)
+            return
+        if not row.sample:
+            return
+        req.output.append(token)
+        req.token_ids.append(token)
+        if req.first_token_time is None:
+            req.first_token_time = time.perf_counter()
+        self._check_finish(req, token)
+        req.handle._put(TokenEvent((token,), None))
+        if req.finished:
+            self._finish(req)
+
+    def _check_finish(self, req: Request, token: int) -> None:
+        p = req.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.tokenizer.stop_token_ids):
+            req.finish_reason = "stop"
+        elif p.stop:
+            text = self.tokenizer.decode(req.output, skip_special_tokens=True)
+            hits = [i for i in (text.find(s) for s in p.stop) if i >= 0]
+            if hits:
+                req.finish_reason, req.stop_text_index = "stop", min(hits)
+        if not req.finished and (len(req.output) >= p.max_tokens or
+                                 len(req.token_ids) >= self.max_model_len):
+            req.finish_reason = "length"
+
+    def _finish(self, req: Request) -> None:
+        out = req.make_output()
+        c = self._counts
+        c["finished"] += 1
+        u = out.usage
+        for key in ("prompt_tokens", "cached_tokens", "prefilled_tokens", "recomputed_tokens",
+                    "completion_tokens"):
+            c[key] += getattr(u, key)
+        if self.config.cache_policy == "stateless" or req.conversation.id in self._closing:
+            self._release(req)
+        else:   # stays running one more step to compute the last token's KV (the cache flush)
+            req.conversation.flushing = True
+        req.handle._put(TokenEvent((), out))
+
+    def _release(self, req: Request) -> None:
+        self.scheduler.finish(req)
+        conv = req.conversation
+        self.store.release(conv, keep_kv=self.config.cache_policy == "stateful")
+        if conv.id in self._closing:
+            self._closing.discard(conv.id)
+            self.store.remove(conv.id)
+
+    def _add(self, req: Request) -> None:
+        self._counts["requests"] += 1
+        self.scheduler.add(req)
+
+    def _end(self, conversation_id: str) -> bool:
+        conv = self.store.conversations.get(conversation_id)
+        if conv is None:
             return False
-        text = self.tokenizer.decode(out)
-        return any(s in text for s in stop)
+        if conv.busy:
+            self._closing.add(conversation_id)
+        else:
+            self.store.remove(conversation_id)
+        return True
 
-    def _check_prompt(self, ids: Sequence[int], params: SamplingParams) -> list[int]:
+    def _fail_all(self, error: Exception) -> None:
+        self._counts["failed_steps"] += 1
+        for req in self.scheduler.abort_all():
+            if req.conversation is not None:
+                self.store.release(req.conversation, keep_kv=False)
+            if not req.finished:
+                req.handle._put(error)
+        for conv in self.store.conversations.values():
+            self.store.truncate(conv, 0)
+        self.runner.reset_kv()
+
+    def _stats(self) -> dict[str, Any]:
+        used = self.allocator.num_pages - self.allocator.num_free
+        return dict(
+            self._counts, compilations=self.runner.num_compilations,
+            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+            conversations=len(self.store.conversations), preemptions=self.scheduler.num_preemptions,
+            evicted_tokens=self.store.evicted_tokens, cached_tokens_resident=self.store.cached_tokens(),
+            hit_tokens=self._counts["cached_tokens"],
+            miss_tokens=self._counts["prefilled_tokens"] + self._counts["recomputed_tokens"],
+            pages={"device": {"used": used, "free": self.allocator.num_free,
+                              "total": self.allocator.num_pages}},
+            cache_policy=self.config.cache_policy, page_size=self.config.page_size,
+            max_model_len=self.max_model_len)
+
+    def _check_prompt(self, ids: Sequence[int]) -> list[int]:
         if isinstance(ids, (str, bytes)):
-            raise TypeError("generate expects token ids; use engine.tokenizer.encode(text) first")
+            raise TypeError("expected token ids; use engine.tokenizer.encode(text) first")
         try:
             prompt = [int(i) for i in ids]
         except (TypeError, ValueError) as e:
@@ -134,7 +339,7 @@ class Engine:
         bad = [i for i in prompt if not 0 <= i < vocab]
         if bad:
             raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
-        if len(prompt) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) "
-                             f"exceeds max_model_len {self.max_model_len}")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt)} tokens; max_model_len is "
+                             f"{self.max_model_len} (including at least one generated token)")
         return prompt

@@ -65,12 +65,17 @@ class ModelRunner:
         self.page_size = page_size
         self.buckets = buckets
         self.dtype = jnp.dtype(dtype)
-        self.kv = init_kv_cache(c.num_layers, num_pages, page_size, c.num_kv_heads, c.head_dim,
-                                self.dtype)
+        self.num_pages = num_pages
+        self.reset_kv()
         self._model = Llama(c, self.dtype, attention)
         self._compiled: dict[tuple[int, ...], Any] = {}
         self._step = jax.jit(self._step_impl, static_argnames=("max_q_len",),
                              donate_argnames=("kv",))
+
+    def reset_kv(self) -> None:
+        c = self.config
+        self.kv = init_kv_cache(c.num_layers, self.num_pages, self.page_size, c.num_kv_heads,
+                                c.head_dim, self.dtype)
 
     @property
     def num_compilations(self) -> int:

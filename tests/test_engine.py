@@ -1,4 +1,7 @@
-"""The foundation engine on random:tiny: generate, sampling, bucketing and bad input."""
+"""The engine on random:tiny: cached turns equal recomputation, batching, preemption, bad input."""
+
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -7,11 +10,27 @@ from pensieve_jax.engine import Engine
 from pensieve_jax.sampling import SamplingParams
 from pensieve_jax.weights import ModelLoadError
 
+OPTS = dict(max_model_len=128, page_size=8, max_batched_tokens=16, max_num_seqs=8)
+GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
+
+
+def make(policy="stateful", **kw):
+    return Engine.from_pretrained("random:tiny", cache_policy=policy, **{**OPTS, "num_pages": 64,
+                                                                         **kw})
+
 
 @pytest.fixture(scope="module")
 def engine():
-    return Engine.from_pretrained("random:tiny", max_model_len=128, num_pages=64, page_size=8,
-                                  max_batched_tokens=16)
+    e = make()
+    yield e
+    e.shutdown()
+
+
+@pytest.fixture(scope="module")
+def stateless():
+    e = make("stateless")
+    yield e
+    e.shutdown()
 
 
 def greedy_by_recompute(engine, prompt, n):
@@ -24,17 +43,99 @@ def greedy_by_recompute(engine, prompt, n):
     return out
 
 
-def test_cached_decode_equals_recompute_from_scratch(engine):
+def conversation_turns(engine, turns, conversation_id, params=GREEDY):
+    """Feed turns of new token ids into one conversation; returns outputs per turn."""
+    seq, outs = [], []
+    for new in turns:
+        seq = seq + list(new)
+        out = engine.submit(seq, params, conversation_id=conversation_id).result()
+        outs.append(out)
+        seq = seq + list(out.token_ids)
+    return outs
+
+
+def settle(engine):
+    """Wait until the engine has nothing in flight (a finished turn's cache flush included)."""
+    while (s := engine.stats())["running"] or s["waiting"]:
+        time.sleep(0.01)
+    return s
+
+
+def random_turns(seed, n_turns=3, lo=3, hi=20):
+    rng = np.random.default_rng(seed)
+    return [list(rng.integers(0, 256, rng.integers(lo, hi))) for _ in range(n_turns)]
+
+
+def test_cached_decode_equals_recompute_from_scratch(engine, stateless):
     prompt = list(np.random.default_rng(3).integers(0, 256, 37))   # 3 prefill chunks of <= 16
     out = engine.generate(prompt, SamplingParams(max_tokens=12, ignore_eos=True))
     assert len(out) == 12
-    assert out == greedy_by_recompute(engine, prompt, 12)
+    assert out == greedy_by_recompute(stateless, prompt, 12)
 
 
-def test_pages_are_returned(engine):
-    before = engine.stats()["free_pages"]
-    engine.generate([1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True))
-    assert engine.stats()["free_pages"] == before == engine.stats()["total_pages"]
+def test_multiturn_stateful_equals_stateless_while_others_run(engine, stateless):
+    """Each conversation's outputs are identical with and without the cache, while other
+    conversations share the batches; later turns hit the cache for the whole history."""
+    results = {}
+
+    def run(eng, name, i):
+        results[(name, i)] = conversation_turns(eng, random_turns(i), f"{name}-conv-{i}")
+
+    threads = [threading.Thread(target=run, args=(eng, name, i)) for i in range(5)
+               for eng, name in ((engine, "stateful"), (stateless, "stateless"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(5):
+        full, base = results[("stateful", i)], results[("stateless", i)]
+        assert [o.token_ids for o in full] == [o.token_ids for o in base]
+        for k in range(1, 3):
+            history = len(full[k - 1].prompt_token_ids) + len(full[k - 1].token_ids)
+            new = len(full[k].prompt_token_ids) - history
+            u = full[k].usage
+            assert (u.cached_tokens, u.prefilled_tokens, u.recomputed_tokens) == (history, new, 0)
+            b = base[k].usage
+            assert (b.cached_tokens, b.prefilled_tokens, b.recomputed_tokens) == (0, new, history)
+
+
+def test_pool_exhaustion_still_finishes_every_request_correctly(stateless):
+    """14 pages of 8 tokens for 8 concurrent conversations: eviction and preemption happen,
+    outputs stay identical to the uncontended stateless engine."""
+    tight = make(num_pages=16, max_num_seqs=8)
+    want, got = {}, {}
+
+    def run(eng, store, i):
+        store[i] = [o.token_ids for o in conversation_turns(eng, random_turns(100 + i, 2, 20, 40),
+                                                             f"c{i}", SamplingParams(
+                                                                 max_tokens=12, ignore_eos=True))]
+    for eng, store in ((tight, got), (stateless, want)):
+        threads = [threading.Thread(target=run, args=(eng, store, i)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert got == want
+    stats = tight.stats()
+    assert stats["preemptions"] > 0 or stats["evicted_tokens"] > 0
+    assert stats["running"] == stats["waiting"] == 0
+    tight.shutdown()
+
+
+def test_history_requests_reuse_the_longest_cached_prefix(engine, stateless):
+    """Stateless clients (no conversation id) still hit the cache; an edited history recomputes
+    from the first differing token and gives the right tokens."""
+    turns = random_turns(7)
+    first = engine.submit(turns[0], GREEDY).result()
+    history = turns[0] + list(first.token_ids) + turns[1]
+    second = engine.submit(history, GREEDY).result()
+    assert second.usage.cached_tokens == len(turns[0]) + len(first.token_ids)
+    assert second.conversation_id == first.conversation_id          # adopted
+    edited = list(history)
+    edited[5] = (edited[5] + 1) % 256
+    third = engine.submit(edited, GREEDY).result()
+    assert third.usage.cached_tokens == 5
+    assert list(third.token_ids) == stateless.generate(edited, GREEDY)
 
 
 def test_same_seed_same_output_and_temperature_varies(engine):
@@ -45,49 +146,83 @@ def test_same_seed_same_output_and_temperature_varies(engine):
                                                           ignore_eos=True))) for s in range(4)}
     assert len(outs) > 1
     top1 = SamplingParams(max_tokens=10, temperature=1.0, top_k=1, seed=9, ignore_eos=True)
-    assert engine.generate(prompt, top1) == engine.generate(prompt, SamplingParams(
-        max_tokens=10, ignore_eos=True))
+    assert engine.generate(prompt, top1) == engine.generate(prompt, GREEDY)
+
+
+def test_batch_generate_matches_one_by_one(engine, stateless):
+    prompts = [list(range(1, n)) for n in (4, 9, 15, 30)]
+    together = engine.generate(prompts, GREEDY)
+    assert together == [stateless.generate(p, GREEDY) for p in prompts]
 
 
 def test_stop_token_ids_and_stop_strings(engine):
     prompt = [10, 11, 12]
     free = engine.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True))
-    cut = engine.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True,
-                                                 stop_token_ids=[free[3]]))
-    assert cut == free[:free.index(free[3])]
-    text_prefix = engine.tokenizer.decode(free[:2])
-    if text_prefix:
-        stopped = engine.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True,
-                                                         stop=[text_prefix]))
-        assert len(stopped) <= 2
+    cut = engine.submit(prompt, SamplingParams(max_tokens=8, ignore_eos=True,
+                                               stop_token_ids=[free[3]])).result()
+    assert cut.finish_reason == "stop"
+    assert list(cut.token_ids) == free[:free.index(free[3]) + 1]
+    long = engine.submit(prompt, SamplingParams(max_tokens=8, ignore_eos=True)).result()
+    assert long.finish_reason == "length" and len(long.token_ids) == 8
 
 
-def test_steady_workload_does_not_recompile(engine):
+def test_max_model_len_ends_with_length(engine):
+    out = engine.submit(list(range(1, 120)), SamplingParams(max_tokens=50, ignore_eos=True)).result()
+    assert out.finish_reason == "length" and len(out.prompt_token_ids) + len(out.token_ids) == 128
+
+
+def test_steady_workload_does_not_recompile():
+    eng = make()
     params = SamplingParams(max_tokens=6, ignore_eos=True)
-    engine.generate([1, 2, 3, 4, 5], params)
-    compiled = engine.stats()["compilations"]
-    for n in (3, 4, 6, 7):          # same buckets: prompt <= 8 tokens, <= 4 pages
-        engine.generate(list(range(1, n + 1)), params)
-    assert engine.stats()["compilations"] == compiled
+
+    def workload():
+        for i in range(3):
+            conversation_turns(eng, random_turns(50 + i, 2, 4, 8), f"steady-{i}", params)
+            eng.end_conversation(f"steady-{i}")
+    workload()
+    compiled = eng.stats()["compilations"]
+    workload()
+    assert eng.stats()["compilations"] == compiled
+    eng.shutdown()
 
 
-@pytest.mark.parametrize("prompt,params,error,match", [
-    ([], None, ValueError, "empty"),
-    ("hello", None, TypeError, "token ids"),
-    ([1, 100000], None, ValueError, "out of range"),
-    ([1] * 120, SamplingParams(max_tokens=20), ValueError, "exceeds max_model_len"),
+def test_end_conversation_frees_its_pages(engine):
+    conversation_turns(engine, random_turns(9, 1), "to-end")
+    before = settle(engine)["pages"]["device"]["free"]
+    assert engine.end_conversation("to-end") is True
+    assert engine.stats()["pages"]["device"]["free"] > before
+    assert engine.end_conversation("to-end") is False
+
+
+@pytest.mark.parametrize("prompt,error,match", [
+    ([], ValueError, "empty"),
+    ("hello", TypeError, "token ids"),
+    ([1, 100000], ValueError, "out of range"),
+    ([1] * 128, ValueError, "max_model_len is 128"),
 ])
-def test_bad_input_is_a_clear_error(engine, prompt, params, error, match):
-    free = engine.stats()["free_pages"]
+def test_bad_input_is_a_clear_error_and_keeps_other_caches(engine, prompt, error, match):
+    conversation_turns(engine, random_turns(11, 1), "bystander")
+    before = settle(engine)
     with pytest.raises(error, match=match):
-        engine.generate(prompt, params)
-    assert engine.stats()["free_pages"] == free
+        engine.submit(prompt, GREEDY)
+    after = engine.stats()
+    assert after["cached_tokens_resident"] == before["cached_tokens_resident"]
+    assert after["pages"] == before["pages"]
+
+
+def test_a_second_turn_while_one_runs_is_rejected(engine):
+    seq = list(range(1, 20))
+    a = engine.submit(seq, SamplingParams(max_tokens=30, ignore_eos=True), conversation_id="busy")
+    b = engine.submit(seq, GREEDY, conversation_id="busy")
+    with pytest.raises(RuntimeError, match="turn in progress"):
+        b.result()
+    assert len(a.result().token_ids) == 30
 
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"max_tokens": 0}, "max_tokens"), ({"temperature": -1.0}, "temperature"),
-    ({"top_p": 0.0}, "top_p"), ({"top_k": -2}, "top_k"), ({"seed": -1}, "seed"),
-    ({"stop": [""]}, "stop"),
+    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_k"),
+    ({"seed": -1}, "seed"), ({"stop": [""]}, "stop"),
 ])
 def test_bad_sampling_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -99,5 +234,9 @@ def test_bad_engine_options():
         Engine.from_pretrained("random:tiny", page_sise=16)
     with pytest.raises(ValueError, match="power of two"):
         Engine.from_pretrained("random:tiny", page_size=12)
+    with pytest.raises(ValueError, match="cache_policy"):
+        Engine.from_pretrained("random:tiny", cache_policy="sometimes")
+    with pytest.raises(ValueError, match="cannot hold one sequence"):
+        Engine.from_pretrained("random:tiny", num_pages=2, page_size=8, max_model_len=128)
     with pytest.raises(ModelLoadError, match="unknown model source 'no-such-model'"):
         Engine.from_pretrained("no-such-model")

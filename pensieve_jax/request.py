@@ -1,0 +1,136 @@
+"""Requests, their results, and the handle a caller waits on.
+
+A request is one turn of one conversation: the conversation's whole token sequence so far
+(`token_ids`, the cached prefix included) plus what the turn generates.
+
+Token accounting of one turn (prompt_tokens = cached + recomputed + prefilled):
+
+    | cached_tokens     | prompt tokens whose KV was reused from the cache              |
+    | recomputed_tokens | prompt tokens computed again: known to the conversation before |
+    |                   | (earlier turns, or before a preemption) but no longer cached   |
+    | prefilled_tokens  | prompt tokens computed for the first time                      |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import time
+from typing import Iterator, NamedTuple
+
+from pensieve_jax.sampling import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    cached_tokens: int
+    prefilled_tokens: int
+    recomputed_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    total_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+    request_id: str
+    conversation_id: str
+    prompt_token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]     # generated, including a final stop token if one was sampled
+    finish_reason: str             # "stop" (stop token or string) or "length"
+    stop_text_index: int | None    # where a matched stop string starts in the decoded output
+    usage: Usage
+
+
+class TokenEvent(NamedTuple):
+    token_ids: tuple[int, ...]       # new tokens since the last event
+    output: RequestOutput | None     # set on the last event
+
+
+class RequestHandle:
+    """What `Engine.submit` returns: iterate for token events, or wait with `result()`."""
+
+    def __init__(self, request_id: str, conversation_id: str | None):
+        self.request_id = request_id
+        self.conversation_id = conversation_id
+        self._events: queue.Queue = queue.Queue()
+        self._output: RequestOutput | None = None
+
+    def _put(self, item) -> None:
+        self._events.put(item)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while self._output is None:
+            item = self._events.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item.output is not None:
+                self._output = item.output
+                self.conversation_id = item.output.conversation_id
+            yield item
+
+    def result(self) -> RequestOutput:
+        for _ in self:
+            pass
+        return self._output
+
+
+class Request:
+    """Mutable state of one in-flight turn, owned by the engine loop."""
+
+    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, seed: int,
+                 conversation_id: str | None, handle: RequestHandle):
+        self.id = request_id
+        self.prompt = prompt
+        self.params = params
+        self.seed = seed
+        self.requested_conversation = conversation_id
+        self.handle = handle
+        self.conversation = None          # set at admission (Conversation)
+        self.output: list[int] = []
+        self.finish_reason: str | None = None
+        self.stop_text_index: int | None = None
+        self.known_len = 0                # tokens the conversation had computed at some point
+        self.cached = self.prefilled = self.recomputed = 0
+        self.arrival = time.perf_counter()
+        self.first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.conversation.token_ids
+
+    @property
+    def num_computed(self) -> int:
+        return self.conversation.num_computed
+
+    @property
+    def remaining(self) -> int:
+        """Tokens still to run through the model (the last sampled token is run only to keep
+        the conversation's cache complete after the turn)."""
+        return len(self.token_ids) - self.num_computed
+
+    def count_computed(self, start: int, end: int) -> None:
+        """Account tokens [start, end) of the sequence just computed."""
+        prompt_end = len(self.prompt)
+        for lo, hi, field in ((0, self.known_len, "recomputed"), (self.known_len, prompt_end,
+                                                                   "prefilled")):
+            n = max(0, min(end, hi, prompt_end) - max(start, lo))
+            setattr(self, field, getattr(self, field) + n)
+        self.known_len = max(self.known_len, min(end, prompt_end))
+
+    def make_output(self) -> RequestOutput:
+        now = time.perf_counter()
+        first = self.first_token_time or now
+        return RequestOutput(
+            request_id=self.id, conversation_id=self.conversation.id,
+            prompt_token_ids=tuple(self.prompt), token_ids=tuple(self.output),
+            finish_reason=self.finish_reason, stop_text_index=self.stop_text_index,
+            usage=Usage(prompt_tokens=len(self.prompt), cached_tokens=self.cached,
+                        prefilled_tokens=self.prefilled, recomputed_tokens=self.recomputed,
+                        completion_tokens=len(self.output), ttft_s=first - self.arrival,
+                        total_s=now - self.arrival))

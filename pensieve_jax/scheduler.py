@@ -1,0 +1,148 @@
+"""Unified batching: every step mixes decode tokens of running turns with prefill chunks.
+
+Each step, under `max_batched_tokens` and `max_num_seqs`:
+  1. running turns, oldest first: a decode token, or the next chunk of an unfinished prefill
+     (a turn that already finished runs its last sampled token once more so that its
+     conversation's cache is complete for the next turn);
+  2. waiting turns, first come first served, while budget and pages last.
+When pages run short, idle conversations lose their cache first (LRU), then the newest running
+turn is preempted: its pages are freed and it goes back to the front of the queue to be
+recomputed. The oldest running turn can always proceed, so there is no deadlock.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import NamedTuple
+
+from pensieve_jax.conversations import ConversationStore, common_prefix
+from pensieve_jax.request import Request
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    max_batched_tokens: int = 512
+    max_num_seqs: int = 64
+
+
+class Row(NamedTuple):
+    request: Request
+    start: int       # first token index of this chunk in request.token_ids
+    end: int         # one past the last
+    sample: bool     # the chunk ends the sequence: sample the next token
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, store: ConversationStore):
+        self.config = config
+        self.store = store
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self.rejected: list[tuple[Request, Exception]] = []   # the engine fails these
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def schedule(self) -> list[Row]:
+        rows: list[Row] = []
+        budget = self.config.max_batched_tokens
+        for req in list(self.running):
+            if budget == 0 or len(rows) == self.config.max_num_seqs:
+                break
+            if req not in self.running:          # preempted while making room for an older one
+                continue
+            n = min(req.remaining, budget)
+            if self._make_room(req, req.num_computed + n, may_preempt=True):
+                rows.append(self._row(req, n))
+                budget -= n
+        deferred = []
+        while self.waiting and budget > 0 and len(rows) < self.config.max_num_seqs:
+            req = self.waiting.popleft()
+            if req.conversation is None:
+                try:
+                    if not self._admit(req):
+                        deferred.append(req)      # its conversation's cache flush runs first
+                        continue
+                except ConversationBusy as e:
+                    self.rejected.append((req, e))
+                    continue
+            n = min(req.remaining, budget)
+            if not self._make_room(req, req.num_computed + n, may_preempt=False):
+                self.waiting.appendleft(req)      # newcomers never preempt running turns
+                break
+            self.running.append(req)
+            rows.append(self._row(req, n))
+            budget -= n
+        self.waiting.extendleft(reversed(deferred))
+        return rows
+
+    def _make_room(self, req: Request, num_tokens: int, may_preempt: bool) -> bool:
+        """Reserve pages for req's first num_tokens tokens. Idle conversations go first (inside
+        reserve), then waiting turns' pages, then (if allowed) the newest running turn. False if
+        req cannot run this step."""
+        while not self.store.reserve(req.conversation, num_tokens):
+            if self._drop_waiting_kv(req):
+                continue
+            if not may_preempt:
+                return False
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _row(self, req: Request, n: int) -> Row:
+        start = req.num_computed
+        return Row(req, start, start + n, start + n == len(req.token_ids) and not req.finished)
+
+    def _admit(self, req: Request) -> bool:
+        """Bind the request to its conversation and reuse the longest cached prefix. False if
+        the conversation's previous turn still has its cache flush to run (admit later)."""
+        conv = self.store.get_or_create(req.requested_conversation, req.prompt)
+        if conv.busy:
+            if conv.flushing:
+                return False
+            raise ConversationBusy(f"conversation {conv.id!r} has a turn in progress")
+        conv.busy = True
+        req.conversation = conv
+        computed = common_prefix(conv.token_ids[:conv.num_computed], req.prompt)
+        req.known_len = common_prefix(conv.token_ids, req.prompt)
+        # the last prompt token always runs: its logits give the first output token
+        self.store.truncate(conv, min(computed, len(req.prompt) - 1))
+        conv.token_ids = list(req.prompt)
+        req.cached = conv.num_computed
+        return True
+
+    def _drop_waiting_kv(self, keep: Request) -> bool:
+        """Free the pages of admitted turns still waiting (newest first); False if none."""
+        for other in reversed(self.waiting):
+            if other is not keep and other.conversation is not None and other.conversation.pages:
+                self.store.drop_kv(other.conversation)
+                return True
+        return False
+
+    def _preempt(self, req: Request) -> None:
+        self.num_preemptions += 1
+        self.running.remove(req)
+        self.store.drop_kv(req.conversation)
+        if req.finished:                          # only its cache flush was left: give it up
+            self.store.release(req.conversation, keep_kv=False)
+        else:
+            self.waiting.appendleft(req)
+
+    def finish(self, req: Request) -> None:
+        self.running.remove(req)
+
+    def abort_all(self) -> list[Request]:
+        reqs = self.running + [r for r in self.waiting]
+        self.running, self.waiting = [], collections.deque()
+        return reqs
+
+
+class ConversationBusy(RuntimeError):
+    pass
