@@ -46,6 +46,7 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.sent = 0
+        self.stop = stop
         self.holdback = max((len(s) for s in stop), default=1) - 1
 
     def text(self) -> str:
@@ -56,7 +57,8 @@ class IncrementalDetokenizer:
         text = self.text()
         if text.endswith("\ufffd"):
             return ""
-        upto = max(self.sent, len(text) - self.holdback)
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        upto = max(self.sent, min(hits) if hits else len(text) - self.holdback)
         piece, self.sent = text[self.sent:upto], upto
         return piece
 
