@@ -2,8 +2,8 @@
 
     python -m pensieve_jax.demo [--model SOURCE] [--dtype float32] [--max-tokens N]
 
-This foundation demo re-sends the whole history each turn (the stateless baseline); the stateful
-engine keeps each conversation's KV cache between turns instead.
+The engine keeps the conversation's KV cache between turns, so each turn after the first
+prefills only its new tokens (see the cached/prefilled counts printed per turn).
 """
 
 from __future__ import annotations
@@ -32,19 +32,19 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     engine = Engine.from_pretrained(args.model, dtype=args.dtype)
     print(f"loaded {engine.model.config.name} ({args.dtype}) in {time.perf_counter() - start:.1f}s\n")
-    messages = []
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+    session = engine.session()
     for text in TURNS:
-        messages.append({"role": "user", "content": text})
-        prompt = engine.tokenizer.apply_chat_template(messages)
-        start = time.perf_counter()
-        out = engine.generate(prompt, params)
-        reply = engine.tokenizer.decode(out, skip_special_tokens=True).strip()
-        elapsed = time.perf_counter() - start
-        messages.append({"role": "assistant", "content": reply})
-        print(f"user:      {text}\nassistant: {reply}")
-        print(f"           [{len(prompt)} prompt tokens, {len(out)} generated, {elapsed:.1f}s]\n")
+        print(f"user:      {text}\nassistant: ", end="", flush=True)
+        for piece in session.stream(text, params):
+            print(piece, end="", flush=True)
+        u = session.last_reply.usage
+        print(f"\n           [{u.prompt_tokens} prompt tokens: {u.cached_tokens} cached, "
+              f"{u.prefilled_tokens} prefilled; {u.completion_tokens} generated; "
+              f"first token {u.ttft_s:.2f}s, total {u.total_s:.1f}s]\n")
+    session.close()
     print("stats:", engine.stats())
+    engine.shutdown()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Model runner: pads a step to shape buckets, runs the compiled step, returns sampled tokens.
 
 The host plans, the device computes: a step arrives as small NumPy arrays, is padded to
-power-of-two buckets (tokens, sequences, pages per sequence, longest query run), and each bucket
-is compiled once (ahead of time, on first use). The KV pools are donated into every step, so
+power-of-two buckets (tokens, sequences, pages per sequence; the longest query run is 1 for a
+decode-only step, else the token bucket), and each bucket is compiled once (ahead of time, on first use). The KV pools are donated into every step, so
 they are updated in place. One device-to-host copy per step: the sampled token ids.
 """
 
@@ -94,7 +94,7 @@ class ModelRunner:
         t = bucket(len(s.token_ids), self.buckets.min_tokens)
         n = bucket(num_seqs, self.buckets.min_seqs)
         p = bucket(s.page_table.shape[1], self.buckets.min_pages)
-        q = min(bucket(int(q_lens.max(initial=1)), 1), t)
+        q = 1 if q_lens.max(initial=1) <= 1 else t   # decode-only, or room for any prefill
         cu = np.concatenate([s.cu_q_lens, np.full(n - num_seqs, s.cu_q_lens[-1])]).astype(np.int32)
         args = (
             _pad(s.token_ids.astype(np.int32), (t,)),
