@@ -121,5 +121,13 @@ class ConversationStore:
         del self.conversations[conversation_id]
         return True
 
+    def expire(self, ttl_s: float) -> int:
+        """Forget idle conversations unused for ttl_s seconds; returns how many."""
+        cutoff = time.monotonic() - ttl_s
+        old = [c.id for c in self.conversations.values() if not c.busy and c.last_used < cutoff]
+        for cid in old:
+            self.remove(cid)
+        return len(old)
+
     def cached_tokens(self) -> int:
         return sum(c.num_computed for c in self.conversations.values() if not c.busy)

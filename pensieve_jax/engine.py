@@ -22,8 +22,8 @@ import numpy as np
 
 from pensieve_jax.cache import PageAllocator
 from pensieve_jax.conversations import ConversationStore
-from pensieve_jax.request import Request, RequestHandle, TokenEvent
-from pensieve_jax.runner import ModelRunner, StepInput
+from pensieve_jax.request import Request, RequestHandle, TokenEvent, check_prompt
+from pensieve_jax.runner import ModelRunner, step_input
 from pensieve_jax.sampling import SamplingParams
 from pensieve_jax.scheduler import Row, Scheduler, SchedulerConfig
 from pensieve_jax.tokenizer import Tokenizer
@@ -43,6 +43,8 @@ class EngineConfig:
     max_num_seqs: int = 64
     attention: str = "xla"
     cache_policy: str = "stateful"       # "stateless": drop each turn's KV (the baseline)
+    max_queued_requests: int | None = None     # submit raises EngineOverloaded beyond this
+    conversation_ttl_s: float | None = None    # idle conversations are forgotten after this
 
     def __post_init__(self):
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -73,6 +75,10 @@ def _pool_pages(model: LoadedModel, config: EngineConfig, dtype, max_model_len: 
     return max(1, budget // page_bytes)
 
 
+class EngineOverloaded(RuntimeError):
+    """Too many unfinished requests (EngineConfig.max_queued_requests)."""
+
+
 class Engine:
     def __init__(self, model: LoadedModel, dtype="float32", config: EngineConfig = EngineConfig()):
         self.model = model
@@ -91,6 +97,7 @@ class Engine:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closing: set[str] = set()
+        self._unfinished = 0                 # submitted, no final event yet (guarded by _lock)
         self._counts = dict.fromkeys(("steps", "requests", "finished", "prompt_tokens",
                                       "cached_tokens", "prefilled_tokens", "recomputed_tokens",
                                       "completion_tokens", "step_tokens", "failed_steps"), 0)
@@ -119,9 +126,15 @@ class Engine:
         turn); the longest prefix still cached for `conversation_id` (or, without an id, for the
         anonymous conversation that shares it) is reused."""
         params = params or SamplingParams()
-        prompt = self._check_prompt(prompt_token_ids)
+        prompt = check_prompt(prompt_token_ids, self.model.config.vocab_size, self.max_model_len)
         seed = params.seed if params.seed is not None else secrets.randbits(32)
-        handle = RequestHandle(uuid.uuid4().hex, conversation_id)
+        limit = self.config.max_queued_requests
+        with self._lock:
+            if limit is not None and self._unfinished >= limit:
+                raise EngineOverloaded(f"{self._unfinished} requests in flight; the limit is "
+                                       f"{limit} (max_queued_requests)")
+            self._unfinished += 1
+        handle = RequestHandle(uuid.uuid4().hex, conversation_id, self.cancel)
         self._post(lambda: self._add(Request(handle.request_id, prompt, params, seed,
                                              conversation_id, handle)))
         return handle
@@ -144,6 +157,13 @@ class Engine:
     def session(self, system: str | None = None):
         from pensieve_jax.session import Session
         return Session(self, system)
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a turn now; its conversation keeps the tokens produced so far."""
+        self._post(lambda: self._abort(request_id))
+
+    def has_conversation(self, conversation_id: str) -> bool:
+        return self._call(lambda: conversation_id in self.store.conversations)
 
     def end_conversation(self, conversation_id: str) -> bool:
         """Free a conversation's cache (after its running turn, if any). False if unknown."""
@@ -181,29 +201,32 @@ class Engine:
         return future.result()
 
     def _loop(self) -> None:
+        ttl = self.config.conversation_ttl_s
         while True:
             block = not self.scheduler.has_work()
             try:
                 while True:
-                    fn = self._inbox.get(block=block)
+                    fn = self._inbox.get(block=block, timeout=ttl / 4 if block and ttl else None)
                     if fn is None:
                         return
                     fn()
                     block = False
             except queue.Empty:
                 pass
+            if ttl is not None:
+                self.store.expire(ttl)
             self.step()
 
     def step(self) -> int:
         """One engine step (called by the loop thread); returns the number of rows run."""
         rows = self.scheduler.schedule()
         for req, error in self.scheduler.rejected:
-            req.handle._put(error)
+            self._deliver(req, error)
         self.scheduler.rejected.clear()
         if not rows:
             return 0
         try:
-            tokens = self.runner.step(self._step_input(rows))
+            tokens = self.runner.step(step_input(rows))
         except Exception as e:  # fail what is in flight; the pools may be gone (donated)
             self._fail_all(RuntimeError(f"engine step failed: {type(e).__name__}: {e}"))
             return 0
@@ -212,26 +235,6 @@ class Engine:
         for row, token in zip(rows, tokens):
             self._postprocess(row, int(token))
         return len(rows)
-
-    def _step_input(self, rows: list[Row]) -> StepInput:
-        width = max(len(r.request.conversation.pages) for r in rows)
-        table = np.zeros((len(rows), width), np.int32)
-        for i, r in enumerate(rows):
-            pages = r.request.conversation.pages
-            table[i, :len(pages)] = pages
-        reqs = [r.request for r in rows]
-        p = [r.params for r in reqs]
-        return StepInput(
-            token_ids=np.concatenate([r.request.token_ids[r.start:r.end] for r in rows]).astype(
-                np.int32),
-            positions=np.concatenate([np.arange(r.start, r.end) for r in rows]).astype(np.int32),
-            page_table=table, kv_lens=np.asarray([r.end for r in rows], np.int32),
-            cu_q_lens=np.cumsum([0] + [r.end - r.start for r in rows]).astype(np.int32),
-            temperature=np.asarray([x.temperature for x in p], np.float32),
-            top_k=np.asarray([x.top_k for x in p], np.int32),
-            top_p=np.asarray([x.top_p for x in p], np.float32),
-            seeds=np.asarray([r.seed for r in reqs], np.uint32),
-            counters=np.asarray([len(r.output) for r in reqs], np.int32))
 
     def _postprocess(self, row: Row, token: int) -> None:
         req = row.request
@@ -267,20 +270,39 @@ class Engine:
 
     def _finish(self, req: Request) -> None:
         out = req.make_output()
-        c = self._counts
-        c["finished"] += 1
-        u = out.usage
-        for key in ("prompt_tokens", "cached_tokens", "prefilled_tokens", "recomputed_tokens",
-                    "completion_tokens"):
-            c[key] += getattr(u, key)
+        self._count(out)
         if self.config.cache_policy == "stateless" or req.conversation.id in self._closing:
             self._release(req)
         else:   # stays running one more step to compute the last token's KV (the cache flush)
             req.conversation.flushing = True
-        req.handle._put(TokenEvent((), out))
+        self._deliver(req, TokenEvent((), out))
 
-    def _release(self, req: Request) -> None:
-        self.scheduler.finish(req)
+    def _count(self, out) -> None:
+        self._counts["finished"] += 1
+        for key in ("prompt_tokens", "cached_tokens", "prefilled_tokens", "recomputed_tokens",
+                    "completion_tokens"):
+            self._counts[key] += getattr(out.usage, key)
+
+    def _deliver(self, req: Request, final) -> None:
+        """The last thing a request's handle receives: its output, or an exception."""
+        with self._lock:
+            self._unfinished -= 1
+        req.handle._put(final)
+
+    def _abort(self, request_id: str) -> None:
+        req = self.scheduler.remove(request_id)
+        if req is None or req.finished:
+            return
+        req.finish_reason = "abort"
+        out = req.make_output()
+        self._count(out)
+        if req.conversation is not None:
+            self._release(req, in_scheduler=False)
+        self._deliver(req, TokenEvent((), out))
+
+    def _release(self, req: Request, in_scheduler: bool = True) -> None:
+        if in_scheduler:
+            self.scheduler.finish(req)
         conv = req.conversation
         self.store.release(conv, keep_kv=self.config.cache_policy == "stateful")
         if conv.id in self._closing:
@@ -307,7 +329,7 @@ class Engine:
             if req.conversation is not None:
                 self.store.release(req.conversation, keep_kv=False)
             if not req.finished:
-                req.handle._put(error)
+                self._deliver(req, error)
         for conv in self.store.conversations.values():
             self.store.truncate(conv, 0)
         self.runner.reset_kv()
@@ -325,21 +347,3 @@ class Engine:
                               "total": self.allocator.num_pages}},
             cache_policy=self.config.cache_policy, page_size=self.config.page_size,
             max_model_len=self.max_model_len)
-
-    def _check_prompt(self, ids: Sequence[int]) -> list[int]:
-        if isinstance(ids, (str, bytes)):
-            raise TypeError("expected token ids; use engine.tokenizer.encode(text) first")
-        try:
-            prompt = [int(i) for i in ids]
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"prompt_token_ids must be a sequence of ints: {e}") from e
-        if not prompt:
-            raise ValueError("prompt_token_ids is empty")
-        vocab = self.model.config.vocab_size
-        bad = [i for i in prompt if not 0 <= i < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
-        if len(prompt) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(prompt)} tokens; max_model_len is "
-                             f"{self.max_model_len} (including at least one generated token)")
-        return prompt

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import time
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 from pensieve_jax.sampling import SamplingParams
 
@@ -38,7 +38,7 @@ class RequestOutput:
     conversation_id: str
     prompt_token_ids: tuple[int, ...]
     token_ids: tuple[int, ...]     # generated, including a final stop token if one was sampled
-    finish_reason: str             # "stop" (stop token or string) or "length"
+    finish_reason: str             # "stop" (stop token or string), "length" or "abort"
     stop_text_index: int | None    # where a matched stop string starts in the decoded output
     usage: Usage
 
@@ -49,13 +49,20 @@ class TokenEvent(NamedTuple):
 
 
 class RequestHandle:
-    """What `Engine.submit` returns: iterate for token events, or wait with `result()`."""
+    """What `Engine.submit` returns: iterate for token events, or wait with `result()`;
+    `cancel()` stops the turn (its conversation keeps the tokens produced so far)."""
 
-    def __init__(self, request_id: str, conversation_id: str | None):
+    def __init__(self, request_id: str, conversation_id: str | None,
+                 on_cancel: Callable[[str], None] | None = None):
         self.request_id = request_id
         self.conversation_id = conversation_id
         self._events: queue.Queue = queue.Queue()
         self._output: RequestOutput | None = None
+        self._on_cancel = on_cancel
+
+    def cancel(self) -> None:
+        if self._on_cancel is not None and self._output is None:
+            self._on_cancel(self.request_id)
 
     def _put(self, item) -> None:
         self._events.put(item)
@@ -127,10 +134,31 @@ class Request:
         now = time.perf_counter()
         first = self.first_token_time or now
         return RequestOutput(
-            request_id=self.id, conversation_id=self.conversation.id,
+            request_id=self.id,
+            conversation_id=self.conversation.id if self.conversation else
+            (self.requested_conversation or ""),
             prompt_token_ids=tuple(self.prompt), token_ids=tuple(self.output),
             finish_reason=self.finish_reason, stop_text_index=self.stop_text_index,
             usage=Usage(prompt_tokens=len(self.prompt), cached_tokens=self.cached,
                         prefilled_tokens=self.prefilled, recomputed_tokens=self.recomputed,
                         completion_tokens=len(self.output), ttft_s=first - self.arrival,
                         total_s=now - self.arrival))
+
+
+def check_prompt(ids: Sequence[int], vocab_size: int, max_model_len: int) -> list[int]:
+    """Validated token ids of a turn, or a clear TypeError / ValueError."""
+    if isinstance(ids, (str, bytes)):
+        raise TypeError("expected token ids; use engine.tokenizer.encode(text) first")
+    try:
+        prompt = [int(i) for i in ids]
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"prompt_token_ids must be a sequence of ints: {e}") from e
+    if not prompt:
+        raise ValueError("prompt_token_ids is empty")
+    bad = [i for i in prompt if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"prompt token ids out of range [0, {vocab_size}): {bad[:5]}")
+    if len(prompt) >= max_model_len:
+        raise ValueError(f"prompt has {len(prompt)} tokens; max_model_len is {max_model_len} "
+                         "(including at least one generated token)")
+    return prompt

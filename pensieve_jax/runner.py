@@ -115,3 +115,25 @@ class ModelRunner:
                                                        max_q_len=q).compile()
         tokens, self.kv = self._compiled[key](self.params, self.kv, *args)
         return np.asarray(tokens)[:num_seqs]
+
+
+def step_input(rows) -> StepInput:
+    """Dense step arrays for scheduled rows (scheduler.Row: request, start, end)."""
+    width = max(len(r.request.conversation.pages) for r in rows)
+    table = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        pages = r.request.conversation.pages
+        table[i, :len(pages)] = pages
+    reqs = [r.request for r in rows]
+    p = [r.params for r in reqs]
+    return StepInput(
+        token_ids=np.concatenate([r.request.token_ids[r.start:r.end] for r in rows]).astype(
+            np.int32),
+        positions=np.concatenate([np.arange(r.start, r.end) for r in rows]).astype(np.int32),
+        page_table=table, kv_lens=np.asarray([r.end for r in rows], np.int32),
+        cu_q_lens=np.cumsum([0] + [r.end - r.start for r in rows]).astype(np.int32),
+        temperature=np.asarray([x.temperature for x in p], np.float32),
+        top_k=np.asarray([x.top_k for x in p], np.int32),
+        top_p=np.asarray([x.top_p for x in p], np.float32),
+        seeds=np.asarray([r.seed for r in reqs], np.uint32),
+        counters=np.asarray([len(r.output) for r in reqs], np.int32))

@@ -138,6 +138,15 @@ class Scheduler:
     def finish(self, req: Request) -> None:
         self.running.remove(req)
 
+    def remove(self, request_id: str) -> Request | None:
+        """Take a request out of the queues (cancellation); None if it is not there."""
+        for queue_ in (self.running, self.waiting):
+            for req in queue_:
+                if req.id == request_id:
+                    queue_.remove(req)
+                    return req
+        return None
+
     def abort_all(self) -> list[Request]:
         reqs = self.running + [r for r in self.waiting]
         self.running, self.waiting = [], collections.deque()

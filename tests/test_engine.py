@@ -240,3 +240,43 @@ def test_bad_engine_options():
         Engine.from_pretrained("random:tiny", num_pages=2, page_size=8, max_model_len=128)
     with pytest.raises(ModelLoadError, match="unknown model source 'no-such-model'"):
         Engine.from_pretrained("no-such-model")
+
+
+def test_cancel_frees_the_slot_and_keeps_delivered_tokens(engine, stateless):
+    prompt = list(range(30, 45))
+    handle = engine.submit(prompt, SamplingParams(max_tokens=60, ignore_eos=True),
+                           conversation_id="cancel-me")
+    got = []
+    for event in handle:
+        got.extend(event.token_ids)
+        if len(got) == 3:
+            handle.cancel()
+    out = handle.result()
+    assert out.finish_reason == "abort" and list(out.token_ids)[:3] == got[:3]
+    stats = settle(engine)
+    assert stats["running"] == 0
+    # the next turn continues from everything delivered, using what is cached
+    seq = prompt + list(out.token_ids) + [7, 8]
+    nxt = engine.submit(seq, GREEDY, conversation_id="cancel-me").result()
+    assert nxt.usage.cached_tokens >= len(prompt)
+    assert list(nxt.token_ids) == stateless.generate(seq, GREEDY)
+
+
+def test_queue_limit_and_conversation_ttl():
+    eng = make(max_queued_requests=2, conversation_ttl_s=2.0)
+    a = eng.submit([1, 2, 3], SamplingParams(max_tokens=40, ignore_eos=True), "ttl-a")
+    b = eng.submit([4, 5, 6], SamplingParams(max_tokens=40, ignore_eos=True))
+    from pensieve_jax.engine import EngineOverloaded
+    with pytest.raises(EngineOverloaded, match="max_queued_requests"):
+        eng.submit([7], GREEDY)
+    a.result(), b.result()
+    assert eng.has_conversation("ttl-a")
+    assert eng.submit([7, 8], GREEDY).result().finish_reason == "length"   # room again
+    deadline = time.time() + 10
+    while eng.has_conversation("ttl-a") and time.time() < deadline:
+        time.sleep(0.05)
+    assert not eng.has_conversation("ttl-a")
+    while eng.stats()["conversations"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert settle(eng)["pages"]["device"]["used"] == 0
+    eng.shutdown()
