@@ -101,22 +101,30 @@ class Session:
             handle = self.engine.submit(prompt, params, conversation_id=self.conversation_id)
             detok = IncrementalDetokenizer(self.engine.tokenizer, params.stop)
             output: RequestOutput | None = None
-            for event in handle:
-                if event.output is None:
+            try:
+                for event in handle:
+                    if event.output is not None:
+                        output = event.output
+                        break
                     piece = detok.add(event.token_ids)
                     if piece:
                         yield piece
-                else:
-                    output = event.output
-            piece = detok.finish(output.stop_text_index)
-            if piece:
-                yield piece
-            reply_text = detok.text()[:output.stop_text_index]
-            self.history += [{"role": "user", "content": text},
-                             {"role": "assistant", "content": reply_text}]
-            self._ids = list(output.prompt_token_ids) + list(output.token_ids)
-            self.last_reply = Reply(reply_text, tuple(self.engine.strip_stop(output)),
-                                    output.finish_reason, output.usage)
+                piece = detok.finish(output.stop_text_index)
+                if piece:
+                    yield piece
+            finally:
+                if output is None:          # the caller stopped early: cancel, keep what ran
+                    handle.cancel()
+                    output = handle.result()
+                self._record(text, detok, output)
+
+    def _record(self, text: str, detok: IncrementalDetokenizer, output: RequestOutput) -> None:
+        reply_text = detok.text()[:output.stop_text_index]
+        self.history += [{"role": "user", "content": text},
+                         {"role": "assistant", "content": reply_text}]
+        self._ids = list(output.prompt_token_ids) + list(output.token_ids)
+        self.last_reply = Reply(reply_text, tuple(self.engine.strip_stop(output)),
+                                output.finish_reason, output.usage)
 
     def send(self, text: str, params: SamplingParams | None = None) -> Reply:
         for _ in self.stream(text, params):

@@ -122,3 +122,17 @@ def test_detokenizer_holds_back_partial_utf8():
     d = IncrementalDetokenizer(tok)
     pieces = [d.add([i]) for i in ids]
     assert pieces == ["", "é", "", "", "", "🙂"]
+
+
+def test_stopping_a_stream_early_cancels_and_keeps_the_partial_reply(engines):
+    engine = engines["stateful"]
+    s = engine.session()
+    stream = s.stream("long answer please", SamplingParams(max_tokens=100, ignore_eos=True))
+    first = next(stream)
+    stream.close()                                  # the caller walks away
+    assert s.last_reply.finish_reason == "abort"
+    assert s.last_reply.text.startswith(first) and s.last_reply.usage.completion_tokens < 100
+    assert s.history[-1] == {"role": "assistant", "content": s.last_reply.text}
+    nxt = s.send("go on", PARAMS)                   # the conversation continues from there
+    assert nxt.usage.cached_tokens > 0
+    s.close()
