@@ -1,6 +1,11 @@
-"""Pallas GPU kernels, each with a pure-jnp reference beside it.
+"""Pallas GPU kernels, each with a pure-jnp reference beside it (interpret mode on CPU)."""
 
-Empty so far: the ragged multi-query paged attention kernel (design.md section 5) arrives with
-its own issue. Until then the model uses the XLA path in `pensieve_jax.attention`, which takes
-the same arguments (plus the stacked-layer pools and a layer index).
-"""
+from pallas_kernels.kv_pages import (copy_pages, copy_pages_reference, write_kv_rows,
+                                     write_kv_rows_reference)
+from pallas_kernels.ragged_paged_attention import (ragged_paged_attention,
+                                                   ragged_paged_attention_reference,
+                                                   ragged_paged_attention_stacked)
+
+__all__ = ["copy_pages", "copy_pages_reference", "ragged_paged_attention",
+           "ragged_paged_attention_reference", "ragged_paged_attention_stacked", "write_kv_rows",
+           "write_kv_rows_reference"]
