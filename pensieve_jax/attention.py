@@ -121,7 +121,17 @@ def xla_paged_attention(q: jax.Array, kv: KVCache, layer: jax.Array, batch: Atte
     return jnp.where(valid, out_t, 0.0).astype(q.dtype)
 
 
-ATTENTION_BACKENDS: dict[str, AttentionFn] = {"xla": xla_paged_attention}
+def pallas_paged_attention(q: jax.Array, kv: KVCache, layer: jax.Array, batch: AttentionBatch, *,
+                           sm_scale: float, max_q_len: int) -> jax.Array:
+    """The Pallas kernel (compiled on GPU, interpreted elsewhere); max_q_len is not needed."""
+    from pallas_kernels import ragged_paged_attention_stacked
+    del max_q_len
+    return ragged_paged_attention_stacked(q, kv.k, kv.v, layer, batch.page_table, batch.kv_lens,
+                                          batch.cu_q_lens, sm_scale=sm_scale)
+
+
+ATTENTION_BACKENDS: dict[str, AttentionFn] = {"xla": xla_paged_attention,
+                                              "pallas": pallas_paged_attention}
 
 
 def get_attention(name: str) -> AttentionFn:

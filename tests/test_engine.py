@@ -280,3 +280,13 @@ def test_queue_limit_and_conversation_ttl():
         time.sleep(0.05)
     assert settle(eng)["pages"]["device"]["used"] == 0
     eng.shutdown()
+
+
+def test_pallas_attention_engine_gives_the_same_tokens(engine):
+    """The engine with the Pallas kernel (interpret mode on CPU) against the XLA path."""
+    eng = make(attention="pallas")
+    turns = random_turns(21, 2, 5, 12)
+    got = [o.token_ids for o in conversation_turns(eng, turns, "pallas-conv")]
+    want = [o.token_ids for o in conversation_turns(engine, turns, "xla-conv")]
+    assert got == want
+    eng.shutdown()

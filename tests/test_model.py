@@ -131,3 +131,18 @@ def test_llama3_rope_scaling_changes_only_low_frequencies():
     assert np.all(scaled[mid] < plain[mid]) and np.all(scaled[mid] > plain[mid] / 8.0)
     lin = dataclasses.replace(base, rope_scaling=RopeScaling("linear", 2.0)).rope_inv_freq()
     np.testing.assert_allclose(lin, plain / 2.0, rtol=1e-6)
+
+
+def test_pallas_backend_matches_xla_in_the_model(model_and_params, rng):
+    """The whole model with the Pallas kernel (interpret mode here) against the XLA path."""
+    _, params = model_and_params
+    hist, new = rng.integers(0, CONFIG.vocab_size, 7), rng.integers(0, CONFIG.vocab_size, 5)
+    table = [[3, 1, 6, 0], [2, 5, 0, 0]]
+    outs = []
+    for backend in ("xla", "pallas"):
+        model = Llama(CONFIG, attention=backend)
+        _, kv = run_model(model, params, CONFIG, [hist], [0], table[:1], max_q_len=8)
+        logits, _ = run_model(model, params, CONFIG, [new, hist[:1]], [7, 0], table, kv=kv,
+                              max_q_len=8)
+        outs.append(logits)
+    np.testing.assert_allclose(outs[1], outs[0], atol=2e-5)
