@@ -22,6 +22,8 @@ import numpy as np
 
 from pensieve_jax.cache import PageAllocator
 from pensieve_jax.conversations import ConversationStore
+from pensieve_jax.eviction import make_policy
+from pensieve_jax.host_cache import HostCache
 from pensieve_jax.request import Request, RequestHandle, TokenEvent, check_prompt
 from pensieve_jax.runner import ModelRunner, step_input
 from pensieve_jax.sampling import SamplingParams
@@ -44,6 +46,11 @@ class EngineConfig:
     attention: str = "xla"
     cache_policy: str = "stateful"       # "stateless": drop each turn's KV (the baseline)
     max_queued_requests: int | None = None     # submit raises EngineOverloaded beyond this
+    host_cache_bytes: int = 0            # host-memory tier for idle conversations (0: none)
+    eviction_policy: str = "pensieve"    # or "lru": which idle chunk leaves a tier first
+    chunk_tokens: int = 32               # eviction granularity (rounded to whole pages)
+    swap_out_threshold: float = 0.25     # copy idle chunks to host when fewer pages are free
+    reserve_fraction: float = 0.10       # pages new turns leave free for running ones
     conversation_ttl_s: float | None = None    # idle conversations are forgotten after this
 
     def __post_init__(self):
@@ -88,10 +95,20 @@ class Engine:
         if num_pages * config.page_size < self.max_model_len:
             raise ValueError(f"KV pool of {num_pages} pages x {config.page_size} tokens cannot hold "
                              f"one sequence of max_model_len {self.max_model_len}")
+        c = model.config
         self.allocator = PageAllocator(num_pages)
-        self.store = ConversationStore(self.allocator, config.page_size)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_batched_tokens, config.max_num_seqs),
-                                   self.store)
+        self.host = HostCache(0, (c.num_layers, config.page_size, c.num_kv_heads, c.head_dim),
+                              jnp.dtype(dtype))
+        if config.host_cache_bytes:
+            self.host = HostCache(config.host_cache_bytes // self.host.page_bytes,
+                                  (c.num_layers, config.page_size, c.num_kv_heads, c.head_dim),
+                                  jnp.dtype(dtype))
+        self.store = ConversationStore(
+            self.allocator, config.page_size, self.host.allocator if self.host.enabled else None,
+            make_policy(config.eviction_policy, c), max(1, config.chunk_tokens // config.page_size))
+        self.scheduler = Scheduler(SchedulerConfig(
+            config.max_batched_tokens, config.max_num_seqs,
+            int(config.reserve_fraction * num_pages)), self.store)
         self.runner = ModelRunner(model, num_pages, config.page_size, config.attention, dtype)
         self._inbox: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
@@ -99,7 +116,8 @@ class Engine:
         self._closing: set[str] = set()
         self._unfinished = 0                 # submitted, no final event yet (guarded by _lock)
         self._counts = dict.fromkeys(("steps", "requests", "finished", "prompt_tokens",
-                                      "cached_tokens", "prefilled_tokens", "recomputed_tokens",
+                                      "cached_tokens", "cached_host_tokens", "prefilled_tokens",
+                                      "recomputed_tokens",
                                       "completion_tokens", "step_tokens", "failed_steps"), 0)
 
     @classmethod
@@ -154,9 +172,10 @@ class Engine:
             ids.pop()
         return ids
 
-    def session(self, system: str | None = None):
+    def session(self, system: str | None = None, history=None):
+        """A Session (one conversation); history: earlier messages to start from."""
         from pensieve_jax.session import Session
-        return Session(self, system)
+        return Session(self, system, history)
 
     def cancel(self, request_id: str) -> None:
         """Stop a turn now; its conversation keeps the tokens produced so far."""
@@ -226,7 +245,8 @@ class Engine:
         if not rows:
             return 0
         try:
-            tokens = self.runner.step(step_input(rows))
+            self._transfer()
+            tokens = self.runner.step(step_input(rows, self.config.page_size))
         except Exception as e:  # fail what is in flight; the pools may be gone (donated)
             self._fail_all(RuntimeError(f"engine step failed: {type(e).__name__}: {e}"))
             return 0
@@ -234,11 +254,28 @@ class Engine:
         self._counts["step_tokens"] += sum(r.end - r.start for r in rows)
         for row, token in zip(rows, tokens):
             self._postprocess(row, int(token))
+        self.store.swap_out_ahead(int(self.config.swap_out_threshold * self.allocator.num_pages))
         return len(rows)
+
+    def _transfer(self) -> None:
+        """Run the page copies the scheduler planned: device -> host, then host -> device."""
+        out, into = self.store.take_transfers()
+        if out:
+            k, v = self.runner.gather_pages([d for d, _ in out])
+            self.host.write_async(k, v, [h for _, h in out])
+        if into:
+            start = time.perf_counter()
+            k, v = self.host.read([h for h, _ in into])
+            self.runner.scatter_pages(k, v, [d for _, d in into])
+            self.store.swapped_in([h for h, _ in into])
+            self.host.stats["in_s"] += time.perf_counter() - start
 
     def _postprocess(self, row: Row, token: int) -> None:
         req = row.request
         req.count_computed(row.start, row.end)
+        if row.front:
+            req.front_done = row.end
+            return
         req.conversation.num_computed = row.end
         if req.finished:                                   # the cache flush after a turn
             if row.end == len(req.token_ids):
@@ -279,8 +316,8 @@ class Engine:
 
     def _count(self, out) -> None:
         self._counts["finished"] += 1
-        for key in ("prompt_tokens", "cached_tokens", "prefilled_tokens", "recomputed_tokens",
-                    "completion_tokens"):
+        for key in ("prompt_tokens", "cached_tokens", "cached_host_tokens", "prefilled_tokens",
+                    "recomputed_tokens", "completion_tokens"):
             self._counts[key] += getattr(out.usage, key)
 
     def _deliver(self, req: Request, final) -> None:
@@ -336,14 +373,23 @@ class Engine:
 
     def _stats(self) -> dict[str, Any]:
         used = self.allocator.num_pages - self.allocator.num_free
+        host = self.store.host
         return dict(
             self._counts, compilations=self.runner.num_compilations,
             running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
             conversations=len(self.store.conversations), preemptions=self.scheduler.num_preemptions,
-            evicted_tokens=self.store.evicted_tokens, cached_tokens_resident=self.store.cached_tokens(),
+            **self.store.counts, cached_tokens_resident=self.store.cached_tokens(),
+            resident_tokens=self.store.resident_tokens(),
             hit_tokens=self._counts["cached_tokens"],
+            hit_tokens_by_tier={"device": self._counts["cached_tokens"] -
+                                self._counts["cached_host_tokens"],
+                                "host": self._counts["cached_host_tokens"]},
             miss_tokens=self._counts["prefilled_tokens"] + self._counts["recomputed_tokens"],
             pages={"device": {"used": used, "free": self.allocator.num_free,
-                              "total": self.allocator.num_pages}},
+                              "total": self.allocator.num_pages},
+                   "host": {"used": host.num_pages - host.num_free if host else 0,
+                            "free": host.num_free if host else 0,
+                            "total": host.num_pages if host else 0}},
+            swap=dict(self.host.stats), eviction_policy=self.store.policy.name,
             cache_policy=self.config.cache_policy, page_size=self.config.page_size,
             max_model_len=self.max_model_len)

@@ -30,6 +30,7 @@ class Usage:
     completion_tokens: int
     ttft_s: float
     total_s: float
+    cached_host_tokens: int = 0    # part of cached_tokens that was loaded back from host memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +100,9 @@ class Request:
         self.finish_reason: str | None = None
         self.stop_text_index: int | None = None
         self.known_len = 0                # tokens the conversation had computed at some point
-        self.cached = self.prefilled = self.recomputed = 0
+        self.restored = False             # its pages are all on the device (or being copied)
+        self.front_done = self.front_end = 0   # a dropped prefix being recomputed
+        self.cached = self.cached_host = self.prefilled = self.recomputed = 0
         self.arrival = time.perf_counter()
         self.first_token_time: float | None = None
 
@@ -119,7 +122,7 @@ class Request:
     def remaining(self) -> int:
         """Tokens still to run through the model (the last sampled token is run only to keep
         the conversation's cache complete after the turn)."""
-        return len(self.token_ids) - self.num_computed
+        return (self.front_end - self.front_done) + len(self.token_ids) - self.num_computed
 
     def count_computed(self, start: int, end: int) -> None:
         """Account tokens [start, end) of the sequence just computed."""
@@ -142,7 +145,7 @@ class Request:
             usage=Usage(prompt_tokens=len(self.prompt), cached_tokens=self.cached,
                         prefilled_tokens=self.prefilled, recomputed_tokens=self.recomputed,
                         completion_tokens=len(self.output), ttft_s=first - self.arrival,
-                        total_s=now - self.arrival))
+                        total_s=now - self.arrival, cached_host_tokens=self.cached_host))
 
 
 def check_prompt(ids: Sequence[int], vocab_size: int, max_model_len: int) -> list[int]:

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pensieve_jax.attention import AttentionBatch, init_kv_cache
+from pallas_kernels.kv_pages import copy_pages
+from pensieve_jax.attention import AttentionBatch, KVCache, init_kv_cache
 from pensieve_jax.model import Llama
 from pensieve_jax.sampling import sample
 from pensieve_jax.weights import LoadedModel
@@ -71,6 +72,27 @@ class ModelRunner:
         self._compiled: dict[tuple[int, ...], Any] = {}
         self._step = jax.jit(self._step_impl, static_argnames=("max_q_len",),
                              donate_argnames=("kv",))
+        self._gather = jax.jit(lambda kv, ids: (jnp.take(kv.k, ids, axis=1),
+                                                jnp.take(kv.v, ids, axis=1)))
+        self._scatter = jax.jit(lambda kv, k, v, ids: KVCache(
+            copy_pages(kv.k, k, jnp.arange(ids.shape[0]), ids),
+            copy_pages(kv.v, v, jnp.arange(ids.shape[0]), ids)), donate_argnums=(0,))
+
+    def gather_pages(self, page_ids: list[int]) -> tuple[jax.Array, jax.Array]:
+        """Copies of device pages [layers, n_bucket, page_size, kv_heads, head_dim] (the first
+        len(page_ids) are the pages asked for; the rest is padding)."""
+        ids = np.zeros(bucket(len(page_ids), 8), np.int32)
+        ids[:len(page_ids)] = page_ids
+        return self._gather(self.kv, ids)
+
+    def scatter_pages(self, k: np.ndarray, v: np.ndarray, page_ids: list[int]) -> None:
+        """Write pages k, v [layers, n, ...] (host arrays) into device pages page_ids."""
+        n = bucket(len(page_ids), 8)
+        ids = np.full(n, self.num_pages, np.int32)          # padding rows are dropped
+        ids[:len(page_ids)] = page_ids
+        pad = ((0, 0), (0, n - len(page_ids))) + ((0, 0),) * (k.ndim - 2)
+        self.kv = self._scatter(self.kv, jax.device_put(np.pad(k, pad)),
+                                jax.device_put(np.pad(v, pad)), ids)
 
     def reset_kv(self) -> None:
         c = self.config
@@ -117,12 +139,15 @@ class ModelRunner:
         return np.asarray(tokens)[:num_seqs]
 
 
-def step_input(rows) -> StepInput:
+def step_input(rows, page_size: int) -> StepInput:
     """Dense step arrays for scheduled rows (scheduler.Row: request, start, end)."""
     width = max(len(r.request.conversation.pages) for r in rows)
     table = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):
         pages = r.request.conversation.pages
+        if -(-r.end // page_size) > len(pages) or min(pages[:-(-r.end // page_size)]) < 0:
+            raise RuntimeError(f"scheduler bug: row {r.start}:{r.end} of conversation "
+                               f"{r.request.conversation.id} lacks device pages ({pages})")
         table[i, :len(pages)] = pages
     reqs = [r.request for r in rows]
     p = [r.params for r in reqs]

@@ -24,6 +24,7 @@ from pensieve_jax.request import Request
 class SchedulerConfig:
     max_batched_tokens: int = 512
     max_num_seqs: int = 64
+    reserve_pages: int = 0      # new turns leave this many pages free for running ones
 
 
 class Row(NamedTuple):
@@ -31,6 +32,7 @@ class Row(NamedTuple):
     start: int       # first token index of this chunk in request.token_ids
     end: int         # one past the last
     sample: bool     # the chunk ends the sequence: sample the next token
+    front: bool = False   # recomputes part of a dropped prefix (kv_len = end)
 
 
 class Scheduler:
@@ -56,10 +58,9 @@ class Scheduler:
                 break
             if req not in self.running:          # preempted while making room for an older one
                 continue
-            n = min(req.remaining, budget)
+            n = min(len(req.token_ids) - req.num_computed, budget)
             if self._make_room(req, req.num_computed + n, may_preempt=True):
-                rows.append(self._row(req, n))
-                budget -= n
+                budget -= self._add_rows(rows, req, budget)
         deferred = []
         while self.waiting and budget > 0 and len(rows) < self.config.max_num_seqs:
             req = self.waiting.popleft()
@@ -71,13 +72,15 @@ class Scheduler:
                 except ConversationBusy as e:
                     self.rejected.append((req, e))
                     continue
-            n = min(req.remaining, budget)
+            if not req.restored and not self._restore(req):
+                self.waiting.appendleft(req)
+                break
+            n = min(len(req.token_ids) - req.num_computed, budget)
             if not self._make_room(req, req.num_computed + n, may_preempt=False):
                 self.waiting.appendleft(req)      # newcomers never preempt running turns
                 break
             self.running.append(req)
-            rows.append(self._row(req, n))
-            budget -= n
+            budget -= self._add_rows(rows, req, budget)
         self.waiting.extendleft(reversed(deferred))
         return rows
 
@@ -85,7 +88,10 @@ class Scheduler:
         """Reserve pages for req's first num_tokens tokens. Idle conversations go first (inside
         reserve), then waiting turns' pages, then (if allowed) the newest running turn. False if
         req cannot run this step."""
-        while not self.store.reserve(req.conversation, num_tokens):
+        extra = self.config.reserve_pages if not may_preempt and self.running else 0
+        need = -(-num_tokens // self.store.page_size) - len(req.conversation.pages)
+        while not (self.store.make_room(need + extra) and
+                   self.store.reserve(req.conversation, num_tokens)):
             if self._drop_waiting_kv(req):
                 continue
             if not may_preempt:
@@ -96,9 +102,38 @@ class Scheduler:
                 return False
         return True
 
-    def _row(self, req: Request, n: int) -> Row:
-        start = req.num_computed
-        return Row(req, start, start + n, start + n == len(req.token_ids) and not req.finished)
+    def _add_rows(self, rows: list[Row], req: Request, budget: int) -> int:
+        """Rows of req within budget: first the dropped prefix still to recompute, then (only
+        once the prefix is complete in this step) its next tokens. Returns tokens used."""
+        used = 0
+        if req.front_done < req.front_end:
+            n = min(req.front_end - req.front_done, budget)
+            rows.append(Row(req, req.front_done, req.front_done + n, False, front=True))
+            used = n
+            if req.front_done + n < req.front_end:
+                return used
+        n = min(len(req.token_ids) - req.num_computed, budget - used)
+        if n > 0:
+            start = req.num_computed
+            rows.append(Row(req, start, start + n,
+                            start + n == len(req.token_ids) and not req.finished))
+        return used + max(n, 0)
+
+    def _restore(self, req: Request) -> bool:
+        """Bring the conversation's swapped-out and dropped pages back before its first step."""
+        conv = req.conversation
+        need = self.store.restore_cost(conv)
+        while not self.store.make_room(need):
+            if not self._drop_waiting_kv(req):
+                return False
+        req.cached_host = sum(1 for i in conv.host_pages if i * self.store.page_size <
+                              conv.num_computed) * self.store.page_size
+        req.front_end = self.store.restore(conv)
+        req.front_done = 0
+        req.cached = conv.num_computed - req.front_end
+        req.cached_host = min(req.cached_host, req.cached)
+        req.restored = True
+        return True
 
     def _admit(self, req: Request) -> bool:
         """Bind the request to its conversation and reuse the longest cached prefix. False if
@@ -115,7 +150,6 @@ class Scheduler:
         # the last prompt token always runs: its logits give the first output token
         self.store.truncate(conv, min(computed, len(req.prompt) - 1))
         conv.token_ids = list(req.prompt)
-        req.cached = conv.num_computed
         return True
 
     def _drop_waiting_kv(self, keep: Request) -> bool:
@@ -123,6 +157,8 @@ class Scheduler:
         for other in reversed(self.waiting):
             if other is not keep and other.conversation is not None and other.conversation.pages:
                 self.store.drop_kv(other.conversation)
+                other.front_done = other.front_end = 0     # all of it is recomputed now
+                other.restored = False
                 return True
         return False
 
@@ -130,6 +166,7 @@ class Scheduler:
         self.num_preemptions += 1
         self.running.remove(req)
         self.store.drop_kv(req.conversation)
+        req.front_done = req.front_end = 0
         if req.finished:                          # only its cache flush was left: give it up
             self.store.release(req.conversation, keep_kv=False)
         else:

@@ -1,0 +1,60 @@
+"""The host-memory tier: a page pool in host RAM and the copies to and from the device pools.
+
+Pages move in batches: one device gather + one asynchronous device-to-host copy per swap-out
+batch, one host gather + one host-to-device put + one device scatter per swap-in batch.
+Swap-outs complete lazily (`finish_writes`, at the next step) so the copy overlaps compute.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from pensieve_jax.cache import PageAllocator
+
+
+class HostCache:
+    def __init__(self, num_pages: int, page_shape: tuple[int, ...], dtype):
+        """page_shape: (layers, page_size, kv_heads, head_dim); pools are [layers, pages, ...]."""
+        self.allocator = PageAllocator(max(num_pages, 1))
+        self.enabled = num_pages > 0
+        layers, *rest = page_shape
+        shape = (layers, max(num_pages, 1), *rest)
+        self.k = np.zeros(shape, np.dtype(dtype))
+        self.v = np.zeros(shape, np.dtype(dtype))
+        self._pending: list[tuple[jax.Array, jax.Array, np.ndarray]] = []
+        self.page_bytes = 2 * self.k[:, 0].nbytes
+        self.stats = dict.fromkeys(("out_pages", "in_pages", "out_bytes", "in_bytes",
+                                    "out_wait_s", "in_s"), 0)
+        self.stats["out_wait_s"] = self.stats["in_s"] = 0.0
+
+    @property
+    def num_pages(self) -> int:
+        return self.allocator.num_pages if self.enabled else 0
+
+    def write_async(self, k: jax.Array, v: jax.Array, host_ids: list[int]) -> None:
+        """Start copying gathered device pages [layers, n, ...] into host pages host_ids."""
+        for a in (k, v):
+            a.copy_to_host_async()
+        self._pending.append((k, v, np.asarray(host_ids)))
+        self.stats["out_pages"] += len(host_ids)
+        self.stats["out_bytes"] += len(host_ids) * self.page_bytes
+
+    def finish_writes(self) -> None:
+        start = time.perf_counter()
+        for k, v, ids in self._pending:
+            self.k[:, ids] = np.asarray(k)[:, :len(ids)]
+            self.v[:, ids] = np.asarray(v)[:, :len(ids)]
+        self._pending.clear()
+        self.stats["out_wait_s"] += time.perf_counter() - start
+
+    def read(self, host_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of host pages [layers, n, ...] (pending writes are finished first)."""
+        if self._pending:
+            self.finish_writes()
+        ids = np.asarray(host_ids)
+        self.stats["in_pages"] += len(host_ids)
+        self.stats["in_bytes"] += len(host_ids) * self.page_bytes
+        return self.k[:, ids], self.v[:, ids]
