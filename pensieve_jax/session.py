@@ -9,6 +9,11 @@
 Each turn sends the conversation's exact token sequence so far (prompt and generated tokens of
 every earlier turn) plus the chat-template continuation for the new message, so the engine
 finds the whole history in its cache and prefills only the new turn.
+
+A session may start from an earlier history (`engine.session(history=[...])`, messages with a
+role and content); a turn may also be a list of messages ending with the user's.
+`stream_chunks` gives the text pieces together with their token ids, and `cancel()` (from any
+thread) stops the running turn.
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ import asyncio
 import dataclasses
 import threading
 import uuid
-from typing import TYPE_CHECKING, AsyncIterator, Iterator
+from typing import TYPE_CHECKING, AsyncIterator, Iterable, Iterator, Sequence
 
-from pensieve_jax.request import RequestOutput, Usage
+from pensieve_jax.request import RequestHandle, RequestOutput, Usage
 from pensieve_jax.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from pensieve_jax.engine import Engine
+
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +41,45 @@ class Reply:
     usage: Usage
 
 
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """A piece of a streamed turn: new text (possibly empty while a partial character or a
+    possible stop string is held back) and new generated token ids (a final stop token is left
+    out, as in Reply.token_ids)."""
+    text: str
+    token_ids: tuple[int, ...]
+
+
 class SessionClosed(RuntimeError):
     pass
+
+
+def check_messages(messages: Iterable[dict[str, str]]) -> list[dict[str, str]]:
+    """Copies of chat messages ({"role", "content"}), or a ValueError naming the bad one."""
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise ValueError(f"message {i} has unknown role {role!r} (known: {', '.join(ROLES)})")
+        if not isinstance(content, str):
+            raise ValueError(f"message {i} content must be a string, got {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def turn_messages(text: str | Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """A turn's messages: a user's text, or messages that end with the user's; or ValueError."""
+    messages = [{"role": "user", "content": text}] if isinstance(text, str) else \
+        check_messages(text)
+    if not messages:
+        raise ValueError("the turn has no messages")
+    if messages[-1]["role"] != "user":
+        raise ValueError(f"a turn must end with a user message, not {messages[-1]['role']!r}")
+    if not isinstance(messages[-1]["content"], str) or not messages[-1]["content"].strip():
+        raise ValueError("message text is empty")
+    return messages
 
 
 class IncrementalDetokenizer:
@@ -70,66 +114,134 @@ class IncrementalDetokenizer:
         return piece
 
 
+class TurnStream:
+    """Reads one submitted turn's RequestHandle as Chunks. Iterating yields every chunk but the
+    last; once the engine's output arrived (`output`), `last_chunk()` and `reply()` finish it.
+    `stop()` cancels a turn still running; the reply then keeps the tokens read so far."""
+
+    def __init__(self, engine: "Engine", handle: RequestHandle, params: SamplingParams):
+        self.engine = engine
+        self.handle = handle
+        self.detok = IncrementalDetokenizer(engine.tokenizer, params.stop)
+        self.output: RequestOutput | None = None
+        self._held: tuple[int, ...] = ()     # the newest ids: they may be a final stop token
+        self._sent = 0                       # token ids handed out
+
+    def __iter__(self) -> Iterator[Chunk]:
+        for event in self.handle:
+            if event.output is not None:
+                self.output = event.output
+                return
+            piece = self.detok.add(event.token_ids)
+            ids, self._held = self._held, tuple(event.token_ids)
+            self._sent += len(ids)
+            if piece or ids:
+                yield Chunk(piece, ids)
+
+    def stop(self) -> None:
+        if self.output is None:
+            self.handle.cancel()
+            self.output = self.handle.result()
+
+    def _ids(self) -> list[int]:
+        """Generated ids read from the engine (without a final stop token)."""
+        return self.engine.strip_stop(self.output)[:len(self.detok.ids)]
+
+    def last_chunk(self) -> Chunk:
+        return Chunk(self.detok.finish(self.output.stop_text_index), tuple(self._ids()[self._sent:]))
+
+    def reply(self) -> Reply:
+        out = self.output
+        complete = len(self.detok.ids) == len(out.token_ids)
+        return Reply(self.detok.text()[:out.stop_text_index], tuple(self._ids()),
+                     out.finish_reason if complete else "abort", out.usage)
+
+
 class Session:
-    def __init__(self, engine: "Engine", system: str | None = None):
+    def __init__(self, engine: "Engine", system: str | None = None,
+                 history: Iterable[dict[str, str]] | None = None):
         self.engine = engine
         self.conversation_id = f"session-{uuid.uuid4().hex[:12]}"
         self.history: list[dict[str, str]] = []
         if system is not None:
             self.history.append({"role": "system", "content": system})
+        self.history += check_messages(history or ())
+        # what the chat template renders: replies as their tokens decode with special tokens
+        # kept, so that the rendered text extends the conversation's token history exactly
+        self._template_history = list(self.history)
         self.last_reply: Reply | None = None
         self._ids: list[int] = []           # every token the conversation has seen
         self._closed = False
         self._lock = threading.Lock()       # one turn at a time
+        self._turn: TurnStream | None = None
 
-    def _prompt_ids(self, text: str) -> list[int]:
+    def _prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         tok = self.engine.tokenizer
-        rendered = tok.render_chat(self.history + [{"role": "user", "content": text}])
+        rendered = tok.render_chat(self._template_history + messages)
         seen = tok.decode(self._ids)
         if self._ids and rendered.startswith(seen):
             return self._ids + tok.encode(rendered[len(seen):])
         return tok.encode(rendered)         # the template rewrote history: match what we can
 
-    def stream(self, text: str, params: SamplingParams | None = None) -> Iterator[str]:
+    def stream_chunks(self, text: str | Sequence[dict[str, str]],
+                      params: SamplingParams | None = None) -> Iterator[Chunk]:
+        """One turn as Chunks. text: the user's message, or the turn's messages ending with the
+        user's. The first chunk is empty and comes once the engine accepted the turn (errors
+        in the input or EngineOverloaded are raised before it). Closing the iterator early
+        cancels the turn; the conversation keeps the tokens read so far."""
         if self._closed:
             raise SessionClosed(f"session {self.conversation_id} is closed")
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("message text is empty")
+        messages = turn_messages(text)
         params = params or SamplingParams()
         with self._lock:
-            prompt = self._prompt_ids(text)
+            prompt = self._prompt_ids(messages)
             handle = self.engine.submit(prompt, params, conversation_id=self.conversation_id)
-            detok = IncrementalDetokenizer(self.engine.tokenizer, params.stop)
-            output: RequestOutput | None = None
+            turn = self._turn = TurnStream(self.engine, handle, params)
             try:
-                for event in handle:
-                    if event.output is not None:
-                        output = event.output
-                        break
-                    piece = detok.add(event.token_ids)
-                    if piece:
-                        yield piece
-                piece = detok.finish(output.stop_text_index)
-                if piece:
-                    yield piece
+                yield Chunk("", ())
+                yield from turn
+            except GeneratorExit:           # the caller stopped early: cancel, keep what ran
+                turn.stop()
+                self._record(messages, turn)
+                raise
             finally:
-                if output is None:          # the caller stopped early: cancel, keep what ran
-                    handle.cancel()
-                    output = handle.result()
-                self._record(text, detok, output)
+                self._turn = None
+            last = turn.last_chunk()
+            self._record(messages, turn)
+            if last.text or last.token_ids:
+                yield last
 
-    def _record(self, text: str, detok: IncrementalDetokenizer, output: RequestOutput) -> None:
-        reply_text = detok.text()[:output.stop_text_index]
-        self.history += [{"role": "user", "content": text},
-                         {"role": "assistant", "content": reply_text}]
-        self._ids = list(output.prompt_token_ids) + list(output.token_ids)
-        self.last_reply = Reply(reply_text, tuple(self.engine.strip_stop(output)),
-                                output.finish_reason, output.usage)
+    def _record(self, messages: list[dict[str, str]], turn: TurnStream) -> None:
+        reply = turn.reply()
+        self.history += messages + [{"role": "assistant", "content": reply.text}]
+        raw = reply.text if turn.output.stop_text_index is not None else \
+            self.engine.tokenizer.decode(reply.token_ids)
+        self._template_history += messages + [{"role": "assistant", "content": raw}]
+        self._ids = list(turn.output.prompt_token_ids) + turn.detok.ids
+        self.last_reply = reply
 
-    def send(self, text: str, params: SamplingParams | None = None) -> Reply:
-        for _ in self.stream(text, params):
+    def stream(self, text: str | Sequence[dict[str, str]],
+               params: SamplingParams | None = None) -> Iterator[str]:
+        chunks = self.stream_chunks(text, params)
+        try:
+            for chunk in chunks:
+                if chunk.text:
+                    yield chunk.text
+        finally:
+            chunks.close()
+
+    def send(self, text: str | Sequence[dict[str, str]],
+             params: SamplingParams | None = None) -> Reply:
+        for _ in self.stream_chunks(text, params):
             pass
         return self.last_reply
+
+    def cancel(self) -> None:
+        """Stop the running turn, if any (from any thread); its stream ends with finish_reason
+        "abort" and the conversation keeps what was generated."""
+        turn = self._turn
+        if turn is not None:
+            turn.handle.cancel()
 
     async def asend(self, text: str, params: SamplingParams | None = None) -> Reply:
         return await asyncio.to_thread(self.send, text, params)

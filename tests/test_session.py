@@ -7,7 +7,7 @@ import pytest
 
 from pensieve_jax.engine import Engine
 from pensieve_jax.sampling import SamplingParams
-from pensieve_jax.session import IncrementalDetokenizer, SessionClosed
+from pensieve_jax.session import Chunk, IncrementalDetokenizer, SessionClosed
 from pensieve_jax.tokenizer import Tokenizer
 
 PARAMS = SamplingParams(max_tokens=8, ignore_eos=True)
@@ -135,4 +135,82 @@ def test_stopping_a_stream_early_cancels_and_keeps_the_partial_reply(engines):
     assert s.history[-1] == {"role": "assistant", "content": s.last_reply.text}
     nxt = s.send("go on", PARAMS)                   # the conversation continues from there
     assert nxt.usage.cached_tokens > 0
+    s.close()
+
+
+def test_a_session_can_start_from_an_earlier_history(engines):
+    history = [{"role": "system", "content": "sys"}, {"role": "user", "content": "q1"},
+               {"role": "assistant", "content": "a1"}]
+    tok = engines["stateful"].tokenizer
+    seeded = engines["stateful"].session(history=history)
+    reply = seeded.send("q2", PARAMS)
+    want = tok.apply_chat_template(history + [{"role": "user", "content": "q2"}])
+    assert reply.usage.prompt_tokens == len(want) and reply.usage.cached_tokens == 0
+    base = engines["stateless"].session(history=history).send("q2", PARAMS)
+    assert reply.token_ids == base.token_ids
+    assert seeded.history == history + [{"role": "user", "content": "q2"},
+                                        {"role": "assistant", "content": reply.text}]
+    # a turn may be several messages ending with the user's
+    nxt = seeded.send([{"role": "system", "content": "now shorter"},
+                       {"role": "user", "content": "q3"}], PARAMS)
+    assert nxt.usage.cached_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert seeded.history[-3]["content"] == "now shorter"
+    seeded.close()
+    with pytest.raises(ValueError, match="unknown role 'wizard'"):
+        engines["stateful"].session(history=[{"role": "wizard", "content": "x"}])
+    s = engines["stateful"].session()
+    with pytest.raises(ValueError, match="end with a user message"):
+        s.send([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    s.close()
+
+
+def test_stream_chunks_carry_the_token_ids(engines):
+    engine = engines["stateful"]
+    s = engine.session()
+    chunks = list(s.stream_chunks("chunk me", PARAMS))
+    assert chunks[0] == Chunk("", ())                     # the engine accepted the turn
+    assert "".join(c.text for c in chunks) == s.last_reply.text
+    assert tuple(t for c in chunks for t in c.token_ids) == s.last_reply.token_ids
+    free = s.last_reply.token_ids
+    # a stop token ends the turn and is left out of the ids, as in Reply.token_ids
+    stop = SamplingParams(max_tokens=8, ignore_eos=True, stop_token_ids=[free[2]])
+    s2 = engine.session()
+    chunks = list(s2.stream_chunks("chunk me", stop))
+    assert s2.last_reply.finish_reason == "stop"
+    assert tuple(t for c in chunks for t in c.token_ids) == free[:2] == s2.last_reply.token_ids
+    s.close(), s2.close()
+
+
+def test_cancel_from_another_thread_ends_the_stream_with_abort(engines):
+    s = engines["stateful"].session()
+    pieces = []
+    for chunk in s.stream_chunks("keep going", SamplingParams(max_tokens=200, ignore_eos=True)):
+        pieces.append(chunk)
+        if len(pieces) == 3:
+            threading.Thread(target=s.cancel).start()
+    reply = s.last_reply
+    assert reply.finish_reason == "abort" and len(reply.token_ids) < 200
+    assert "".join(c.text for c in pieces) == reply.text
+    assert tuple(t for c in pieces for t in c.token_ids) == reply.token_ids
+    nxt = s.send("next", PARAMS)
+    assert nxt.usage.cached_tokens >= reply.usage.prompt_tokens + len(reply.token_ids) - 1
+    s.close()
+
+
+def test_special_tokens_in_a_reply_keep_the_history_cached(engines):
+    """The random model emits special tokens mid-reply (dropped from the text); the next turn
+    still extends the exact token history instead of re-encoding the shown text."""
+    engine = engines["stateful"]
+    specials = set(range(256, 259))
+    params = SamplingParams(max_tokens=100, ignore_eos=True)
+    for text in ("long answer please", "try 0", "go on and on"):
+        s = engine.session()
+        first = s.send(text, params)
+        if specials & set(first.token_ids):
+            break
+        s.close()
+    else:
+        pytest.fail("no reply with a special token")
+    nxt = s.send("next", PARAMS)
+    assert nxt.usage.cached_tokens == first.usage.prompt_tokens + first.usage.completion_tokens
     s.close()
