@@ -1,1 +1,9 @@
-"""gRPC server, client stubs, client library and command line: not built yet (its own issue)."""
+"""gRPC serving for Pensieve-JAX: the pensieve.v1 service (proto/pensieve/v1/pensieve.proto).
+
+    serving.server   PensieveServer (grpc.aio) and BackgroundServer over an Engine
+    serving.client   connect(target).session(system=...): the Session API, remote
+    serving.cli      `pensieve serve` / `pensieve chat` (also `python -m serving`)
+    serving.metrics  Prometheus metrics on an optional HTTP port
+    serving.errors   exceptions <-> gRPC status codes
+    serving.pensieve.v1  generated stubs (python -m serving.codegen)
+"""

@@ -1,0 +1,157 @@
+"""Command line: `pensieve serve` (a gRPC server over an engine) and `pensieve chat` (a client).
+
+    pensieve serve --model smollm2-135m-instruct --port 50051 [--metrics-port 9090] [engine options]
+    pensieve chat --target 127.0.0.1:50051 [--system "Be brief."]
+
+Also `python -m serving ...`. The server binds to 127.0.0.1 unless --host says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+
+from pensieve_jax.engine import EngineConfig
+from pensieve_jax.sampling import SamplingParams
+
+DEFAULT_PORT = 50051
+
+
+def _option_type(annotation: str):
+    for name, kind in (("bool", None), ("int", int), ("float", float), ("str", str)):
+        if annotation.split("|")[0].strip() == name:
+            return kind
+    return str
+
+
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine options (EngineConfig; unset: the engine's default)")
+    for field in dataclasses.fields(EngineConfig):
+        kind = _option_type(str(field.type))
+        if kind is None:
+            continue
+        group.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=kind,
+                           default=None, metavar=field.name.upper())
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
+            if getattr(args, f.name, None) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pensieve", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve a model over gRPC")
+    serve.add_argument("--model", required=True,
+                       help="smollm2-135m-instruct, a .gguf file, a Hugging Face or converted "
+                            "directory, or random:<preset>")
+    serve.add_argument("--dtype", default="float32")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="0: pick a free port")
+    serve.add_argument("--metrics-port", type=int, default=None,
+                       help="serve Prometheus metrics over HTTP on this port (0: a free one)")
+    serve.add_argument("--grace", type=float, default=10.0,
+                       help="seconds in-flight turns may finish at shutdown before they are "
+                            "cancelled")
+    serve.add_argument("--no-cache-dir", action="store_true",
+                       help="do not keep a converted copy of the model")
+    _add_engine_options(serve)
+    chat = sub.add_parser("chat", help="chat with a server, replies streamed")
+    chat.add_argument("--target", default=f"127.0.0.1:{DEFAULT_PORT}", help="host:port")
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--top-k", type=int, default=0)
+    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--timeout", type=float, default=None, help="deadline per turn, seconds")
+    return parser
+
+
+# -- serve ------------------------------------------------------------------------------------
+
+async def _serve(args: argparse.Namespace) -> None:
+    from pensieve_jax.engine import Engine
+    from serving.metrics import Metrics
+    from serving.server import PensieveServer
+
+    engine = Engine.from_pretrained(args.model, dtype=args.dtype,
+                                    cache_dir=False if args.no_cache_dir else None,
+                                    **engine_options(args))
+    metrics = Metrics(engine)
+    server = PensieveServer(engine, args.host, args.port, metrics=metrics, model_name=args.model)
+    try:
+        await server.start()
+        if args.metrics_port is not None:
+            port = metrics.serve(args.metrics_port, args.host)
+            print(f"pensieve: metrics on http://{args.host}:{port}/metrics", flush=True)
+        print(f"pensieve: serving {args.model} on {server.target}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        print("pensieve: shutting down", flush=True)
+        await server.shutdown(args.grace)
+    finally:
+        metrics.close()
+        engine.shutdown()
+    print("pensieve: stopped", flush=True)
+
+
+# -- chat -------------------------------------------------------------------------------------
+
+def _chat(args: argparse.Namespace) -> int:
+    from serving.client import connect
+    from serving.errors import RemoteError
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    client = connect(args.target, timeout=args.timeout)
+    interactive = sys.stdin.isatty()
+    session = client.session(system=args.system)
+    if interactive:
+        print(f"connected to {args.target}; an empty line or Ctrl-D quits, Ctrl-C stops a reply")
+    try:
+        while True:
+            try:
+                line = input("> " if interactive else "")
+            except (EOFError, KeyboardInterrupt):
+                break
+            if not line.strip():
+                break
+            pieces = session.stream(line, params)
+            try:
+                for piece in pieces:
+                    print(piece, end="", flush=True)
+            except KeyboardInterrupt:
+                pieces.close()
+                print(" [stopped]", end="")
+            except RemoteError as e:
+                print(f"error: {e}", file=sys.stderr)
+            print(flush=True)
+    finally:
+        try:
+            session.close()
+        except RemoteError:
+            pass
+        client.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        asyncio.run(_serve(args))
+        return 0
+    return _chat(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

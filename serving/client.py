@@ -1,0 +1,239 @@
+"""Client library: the in-process Session API, over gRPC.
+
+    from serving.client import connect
+    chat = connect("127.0.0.1:50051").session(system="Be brief.")   # or engine.session(...)
+    reply = chat.send("Hi!", SamplingParams(max_tokens=64))          # the same Reply type
+    for piece in chat.stream("And then?"):
+        print(piece, end="")
+    chat.close()                                                     # frees its cache
+
+Errors arrive as exceptions that are both `serving.errors.RemoteError` (with the status code) and
+what the in-process API raises for the same problem (ValueError, EngineOverloaded, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import threading
+from typing import Any, AsyncIterator, Iterable, Iterator, Sequence
+
+import grpc
+
+from pensieve_jax.request import Usage
+from pensieve_jax.sampling import SamplingParams
+from pensieve_jax.session import Chunk, Reply, SessionClosed, check_messages, turn_messages
+from serving.errors import NotFound, from_rpc_error
+from serving.pensieve.v1 import pensieve_pb2 as pb
+from serving.pensieve.v1 import pensieve_pb2_grpc as pb_grpc
+from serving.protocol import messages_to_proto, sampling_to_proto, usage_from_proto
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation(Reply):
+    """What Client.generate returns: a Reply plus the engine conversation that ran it."""
+    conversation_id: str = ""
+
+
+def _partial_usage(n: int) -> Usage:
+    return Usage(0, 0, 0, 0, n, 0.0, 0.0)
+
+
+class Client:
+    """A connection to a Pensieve server. timeout: a deadline (seconds) for every call."""
+
+    def __init__(self, target: str, timeout: float | None = None,
+                 options: Sequence[tuple[str, Any]] | None = None):
+        self.target = target
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(target, options=options)
+        self.stub = pb_grpc.PensieveStub(self.channel)
+
+    def wait_ready(self, timeout: float = 10.0) -> "Client":
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        return self
+
+    def session(self, system: str | None = None,
+                history: Iterable[dict[str, str]] | None = None) -> "RemoteSession":
+        return RemoteSession(self, system, history)
+
+    def generate_stream(self, prompt: str | Sequence[int],
+                        params: SamplingParams | None = None) -> Iterator[pb.GenerateResponse]:
+        """Raw text or token ids, no chat template: the response messages as they arrive."""
+        request = pb.GenerateRequest(sampling=sampling_to_proto(params))
+        if isinstance(prompt, str):
+            request.text = prompt
+        else:
+            request.token_ids.ids.extend(int(i) for i in prompt)
+        call = self.stub.Generate(request, timeout=self.timeout)
+        try:
+            yield from call
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None
+                 ) -> Generation:
+        text, ids, last = [], [], None
+        for response in self.generate_stream(prompt, params):
+            text.append(response.text)
+            ids.extend(response.token_ids)
+            last = response
+        return Generation("".join(text), tuple(ids), last.finish_reason,
+                          usage_from_proto(last.usage), last.conversation_id)
+
+    def end_conversation(self, conversation_id: str) -> bool:
+        """Free a conversation's cache; False if the server does not know it."""
+        try:
+            self.stub.EndConversation(pb.EndConversationRequest(conversation_id=conversation_id),
+                                      timeout=self.timeout)
+        except grpc.RpcError as e:
+            err = from_rpc_error(e)
+            if isinstance(err, NotFound):
+                return False
+            raise err from None
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        """The engine's stats() (as the server reports them)."""
+        return json.loads(self.stats_response().stats_json)
+
+    def stats_response(self) -> pb.GetStatsResponse:
+        try:
+            return self.stub.GetStats(pb.GetStatsRequest(), timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def connect(target: str, timeout: float | None = None, **kwargs) -> Client:
+    """A Client for a server at host:port (timeout: a deadline in seconds for every call)."""
+    return Client(target, timeout, **kwargs)
+
+
+class RemoteSession:
+    """One conversation on a server, with the shape of pensieve_jax.session.Session. The server
+    assigns `conversation_id` on the first turn (None before)."""
+
+    def __init__(self, client: Client, system: str | None = None,
+                 history: Iterable[dict[str, str]] | None = None):
+        self.client = client
+        self.conversation_id: str | None = None
+        self.history: list[dict[str, str]] = []
+        if system is not None:
+            self.history.append({"role": "system", "content": system})
+        self.history += check_messages(history or ())
+        self.last_reply: Reply | None = None
+        self._closed = False
+        self._lock = threading.Lock()        # one turn at a time
+        self._call = None
+        self._cancelled = False
+
+    def stream_chunks(self, text: str | Sequence[dict[str, str]],
+                      params: SamplingParams | None = None) -> Iterator[Chunk]:
+        """As Session.stream_chunks: an empty chunk once the server accepted the turn, then the
+        reply's chunks. Closing the iterator early cancels the call (and so the turn)."""
+        if self._closed:
+            raise SessionClosed(f"session {self.conversation_id} is closed")
+        messages = turn_messages(text)
+        with self._lock:
+            request = pb.ChatRequest(
+                conversation_id=self.conversation_id or "",
+                messages=messages_to_proto(messages if self.conversation_id else
+                                           self.history + messages),
+                sampling=sampling_to_proto(params))
+            call = self._call = self.client.stub.Chat(request, timeout=self.client.timeout)
+            self._cancelled = False
+            pieces: list[str] = []
+            ids: list[int] = []
+            final = None
+            try:
+                for response in call:
+                    if response.conversation_id:
+                        self.conversation_id = response.conversation_id
+                    if response.finish_reason:
+                        final = response
+                    if response.text or response.token_ids or not final:
+                        pieces.append(response.text)
+                        ids.extend(response.token_ids)
+                        yield Chunk(response.text, tuple(response.token_ids))
+            except GeneratorExit:
+                call.cancel()
+                self._record(messages, pieces, ids, None)
+                raise
+            except grpc.RpcError as e:
+                err = from_rpc_error(e)
+                # stopped mid-turn (cancel() or the deadline): the server kept the partial reply
+                if self.conversation_id and (self._cancelled or
+                                             e.code() == grpc.StatusCode.DEADLINE_EXCEEDED):
+                    self._record(messages, pieces, ids, None)
+                if not self._cancelled:
+                    raise err from None
+            finally:
+                self._call = None
+            if final is not None:
+                self._record(messages, pieces, ids, final)
+
+    def _record(self, messages, pieces, ids, final: pb.ChatResponse | None) -> None:
+        text = "".join(pieces)
+        self.history += messages + [{"role": "assistant", "content": text}]
+        if final is None:   # stopped early: the server has the usage, we count what arrived
+            self.last_reply = Reply(text, tuple(ids), "abort", _partial_usage(len(ids)))
+        else:
+            self.last_reply = Reply(text, tuple(ids), final.finish_reason,
+                                    usage_from_proto(final.usage))
+
+    def stream(self, text: str | Sequence[dict[str, str]],
+               params: SamplingParams | None = None) -> Iterator[str]:
+        chunks = self.stream_chunks(text, params)
+        try:
+            for chunk in chunks:
+                if chunk.text:
+                    yield chunk.text
+        finally:
+            chunks.close()
+
+    def send(self, text: str | Sequence[dict[str, str]],
+             params: SamplingParams | None = None) -> Reply:
+        for _ in self.stream_chunks(text, params):
+            pass
+        return self.last_reply
+
+    def cancel(self) -> None:
+        """Stop the running turn (from any thread); its reply ends with finish_reason "abort"."""
+        call = self._call
+        if call is not None:
+            self._cancelled = True
+            call.cancel()
+
+    async def asend(self, text: str, params: SamplingParams | None = None) -> Reply:
+        return await asyncio.to_thread(self.send, text, params)
+
+    async def astream(self, text: str, params: SamplingParams | None = None) -> AsyncIterator[str]:
+        pieces = self.stream(text, params)
+        sentinel = object()
+        while (piece := await asyncio.to_thread(next, pieces, sentinel)) is not sentinel:
+            yield piece
+
+    def close(self) -> None:
+        """End the conversation on the server (frees its cache)."""
+        if not self._closed:
+            self._closed = True
+            if self.conversation_id:
+                self.client.end_conversation(self.conversation_id)
+
+    def __enter__(self) -> "RemoteSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,105 @@
+"""Errors of the serving layer and how they travel as gRPC status codes.
+
+Server side, `status_for(exc)` maps what the engine and the server raise to a status code and a
+message. Client side, `from_rpc_error(err)` turns a status back into an exception that is both a
+`RemoteError` (with `.code`) and the exception the in-process API raises for the same problem,
+so `except ValueError` / `except EngineOverloaded` work the same locally and remotely:
+
+    | status              | server raises (examples)                          | client raises      |
+    |---------------------|---------------------------------------------------|--------------------|
+    | INVALID_ARGUMENT    | ValueError, TypeError: no messages, unknown role,  | InvalidArgument    |
+    |                     | bad sampling values, prompt over max_model_len     |   (ValueError)     |
+    | NOT_FOUND           | ConversationNotFound, SessionClosed                | NotFound           |
+    | FAILED_PRECONDITION | TurnInProgress, engine ConversationBusy            | FailedPrecondition |
+    | RESOURCE_EXHAUSTED  | EngineOverloaded (max_queued_requests)             | ResourceExhausted  |
+    | DEADLINE_EXCEEDED   | (the client's deadline passed)                     | DeadlineExceeded   |
+    | UNAVAILABLE         | ShuttingDown                                       | Unavailable        |
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from pensieve_jax.engine import EngineOverloaded
+from pensieve_jax.scheduler import ConversationBusy
+from pensieve_jax.session import SessionClosed
+
+
+class ConversationNotFound(LookupError):
+    """No such conversation: never started, ended, or expired (conversation_ttl_s)."""
+
+
+class TurnInProgress(RuntimeError):
+    """The conversation's previous turn is still running."""
+
+
+class ShuttingDown(RuntimeError):
+    """The server is draining and takes no new turns."""
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a server reports for an exception."""
+    code = grpc.StatusCode.INTERNAL
+    if isinstance(exc, EngineOverloaded):
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    elif isinstance(exc, (TurnInProgress, ConversationBusy)):
+        code = grpc.StatusCode.FAILED_PRECONDITION
+    elif isinstance(exc, (ConversationNotFound, SessionClosed)):
+        code = grpc.StatusCode.NOT_FOUND
+    elif isinstance(exc, (ValueError, TypeError)):
+        code = grpc.StatusCode.INVALID_ARGUMENT
+    elif isinstance(exc, TimeoutError):
+        code = grpc.StatusCode.DEADLINE_EXCEEDED
+    elif isinstance(exc, ShuttingDown):
+        code = grpc.StatusCode.UNAVAILABLE
+    message = str(exc) if code != grpc.StatusCode.INTERNAL else f"{type(exc).__name__}: {exc}"
+    return code, message or type(exc).__name__
+
+
+class RemoteError(Exception):
+    """A failed call; `code` is its grpc.StatusCode, `details` the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class InvalidArgument(RemoteError, ValueError):
+    pass
+
+
+class NotFound(RemoteError, ConversationNotFound):
+    pass
+
+
+class FailedPrecondition(RemoteError, TurnInProgress):
+    pass
+
+
+class ResourceExhausted(RemoteError, EngineOverloaded):
+    pass
+
+
+class DeadlineExceeded(RemoteError, TimeoutError):
+    pass
+
+
+class Unavailable(RemoteError, ConnectionError):
+    pass
+
+
+_CLIENT_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+}
+
+
+def from_rpc_error(err: grpc.RpcError) -> RemoteError:
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = (err.details() if hasattr(err, "details") else None) or str(err)
+    return _CLIENT_ERRORS.get(code, RemoteError)(code, details)
