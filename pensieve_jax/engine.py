@@ -259,6 +259,7 @@ class Engine:
 
     def _transfer(self) -> None:
         """Run the page copies the scheduler planned: device -> host, then host -> device."""
+        self.host.finish_writes()           # last step's device -> host copies land now
         out, into = self.store.take_transfers()
         if out:
             k, v = self.runner.gather_pages([d for d, _ in out])

@@ -57,6 +57,9 @@ def _pad(a: np.ndarray, shape: tuple[int, ...], fill=0) -> np.ndarray:
     return out
 
 
+_EXECUTABLES: dict[tuple, Any] = {}
+
+
 class ModelRunner:
     def __init__(self, model: LoadedModel, num_pages: int, page_size: int, attention: str = "xla",
                  dtype=jnp.float32, buckets: Buckets = Buckets()):
@@ -130,12 +133,15 @@ class ModelRunner:
             _pad(s.seeds.astype(np.uint32), (n,)),
             _pad(s.counters.astype(np.int32), (n,)),
         )
-        key = (t, n, p, q)
-        if key not in self._compiled:
+        key = (self.config, self.dtype.name, self._model.attention, self.num_pages,
+               self.page_size, t, n, p, q)
+        executable = _EXECUTABLES.get(key)
+        if executable is None:          # shared by every runner of the same shapes in-process
             with jax.default_matmul_precision("highest" if self.dtype == jnp.float32 else "default"):
-                self._compiled[key] = self._step.lower(self.params, self.kv, *args,
-                                                       max_q_len=q).compile()
-        tokens, self.kv = self._compiled[key](self.params, self.kv, *args)
+                executable = self._step.lower(self.params, self.kv, *args, max_q_len=q).compile()
+            _EXECUTABLES[key] = executable
+            self._compiled[key] = executable
+        tokens, self.kv = executable(self.params, self.kv, *args)
         return np.asarray(tokens)[:num_seqs]
 
 

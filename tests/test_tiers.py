@@ -1,0 +1,125 @@
+"""The multi-tier cache: device pages, host pages and dropped prefixes, each path against the
+stateless baseline (greedy float32), with pools small enough to force every path."""
+
+import threading
+
+import pytest
+
+from pensieve_jax.config import PRESETS
+from pensieve_jax.eviction import LRUPolicy, PensievePolicy, make_policy
+from pensieve_jax.sampling import SamplingParams
+from test_engine import conversation_turns, make, random_turns, settle
+
+P = SamplingParams(max_tokens=8, ignore_eos=True)
+PAGE_BYTES = 2 * 2 * 8 * 2 * 16 * 4       # tiny: 2 layers, page 8, 2 kv heads, dim 16, float32
+
+
+@pytest.fixture(scope="module")
+def stateless():
+    e = make("stateless")
+    yield e
+    e.shutdown()
+
+
+def tier_of(engine, conversation_id):
+    c = engine.store.conversations[conversation_id]
+    return {"device": sum(p >= 0 for p in c.pages), "host": len(c.host_pages),
+            "dropped": c.dropped}
+
+
+def second_turn(engine, stateless, name, first_turn, new_tokens):
+    seq = first_turn + new_tokens
+    got = engine.submit(seq, P, conversation_id=name).result()
+    assert list(got.token_ids) == stateless.generate(seq, P)
+    return got
+
+
+def test_host_tier_round_trip(stateless):
+    eng = make(num_pages=20, host_cache_bytes=40 * PAGE_BYTES, swap_out_threshold=0.0)
+    a = random_turns(1, 2, 30, 31)
+    first = conversation_turns(eng, a[:1], "A", P)[0]
+    history = a[0] + list(first.token_ids)
+    for i in range(3):          # other conversations push A's pages off the device
+        conversation_turns(eng, random_turns(10 + i, 1, 60, 61), f"other-{i}", P)
+    settle(eng)
+    tiers = tier_of(eng, "A")
+    assert tiers["host"] > 0 and tiers["dropped"] == 0
+    got = second_turn(eng, stateless, "A", history, a[1])
+    assert got.usage.cached_tokens == len(history)
+    assert got.usage.cached_host_tokens > 0 and got.usage.recomputed_tokens == 0
+    stats = eng.stats()
+    assert stats["swap"]["out_pages"] > 0 and stats["swap"]["in_pages"] > 0
+    assert stats["hit_tokens_by_tier"]["host"] > 0
+    eng.shutdown()
+
+
+@pytest.mark.parametrize("host_pages", [0, 3])
+def test_dropped_front_is_recomputed_with_the_new_prompt(stateless, host_pages):
+    """host 0: front dropped, rest on device; host 3: front dropped, middle on host."""
+    eng = make(num_pages=16, host_cache_bytes=host_pages * PAGE_BYTES, swap_out_threshold=0.0,
+               chunk_tokens=16, reserve_fraction=0.0)
+    a = random_turns(2, 2, 40, 41)
+    first = conversation_turns(eng, a[:1], "A", P)[0]
+    history = a[0] + list(first.token_ids)
+    conversation_turns(eng, random_turns(20, 1, 100, 101), "B", P)   # needs 14 of 16 pages
+    settle(eng)
+    tiers = tier_of(eng, "A")       # A gave up 2 chunks of 2 pages, front first
+    if host_pages:                  # chunk 1 went to host, was dropped to fit chunk 2 there
+        assert tiers == {"dropped": 2, "host": 2, "device": 2}
+    else:
+        assert tiers == {"dropped": 4, "host": 0, "device": 2}
+    got = second_turn(eng, stateless, "A", history, a[1])
+    dropped_tokens = tiers["dropped"] * 8
+    assert got.usage.recomputed_tokens == dropped_tokens
+    assert got.usage.cached_tokens == len(history) - dropped_tokens
+    eng.shutdown()
+
+
+@pytest.mark.parametrize("policy,host_pages", [("pensieve", 200), ("lru", 200), ("pensieve", 24)])
+def test_ten_times_oversubscribed_all_paths_in_one_batch(stateless, policy, host_pages):
+    """20 conversations, device room for ~2: every conversation finishes with the baseline's
+    tokens. With a roomy host tier turns come back from host memory; with a small one the
+    host tier overflows into recomputation, never an error."""
+    eng = make(num_pages=24, host_cache_bytes=host_pages * PAGE_BYTES, eviction_policy=policy,
+               max_num_seqs=6)
+    want, got = {}, {}
+
+    def run(engine, store, i):
+        store[i] = [o.token_ids for o in conversation_turns(
+            engine, random_turns(300 + i, 2, 20, 40), f"c{i}", P)]
+
+    for engine, store in ((eng, got), (stateless, want)):
+        threads = [threading.Thread(target=run, args=(engine, store, i)) for i in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert got == want
+    stats = settle(eng)
+    assert stats["device_to_host_pages"] > 0 and stats["eviction_policy"] == policy
+    if host_pages > 100:
+        assert stats["swap"]["in_pages"] > 0 and stats["hit_tokens_by_tier"]["host"] > 0
+    else:
+        assert stats["host_dropped_pages"] > 0 and stats["recomputed_tokens"] > 0
+    eng.shutdown()
+
+
+def test_ahead_of_time_swap_out_keeps_free_pages():
+    eng = make(num_pages=32, host_cache_bytes=64 * PAGE_BYTES, swap_out_threshold=0.5)
+    for i in range(3):
+        conversation_turns(eng, random_turns(40 + i, 1, 40, 41), f"idle-{i}", P)
+    stats = settle(eng)
+    assert stats["pages"]["device"]["free"] >= 16
+    assert stats["pages"]["host"]["used"] > 0
+    eng.shutdown()
+
+
+def test_pensieve_policy_values():
+    policy = PensievePolicy(PRESETS["llama3-8b"])
+    # front chunks are cheaper to rebuild than later ones; long-idle conversations go first
+    assert policy.score(0, 32, 10.0, 0) < policy.score(4096, 32, 10.0, 0)
+    assert policy.score(1024, 32, 100.0, 0) < policy.score(1024, 32, 1.0, 0)
+    lru = LRUPolicy()
+    assert lru.score(0, 32, 0, last_used=5.0) < lru.score(0, 32, 0, last_used=6.0)
+    with pytest.raises(ValueError, match="unknown eviction policy"):
+        make_policy("fifo", PRESETS["tiny"])
