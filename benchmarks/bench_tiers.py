@@ -1,0 +1,155 @@
+"""The multi-tier cache on one workload, side by side: stateless, device-only cache, device+host
+cache, and Pensieve's eviction policy against LRU.
+
+    python benchmarks/bench_tiers.py --model random:tiny --conversations 24 --turns 4 \
+        --out benchmarks/results/bench_tiers_tiny_cpu.json
+
+The device pool is sized to hold only a fraction of the conversations (--device-fraction), so
+caching decisions matter. Users are closed loops with exponential think time, so conversations
+go idle and come back, as in Pensieve's evaluation. Normalized latency = end-to-end seconds of a
+turn / its output tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+
+from pensieve_jax.engine import Engine, EngineConfig
+from pensieve_jax.sampling import SamplingParams
+from pensieve_jax.weights import load_model
+
+SETUPS = {   # name: (cache_policy, host tier?, eviction policy)
+    "stateless": ("stateless", False, "lru"),
+    "device-only/lru": ("stateful", False, "lru"),
+    "device-only/pensieve": ("stateful", False, "pensieve"),
+    "device+host/lru": ("stateful", True, "lru"),
+    "device+host/pensieve": ("stateful", True, "pensieve"),
+}
+
+
+def workload(args, vocab: int, seed: int):
+    rng = np.random.default_rng(seed)
+    lens = np.random.default_rng(7).normal(args.new_tokens, args.new_tokens / 4,
+                                           (args.conversations, args.turns))
+    turns = [[list(rng.integers(0, vocab, max(4, int(n)))) for n in row] for row in lens]
+    think = np.random.default_rng(8).exponential(args.think_time,
+                                                 (args.conversations, args.turns))
+    return turns, think
+
+
+def replay(engine: Engine, args, turns, think, tag: str) -> dict:
+    params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
+    lat, usages, outputs = [], [], {}
+
+    def user(i: int) -> None:
+        seq, outs = [], []
+        time.sleep(think[i][0] * 0.1)                  # staggered arrivals
+        for k, new in enumerate(turns[i]):
+            seq = seq + new
+            start = time.perf_counter()
+            out = engine.submit(seq, params, conversation_id=f"{tag}-{i}").result()
+            lat.append((time.perf_counter() - start) / max(1, len(out.token_ids)))
+            usages.append(out.usage)
+            seq = seq + list(out.token_ids)
+            outs.append(out.token_ids)
+            time.sleep(think[i][k])
+        outputs[i] = outs
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(len(turns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    total = {k: sum(getattr(u, k) for u in usages) for k in (
+        "prompt_tokens", "cached_tokens", "cached_host_tokens", "prefilled_tokens",
+        "recomputed_tokens", "completion_tokens")}
+    return {"seconds": wall, "requests_per_s": len(usages) / wall,
+            "output_tokens_per_s": total["completion_tokens"] / wall,
+            "norm_latency_mean": float(np.mean(lat)), "norm_latency_p50": float(np.median(lat)),
+            "norm_latency_p90": float(np.percentile(lat, 90)), **total,
+            "hit_rate_device": (total["cached_tokens"] - total["cached_host_tokens"]) /
+            total["prompt_tokens"],
+            "hit_rate_host": total["cached_host_tokens"] / total["prompt_tokens"],
+            "_outputs": outputs}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="random:tiny")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--conversations", type=int, default=24)
+    ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=40)
+    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--think-time", type=float, default=1.0, help="mean seconds, exponential")
+    ap.add_argument("--device-fraction", type=float, default=0.25,
+                    help="device pages / pages the whole workload would need")
+    ap.add_argument("--host-fraction", type=float, default=1.0)
+    ap.add_argument("--setups", nargs="+", default=list(SETUPS))
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+
+    model = load_model(args.model, args.dtype)
+    vocab = min(model.config.vocab_size, model.tokenizer.vocab_size)
+    page_size = 16
+    per_conv = (args.new_tokens + args.max_tokens) * args.turns
+    need_pages = args.conversations * -(-per_conv // page_size)
+    max_len = per_conv + 4 * args.new_tokens
+    num_pages = max(int(args.device_fraction * need_pages), 2 * -(-max_len // page_size))
+    c = model.config
+    page_bytes = 2 * c.num_layers * page_size * c.num_kv_heads * c.head_dim * \
+        np.dtype(args.dtype).itemsize
+    host_bytes = int(args.host_fraction * need_pages * page_bytes)
+    turns, think = workload(args, vocab, seed=1)
+    warm_turns, warm_think = workload(args, vocab, seed=2)
+    result = {"command": " ".join(["python"] + sys.argv), "model": model.source,
+              "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
+              "machine": f"{platform.machine()} {os.cpu_count()} cpus", "jax": jax.__version__,
+              "device_pages": num_pages, "pages_needed": need_pages, "host_bytes": host_bytes,
+              "setups": {}}
+    outputs = {}
+    for name in args.setups:
+        policy, host, eviction = SETUPS[name]
+        engine = Engine(model, args.dtype, EngineConfig(
+            page_size=page_size, num_pages=num_pages, max_model_len=max_len,
+            max_batched_tokens=256, max_num_seqs=16, cache_policy=policy,
+            host_cache_bytes=host_bytes if host else 0, eviction_policy=eviction))
+        replay(engine, argparse.Namespace(**{**vars(args)}), warm_turns,
+               np.zeros_like(warm_think), f"warm-{name}")        # compile the shapes
+        compiled = engine.stats()["compilations"]
+        row = replay(engine, args, turns, think, name)
+        stats = engine.stats()
+        row.update(compilations_while_timed=stats["compilations"] - compiled,
+                   swap=stats["swap"], preemptions=stats["preemptions"],
+                   device_to_host_pages=stats["device_to_host_pages"],
+                   host_dropped_pages=stats["host_dropped_pages"],
+                   device_dropped_pages=stats["device_dropped_pages"])
+        outputs[name] = row.pop("_outputs")
+        engine.shutdown()
+        result["setups"][name] = row
+        print(f"{name:22s} {row['requests_per_s']:6.2f} req/s {row['output_tokens_per_s']:7.1f} "
+              f"tok/s  norm lat p50 {row['norm_latency_p50'] * 1e3:6.1f} p90 "
+              f"{row['norm_latency_p90'] * 1e3:6.1f} ms/tok  hit dev {row['hit_rate_device']:.2f} "
+              f"host {row['hit_rate_host']:.2f}  recomputed {row['recomputed_tokens']}")
+    first = outputs[args.setups[0]]
+    result["identical_outputs"] = all(o == first for o in outputs.values())
+    print("identical outputs across setups:", result["identical_outputs"])
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
