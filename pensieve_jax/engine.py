@@ -97,12 +97,9 @@ class Engine:
                              f"one sequence of max_model_len {self.max_model_len}")
         c = model.config
         self.allocator = PageAllocator(num_pages)
-        self.host = HostCache(0, (c.num_layers, config.page_size, c.num_kv_heads, c.head_dim),
-                              jnp.dtype(dtype))
-        if config.host_cache_bytes:
-            self.host = HostCache(config.host_cache_bytes // self.host.page_bytes,
-                                  (c.num_layers, config.page_size, c.num_kv_heads, c.head_dim),
-                                  jnp.dtype(dtype))
+        page_shape = (c.num_layers, config.page_size, c.num_kv_heads, c.head_dim)
+        page_bytes = 2 * math.prod(page_shape) * jnp.dtype(dtype).itemsize
+        self.host = HostCache(config.host_cache_bytes // page_bytes, page_shape, jnp.dtype(dtype))
         self.store = ConversationStore(
             self.allocator, config.page_size, self.host.allocator if self.host.enabled else None,
             make_policy(config.eviction_policy, c), max(1, config.chunk_tokens // config.page_size))
@@ -374,7 +371,7 @@ class Engine:
 
     def _stats(self) -> dict[str, Any]:
         used = self.allocator.num_pages - self.allocator.num_free
-        host = self.store.host
+        host = self.store.host          # the host tier's page allocator, or None
         return dict(
             self._counts, compilations=self.runner.num_compilations,
             running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),

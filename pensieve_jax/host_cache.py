@@ -26,9 +26,8 @@ class HostCache:
         self.v = np.zeros(shape, np.dtype(dtype))
         self._pending: list[tuple[jax.Array, jax.Array, np.ndarray]] = []
         self.page_bytes = 2 * self.k[:, 0].nbytes
-        self.stats = dict.fromkeys(("out_pages", "in_pages", "out_bytes", "in_bytes",
-                                    "out_wait_s", "in_s"), 0)
-        self.stats["out_wait_s"] = self.stats["in_s"] = 0.0
+        self.stats = {"out_pages": 0, "in_pages": 0, "out_bytes": 0, "in_bytes": 0,
+                      "out_wait_s": 0.0, "in_s": 0.0}
 
     @property
     def num_pages(self) -> int:
