@@ -1,0 +1,73 @@
+"""multiturn: the replay against a random:tiny engine, and the metrics it reports."""
+
+import math
+
+import pytest
+
+import multiturn as mt
+import workload as wl
+
+
+def record(conv, turn, submit, e2e, tokens=10, ttft=0.1, **usage):
+    return mt.TurnRecord(conv, turn, submit, ttft, e2e, tokens,
+                         {"prompt_tokens": 5, "completion_tokens": tokens, **usage})
+
+
+def test_summarize_pass_window_and_turns():
+    recs = [record(i % 3, i // 3, submit=float(i), e2e=1.0, ttft=0.1 * (i // 3),
+                   cached_tokens=i // 3, prefilled_tokens=5 - i // 3) for i in range(30)]
+    s = mt.summarize_pass(recs, wall_s=31.0)
+    assert s["whole_run"]["requests"] == 30
+    assert s["whole_run"]["requests_per_s"] == pytest.approx(30 / 31)
+    assert s["steady"]["requests"] < 30                      # ramp and drain left out
+    assert s["steady"]["normalized_latency_s_per_token"]["p90"] == pytest.approx(0.1)
+    assert [r["turn"] for r in s["ttft_by_turn"]] == list(range(10))
+    assert s["ttft_by_turn"][4]["mean"] == pytest.approx(0.4)
+    assert s["tokens"]["prompt_tokens"] == 150
+    tiers = s["prompt_tokens_by_tier"]
+    assert tiers["device_hit"] + tiers["prefilled"] == pytest.approx(1.0)
+    assert tiers["host_hit"] == tiers["recomputed"] == 0
+
+
+def test_throughput_at_equal_latency():
+    stateless = [(1.0, 0.05), (2.0, 0.10), (3.0, 0.30)]
+    stateful = [(1.0, 0.04), (4.0, 0.06), (8.0, 0.20)]
+    assert mt.throughput_at_latency(stateless, 0.20) == (pytest.approx(2.5), True)
+    assert mt.throughput_at_latency(stateful, 0.13) == (pytest.approx(6.0), True)
+    assert mt.throughput_at_latency(stateful, 1.0) == (8.0, False)      # a lower bound
+    assert mt.throughput_at_latency(stateful, 0.01) == (0.0, True)
+    rows = mt.compare_policies({"stateless": stateless, "stateful": stateful})
+    # at 0.05 s/token: stateful 1 + 3 * 0.5 = 2.5 req/s vs 1; at 0.10: 4 + 4 * 0.04 / 0.14 vs 2
+    assert [r["ratio"] for r in rows][:2] == [pytest.approx(2.5),
+                                              pytest.approx((4.0 + 4.0 * 0.04 / 0.14) / 2.0)]
+    assert rows[2]["ratio_is_lower_bound"]
+
+
+def test_engine_options():
+    assert mt.engine_options(["host_cache_bytes=1000", "eviction_policy=lru", "x=0.5"]) == \
+        {"host_cache_bytes": 1000, "eviction_policy": "lru", "x": 0.5}
+
+
+def test_parse_rate_and_strip_out():
+    assert mt.parse_rate("inf") == math.inf and mt.parse_rate("0.5") == 0.5
+    assert mt._strip_out(["--out", "x.json", "--rate", "1", "--out=y"]) == ["--rate", "1"]
+
+
+def test_replay_against_engine(tiny_engine):
+    convs = wl.sharegpt(3, seed=4, scale=0.05, max_context=120)
+    workload = wl.schedule(convs, rate=math.inf, think_time_s=0.0, seed=0)
+    target = mt.EngineTarget(tiny_engine)
+    p = mt.measure(target, workload, seed=0, users=2, warmup_passes=1, progress=False,
+                   label="test", keep_outputs=True)
+    assert p["steady"]["requests"] >= 1 and p["whole_run"]["requests"] == workload.num_turns
+    assert len(p["turns"]) == workload.num_turns
+    assert sum(r["n"] for r in p["ttft_by_turn"]) == workload.num_turns
+    answers = [t.answer_len for c in convs for t in c.turns]
+    assert p["tokens"]["completion_tokens"] == sum(answers)          # ignore_eos: exact lengths
+    if any(len(c.turns) > 1 for c in convs):
+        assert p["tokens"]["cached_tokens"] > 0                       # later turns hit the cache
+    assert p["tokens"]["recomputed_tokens"] == 0
+    assert len(p["warmup_passes"]) == 1
+    assert p["compilations_while_measured"] >= 0 and "device" in p["pages"]
+    assert [len(o) for _, o in sorted(p["_outputs"].items())] == [len(c.turns) for c in convs]
+    assert not tiny_engine.stats()["running"]
