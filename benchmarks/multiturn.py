@@ -9,14 +9,16 @@ or several conversation arrival rates, and report what the Pensieve paper report
     device pages in use, preemptions, compilations.
 
     python benchmarks/multiturn.py --model smollm2-135m-instruct --workload sharegpt \
-        --scale 0.25 --conversations 16 --rate 0.5 2 inf --think-time 1 --policy both \
+        --scale 0.25 --conversations 10 --users 2 10 --think-time 1 --policy both \
         --out benchmarks/results/multiturn_smollm2_cpu.json      # + _latency.png, _ttft.png
 
 Workloads (benchmarks/workload.py): sharegpt / ultrachat (synthetic, seeded), mrqa (shared
 system prompt, fixed answers), or a ShareGPT-format file (--dataset PATH). Conversations arrive
 as a Poisson process (--rate conversations/s, `inf`: all at once; several rates give the curve);
 each is a closed-loop user with exponential think time (--think-time, mean seconds); --users
-caps how many run at once (a conversation that arrives while all users are busy waits).
+caps how many run at once (a conversation that arrives while all users are busy waits). Several
+--rate or --users values give several load points (`--rate inf --users 2 10`: 2, then 10
+closed-loop users working through the same conversations).
 
 Replay is token-level by default: random token ids with the drawn lengths and
 SamplingParams(max_tokens=answer_len, ignore_eos=True), so every policy does the same work (and,
@@ -36,6 +38,10 @@ reported pass are in the results (`compilations_while_measured`).
 Throughput and latency come from the steady part of the run: requests that finish between the
 10th and 90th percentile of finish times (ramp-up and the drain of the last long conversations
 left out); whole-run numbers are reported too.
+
+--via grpc puts each policy's engine behind an in-process gRPC server (serving.server) and
+replays through serving.client (Generate with token ids; Chat sessions in text mode);
+--target HOST:PORT replays against a running server as one more curve ("remote").
 
 --peer hf runs transformers `generate` on the same model (a GGUF file or HF directory), stateless
 (the whole history each turn), with static batching of whatever requests are waiting. It needs
@@ -191,6 +197,67 @@ class _EngineTextConversation:
 def _usage_dict(usage) -> dict[str, float]:
     d = dataclasses.asdict(usage) if dataclasses.is_dataclass(usage) else dict(usage)
     return {k: v for k, v in d.items() if isinstance(v, (int, float))}
+
+
+class GrpcTarget:
+    """A Pensieve gRPC server (serving.client). Token mode sends the conversation's ids with
+    Generate (no conversation id: the server adopts the cached conversation that shares the
+    prefix, as for any stateless client); text mode uses a RemoteSession (Chat)."""
+
+    kind = "grpc"
+
+    def __init__(self, address: str, vocab_size: int, text: bool = False,
+                 timeout: float | None = None):
+        from serving.client import connect
+        self.client = connect(address, timeout=timeout).wait_ready(30)
+        self.address = address
+        self.text = text
+        self.vocab_size = vocab_size
+
+    def compilations(self) -> int:
+        return int(self.stats().get("compilations", 0))
+
+    def stats(self) -> dict[str, Any]:
+        return self.client.stats()
+
+    def conversation(self, key: str, system_ids: list[int], system_text: str | None):
+        if self.text:
+            return _GrpcTextConversation(self.client.session(system=system_text))
+        return _GrpcTokenConversation(self.client, system_ids)
+
+
+class _GrpcTokenConversation:
+    def __init__(self, client, system_ids: list[int]):
+        self.client = client
+        self.seq: list[int] = list(system_ids)
+        self.conversation_id: str | None = None
+
+    def turn(self, new_ids: list[int], text: str | None, max_tokens: int) -> TurnResult:
+        from pensieve_jax.sampling import SamplingParams
+        from serving.protocol import usage_from_proto
+        self.seq = self.seq + list(new_ids)
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        start = time.perf_counter()
+        first, ids, last = None, [], None
+        for response in self.client.generate_stream(self.seq, params):
+            if first is None and response.token_ids:
+                first = time.perf_counter()
+            ids.extend(response.token_ids)
+            last = response
+        end = time.perf_counter()
+        self.conversation_id = last.conversation_id or self.conversation_id
+        self.seq = self.seq + ids
+        return TurnResult(token_ids=ids, usage=_usage_dict(usage_from_proto(last.usage)),
+                          ttft_s=(first or end) - start, e2e_s=end - start)
+
+    def close(self) -> None:
+        if self.conversation_id:
+            self.client.end_conversation(self.conversation_id)
+
+
+class _GrpcTextConversation(_EngineTextConversation):
+    def __init__(self, session):
+        self.session = session
 
 
 class HFTarget:
@@ -599,7 +666,7 @@ def measure(target, workload: wl.Workload, *, seed: int, users: int | None, warm
                      "measured_pass_rerun": True})
     result = summarize_pass(run["records"], run["wall_s"])
     result.update({
-        "rate_conversations_per_s": workload.rate, "wall_s": run["wall_s"],
+        "rate_conversations_per_s": workload.rate, "users": users, "wall_s": run["wall_s"],
         "warmup_passes": warm, "compilations_while_measured": int(delta.get("compilations", 0)),
         "engine_delta": delta, "pages": pages.summary(),
         "loadavg_1min": [load_before, _loadavg()],
@@ -727,7 +794,8 @@ def compare_policies(curves: dict[str, list[tuple[float, float]]], base: str = "
     return rows
 
 
-COLORS = {"stateful": "tab:blue", "stateless": "tab:orange", "hf": "tab:green"}
+COLORS = {"stateful": "tab:blue", "stateless": "tab:orange", "hf": "tab:green",
+          "remote": "tab:purple"}
 
 
 def plot(result: dict, prefix: str) -> list[str]:
@@ -756,17 +824,17 @@ def plot(result: dict, prefix: str) -> list[str]:
     fig.savefig(files[-1], dpi=110)
     plt.close(fig)
 
-    rates = sorted({p["rate_conversations_per_s"] for pts in runs.values() for p in pts})
-    fig, axes = plt.subplots(1, len(rates), figsize=(4.2 * len(rates), 3.8), squeeze=False)
-    for ax, rate in zip(axes[0], rates):
+    loads = list(dict.fromkeys(_load_key(p) for pts in runs.values() for p in pts))
+    fig, axes = plt.subplots(1, len(loads), figsize=(4.2 * len(loads), 3.8), squeeze=False)
+    for ax, load in zip(axes[0], loads):
         for name, points in runs.items():
             for p in points:
-                if p["rate_conversations_per_s"] != rate:
+                if _load_key(p) != load:
                     continue
                 rows = [r for r in p["ttft_by_turn"] if r["n"] >= 3]
                 ax.plot([r["turn"] + 1 for r in rows], [r["mean"] for r in rows], "o-",
                         label=name, color=COLORS.get(name))
-        ax.set_title(f"{_rate_text(rate)} conversations/s")
+        ax.set_title(_load_text(*load))
         ax.set_xlabel("turn index")
         ax.set_ylabel("mean TTFT (s)")
         ax.grid(alpha=0.3)
@@ -779,8 +847,23 @@ def plot(result: dict, prefix: str) -> list[str]:
     return files
 
 
-def _rate_text(rate: float) -> str:
-    return "inf" if math.isinf(rate) else f"{rate:g}"
+def _load_key(p: dict) -> tuple[float, int | None]:
+    return p["rate_conversations_per_s"], p.get("users")
+
+
+def _load_text(rate: float, users: int | None) -> str:
+    text = "all at once" if math.isinf(rate) else f"{rate:g} conversations/s"
+    return text + (f", {users} users" if users else "")
+
+
+def load_points(args) -> list[tuple[float, int | None]]:
+    """(arrival rate, users) per load point: --rate and --users, one broadcast to the other."""
+    rates, users = list(args.rate), list(args.users or [None])
+    if len(rates) > 1 and len(users) > 1 and len(rates) != len(users):
+        raise SystemExit("--rate and --users: give one value, or as many values as the other")
+    n = max(len(rates), len(users))
+    return list(zip(rates * n if len(rates) == 1 else rates, users * n if len(users) == 1
+                    else users))
 
 
 def _title(result: dict) -> str:
@@ -867,9 +950,14 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--default-answer-len", type=int, default=128)
     ap.add_argument("--rate", type=parse_rate, nargs="+", default=[math.inf],
                     help="conversation arrival rates per second (Poisson); inf: all at once")
-    ap.add_argument("--users", type=int, help="at most this many conversations at once")
+    ap.add_argument("--users", type=int, nargs="+",
+                    help="at most this many conversations at once (several: load points)")
     ap.add_argument("--think-time", type=float, default=1.0, help="mean think time (s)")
     ap.add_argument("--policy", choices=("stateful", "stateless", "both", "none"), default="both")
+    ap.add_argument("--via", choices=("inprocess", "grpc"), default="inprocess",
+                    help="drive the engines directly, or through a gRPC server around each")
+    ap.add_argument("--target", metavar="HOST:PORT",
+                    help="also replay against a running Pensieve gRPC server ('remote')")
     ap.add_argument("--peer", choices=("hf",), help="also run Hugging Face transformers generate")
     ap.add_argument("--peer-python", help="interpreter with torch + transformers for --peer hf")
     ap.add_argument("--peer-batch", type=int, default=16, help="largest static batch of the peer")
@@ -919,42 +1007,28 @@ def engine_options(items: Sequence[str] | None) -> dict[str, Any]:
     return out
 
 
-def make_engine(policy: str, model, convs, args, share_with=None):
-    """An engine for one cache policy. share_with: an engine of the same model and shapes whose
-    compiled step programs this one reuses (see run_engine_policies)."""
+def _max_users(args, convs) -> int:
+    return max((u or len(convs)) for _, u in load_points(args))
+
+
+def make_engine(policy: str, model, convs, args):
+    """An engine for one cache policy, its step buckets compiled (--precompile grid). Engines
+    of the same shapes share compiled steps in-process, so the second policy's grid is free."""
     from pensieve_jax.engine import Engine, EngineConfig
     max_len = args.max_model_len or max(1024, max(c.context_len() for c in convs) + 1)
     config = EngineConfig(
         page_size=args.page_size, num_pages=args.num_pages, max_model_len=max_len,
         max_batched_tokens=args.max_batched_tokens,
-        max_num_seqs=args.max_num_seqs or max(8, min(64, args.users or len(convs))),
+        max_num_seqs=args.max_num_seqs or max(8, min(64, _max_users(args, convs))),
         cache_policy=policy, **engine_options(args.engine_option))
     engine = Engine(model, args.dtype, config)
-    if share_with is not None and _share_programs(engine, share_with):
-        return engine, config, {"shared_with": share_with.config.cache_policy}
     pre = None
     if args.precompile == "grid":
         max_ctx = max(c.context_len() for c in convs) + 1
         pre = precompile_grid(engine, min(max_ctx, max_len),
-                              min(config.max_num_seqs, args.users or len(convs)))
+                              min(config.max_num_seqs, _max_users(args, convs)))
         print(f"{policy}: precompiled {json.dumps(pre)}", flush=True)
     return engine, config, pre
-
-
-def _share_programs(engine, other) -> bool:
-    """Let `engine` run the step programs `other` compiled (one dict of executables for both).
-    On CPU every compiled program holds ~220 memory mappings; two engines with a full grid of
-    ~150 buckets each exceed Linux's default vm.max_map_count (65530) and LLVM fails with
-    'Cannot allocate memory'. The programs take the weights and the KV pools as arguments, so
-    engines that differ only in cache policy can share them. False if the runner has no such
-    dict (then each engine compiles its own)."""
-    a, b = getattr(engine, "runner", None), getattr(other, "runner", None)
-    same = (a is not None and b is not None and isinstance(getattr(b, "_compiled", None), dict)
-            and a.num_pages == b.num_pages and a.page_size == b.page_size
-            and a.params is b.params and a.dtype == b.dtype)
-    if same:
-        a._compiled = b._compiled
-    return same
 
 
 def run_engine_policies(policies: Sequence[str], model, convs, args, progress: bool
@@ -962,30 +1036,56 @@ def run_engine_policies(policies: Sequence[str], model, convs, args, progress: b
     """One engine per policy, all built (and precompiled) first; then, rate by rate, each
     policy's warm-up and measured passes back to back, so a slow spell of a shared machine
     falls on both policies rather than on one."""
-    engines = {}
+    engines, servers = {}, []
     try:
-        first = None
         for policy in policies:
-            engines[policy] = make_engine(policy, model, convs, args, share_with=first)
-            first = first or engines[policy][0]
+            engines[policy] = make_engine(policy, model, convs, args)
+        targets = {}
+        for policy, (engine, _, _) in engines.items():
+            if args.via == "grpc":                  # the engine behind a gRPC server
+                from serving.server import BackgroundServer
+                servers.append(BackgroundServer(engine))
+                targets[policy] = GrpcTarget(servers[-1].target, model.config.vocab_size,
+                                             text=args.text)
+            else:
+                targets[policy] = EngineTarget(engine, text=args.text)
         runs: dict[str, list[dict]] = {p: [] for p in policies}
-        for rate in args.rate:
+        for rate, users in load_points(args):
             workload = wl.schedule(convs, rate, args.think_time, args.seed)
             for policy in policies:
                 engine, config, pre = engines[policy]
-                p = measure(EngineTarget(engine, text=args.text), workload, seed=args.seed,
-                            users=args.users, warmup_passes=args.warmup_passes,
-                            progress=progress, label=f"{policy} rate {_rate_text(rate)}",
+                p = measure(targets[policy], workload, seed=args.seed,
+                            users=users, warmup_passes=args.warmup_passes,
+                            progress=progress, label=f"{policy} {_load_text(rate, users)}",
                             keep_outputs=args.check_outputs, max_retries=args.max_retries)
                 p["engine_config"] = dataclasses.asdict(config)
+                p["via"] = args.via
                 if not runs[policy]:
                     p["precompile"] = pre
                 runs[policy].append(p)
                 _print_point(policy, p)
         return runs
     finally:
+        for server in servers:
+            server.stop()
         for engine, _, _ in engines.values():
             engine.shutdown()
+
+
+def run_remote(address: str, model, convs, args, progress: bool) -> list[dict]:
+    """A running server (its own policy and warm-up state: no precompile from here)."""
+    target = GrpcTarget(address, model.config.vocab_size, text=args.text)
+    points = []
+    for rate, users in load_points(args):
+        workload = wl.schedule(convs, rate, args.think_time, args.seed)
+        p = measure(target, workload, seed=args.seed, users=users,
+                    warmup_passes=args.warmup_passes, progress=progress,
+                    label=f"remote {_load_text(rate, users)}", max_retries=args.max_retries)
+        p["via"] = f"grpc {address}"
+        points.append(p)
+        _print_point("remote", p)
+    target.client.close()
+    return points
 
 
 def run_hf_peer(convs, args, model_path: str, progress: bool) -> list[dict]:
@@ -993,11 +1093,11 @@ def run_hf_peer(convs, args, model_path: str, progress: bool) -> list[dict]:
                       threads=args.peer_threads)
     points = []
     try:
-        for rate in args.rate:
+        for rate, users in load_points(args):
             workload = wl.schedule(convs, rate, args.think_time, args.seed)
-            p = measure(target, workload, seed=args.seed, users=args.users,
+            p = measure(target, workload, seed=args.seed, users=users,
                         warmup_passes=min(1, args.warmup_passes), progress=progress,
-                        label=f"hf rate {_rate_text(rate)}")
+                        label=f"hf {_load_text(rate, users)}")
             p["device"] = target.device
             points.append(p)
             _print_point("hf", p)
@@ -1011,7 +1111,7 @@ def _print_point(name: str, p: dict) -> None:
     nl = s["normalized_latency_s_per_token"]
     ttft = " ".join(f"{r['mean']:.2f}" for r in p["ttft_by_turn"][:8])
     tok = p["tokens"]
-    print(f"{name:9s} rate {_rate_text(p['rate_conversations_per_s']):>5s}: "
+    print(f"{name:9s} {_load_text(*_load_key(p)):>28s}: "
           f"{s['requests_per_s']:.2f} req/s {s['output_tokens_per_s']:.1f} out tok/s | "
           f"norm. latency mean {nl['mean'] * 1e3:.0f} p50 {nl['p50'] * 1e3:.0f} "
           f"p90 {nl['p90'] * 1e3:.0f} ms/tok | TTFT by turn {ttft} s | cached "
@@ -1073,6 +1173,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     policies = {"both": ["stateful", "stateless"], "none": []}.get(args.policy, [args.policy])
     if policies:
         result["runs"].update(run_engine_policies(policies, model, convs, args, progress))
+    if args.target:
+        result["runs"]["remote"] = run_remote(args.target, model, convs, args, progress)
 
     if args.peer == "hf":
         model_path = resolve_model_path(args.model)

@@ -71,3 +71,20 @@ def test_replay_against_engine(tiny_engine):
     assert p["compilations_while_measured"] >= 0 and "device" in p["pages"]
     assert [len(o) for _, o in sorted(p["_outputs"].items())] == [len(c.turns) for c in convs]
     assert not tiny_engine.stats()["running"]
+
+
+def test_replay_through_grpc(tiny_engine):
+    server_mod = pytest.importorskip("serving.server")
+    convs = wl.sharegpt(2, seed=5, scale=0.05, max_context=100, max_turns=3)
+    workload = wl.schedule(convs, rate=math.inf, think_time_s=0.0, seed=0)
+    with server_mod.BackgroundServer(tiny_engine) as server:
+        target = mt.GrpcTarget(server.target, tiny_engine.model.config.vocab_size)
+        p = mt.measure(target, workload, seed=0, users=None, warmup_passes=0, progress=False,
+                       label="grpc", max_retries=0)
+        target.client.close()
+    assert p["whole_run"]["requests"] == workload.num_turns
+    answers = [t.answer_len for c in convs for t in c.turns]
+    assert p["tokens"]["completion_tokens"] == sum(answers)
+    if any(len(c.turns) > 1 for c in convs):     # the server adopted each conversation's cache
+        assert p["tokens"]["cached_tokens"] > 0 and p["tokens"]["recomputed_tokens"] == 0
+    assert not tiny_engine.stats()["running"]
