@@ -702,31 +702,34 @@ def precompile_grid(engine, max_context: int, max_seqs: int) -> dict[str, Any]:
             return out
 
         max_tokens = engine.config.max_batched_tokens
+        # A step of S rows pads to n = bucket(S) >= S, so the fewest rows that give n is
+        # n // 2 + 1: with them a mixed step of t == n tokens is possible too.
         keys = []
         for n in pow2s(b.min_seqs, max_seqs):
+            rows = n // 2 + 1 if n > 1 else 1
             for p in pow2s(b.min_pages, math.ceil(max_context / page)):
-                keys.append((bucket(n, b.min_tokens), n, p, 1))
+                keys.append((bucket(n, b.min_tokens), n, p, 1, rows))
                 for t in pow2s(b.min_tokens, max_tokens):
-                    if n < t <= n * p * page:
-                        keys.append((t, n, p, t))
-        for t, n, p, q in keys:
-            q_lens = [1] * n
+                    if rows < t <= rows * p * page:
+                        keys.append((t, n, p, t, rows))
+        for t, n, p, q, rows in keys:
+            q_lens = [1] * rows
             if q > 1:
-                extra = t - n                              # spread over the rows, each <= ctx
-                for i in range(n):
+                extra = t - rows                           # spread over the rows, each <= ctx
+                for i in range(rows):
                     add = min(extra, p * page - 1)
                     q_lens[i] += add
                     extra -= add
             ctx = p * page
             positions = np.concatenate([np.arange(ctx - m, ctx) for m in q_lens])
-            table = (np.arange(n * p) % runner.num_pages).reshape(n, p)
-            ones = np.ones(n)
+            table = (np.arange(rows * p) % runner.num_pages).reshape(rows, p)
+            ones = np.ones(rows)
             runner.step(StepInput(
                 np.zeros(sum(q_lens), np.int32), positions.astype(np.int32),
-                table.astype(np.int32), np.full(n, ctx, np.int32),
+                table.astype(np.int32), np.full(rows, ctx, np.int32),
                 np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32),
-                np.zeros(n, np.float32), np.zeros(n, np.int32), ones.astype(np.float32),
-                ones.astype(np.uint32), np.zeros(n, np.int32)))
+                np.zeros(rows, np.float32), np.zeros(rows, np.int32), ones.astype(np.float32),
+                ones.astype(np.uint32), np.zeros(rows, np.int32)))
         return {"keys": len(keys), "compiled": runner.num_compilations - before,
                 "seconds": time.perf_counter() - start}
     except Exception as e:  # an engine whose runner changed: rely on the warm-up passes
@@ -1023,12 +1026,29 @@ def make_engine(policy: str, model, convs, args):
         cache_policy=policy, **engine_options(args.engine_option))
     engine = Engine(model, args.dtype, config)
     pre = None
+    if args.precompile == "grid" and _programs_shared(config) in _PRECOMPILED:
+        return engine, config, {"shared_with": _PRECOMPILED[_programs_shared(config)]}
     if args.precompile == "grid":
         max_ctx = max(c.context_len() for c in convs) + 1
         pre = precompile_grid(engine, min(max_ctx, max_len),
                               min(config.max_num_seqs, _max_users(args, convs)))
         print(f"{policy}: precompiled {json.dumps(pre)}", flush=True)
+        if "error" not in pre and _programs_shared(config) is not None:
+            _PRECOMPILED[_programs_shared(config)] = policy
     return engine, config, pre
+
+
+_PRECOMPILED: dict[tuple, str] = {}
+
+
+def _programs_shared(config) -> tuple | None:
+    """A key for engines whose compiled steps the runner shares in-process (same shapes:
+    everything but the cache policy), or None if this runner does not share them."""
+    import pensieve_jax.runner as runner_module
+    if not hasattr(runner_module, "_EXECUTABLES"):
+        return None
+    return tuple(sorted((k, str(v)) for k, v in dataclasses.asdict(config).items()
+                        if k != "cache_policy"))
 
 
 def run_engine_policies(policies: Sequence[str], model, convs, args, progress: bool

@@ -88,3 +88,17 @@ def test_replay_through_grpc(tiny_engine):
     if any(len(c.turns) > 1 for c in convs):     # the server adopted each conversation's cache
         assert p["tokens"]["cached_tokens"] > 0 and p["tokens"]["recomputed_tokens"] == 0
     assert not tiny_engine.stats()["running"]
+
+
+def test_precompile_grid_covers_a_replay(tiny_engine):
+    # contexts <= 256 tokens: one page bucket (4 pages of 64); sequences: 1 or 2
+    convs = wl.sharegpt(4, seed=9, scale=0.1, max_context=200)
+    pre = mt.precompile_grid(tiny_engine, max_context=256, max_seqs=2)
+    assert "error" not in pre and pre["keys"] == 10
+    workload = wl.schedule(convs, rate=math.inf, think_time_s=0.0, seed=0)
+    p = mt.measure(mt.EngineTarget(tiny_engine), workload, seed=0, users=2, warmup_passes=1,
+                   progress=False, label="grid", max_retries=0)
+    assert p["warmup_passes"][0]["compilations"] == 0
+    assert p["compilations_while_measured"] == 0
+    steps = p["model_steps"]
+    assert steps["steps"] > 0 and steps["decode"]["steps"] > 0
