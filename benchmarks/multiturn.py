@@ -989,6 +989,8 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--check-outputs", action="store_true",
                     help="compare the policies' generated tokens (token mode)")
     ap.add_argument("--out", help="results JSON (plots next to it: <stem>_latency/_ttft.png)")
+    ap.add_argument("--merge", nargs="+", metavar="RESULT_JSON",
+                    help="only merge the curves of earlier runs of one workload into --out")
     return ap
 
 
@@ -1155,9 +1157,51 @@ def resolve_model_path(source: str) -> str | None:
     return source
 
 
+def merge_results(paths: Sequence[str]) -> dict:
+    """One result with the curves of several runs of the same workload (say the engine's
+    policies and a peer measured in another process)."""
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    merged = dict(results[0])
+    merged["runs"] = {}
+    merged["merged_from"] = [{"path": str(p), "command": r["command"]} for p, r in
+                             zip(paths, results)]
+    for p, r in zip(paths, results):
+        if r["workload"] != results[0]["workload"]:
+            raise SystemExit(f"{p}: a different workload than {paths[0]}")
+        merged["runs"].update(r["runs"])
+    return merged
+
+
+def finish(result: dict, out: str | None, plots: bool) -> None:
+    """Curves, equal-latency comparisons, the JSON and the plots."""
+    curves = {k: curve(v) for k, v in result["runs"].items()}
+    result["p90_curves"] = curves
+    result["stateful_vs_stateless_at_equal_p90_latency"] = compare_policies(curves)
+    if "hf" in curves:
+        result["stateful_vs_hf_at_equal_p90_latency"] = compare_policies(curves, base="hf")
+    for key, base in (("stateful_vs_stateless_at_equal_p90_latency", "stateless"),
+                      ("stateful_vs_hf_at_equal_p90_latency", "hf")):
+        for row in result.get(key, []):
+            print(f"at p90 normalized latency {row['p90_normalized_latency_s'] * 1e3:.3g} "
+                  f"ms/token: stateful {row['stateful_requests_per_s']:.2f} vs {base} "
+                  f"{row[f'{base}_requests_per_s']:.2f} req/s = "
+                  f"{'>=' if row['ratio_is_lower_bound'] else ''}{row['ratio']:.2f}x")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=1, default=_json_default))
+        print("wrote", out)
+        if plots and result["runs"]:
+            for f in plot(result, str(Path(out).with_suffix(""))):
+                print("wrote", f)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = make_parser().parse_args(argv)
     progress = not args.no_progress
+    if args.merge:
+        result = merge_results(args.merge)
+        finish(result, args.out, not args.no_plots)
+        return result
     if args.text and not args.dataset:
         raise SystemExit("--text needs --dataset (a ShareGPT-format file)")
 
@@ -1216,24 +1260,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     outputs = {k: [p.pop("_outputs", None) for p in v] for k, v in result["runs"].items()}
     if args.check_outputs and "stateful" in outputs and "stateless" in outputs:
         result["same_outputs"] = outputs["stateful"] == outputs["stateless"]
-    curves = {k: curve(v) for k, v in result["runs"].items()}
-    result["p90_curves"] = curves
-    result["stateful_vs_stateless_at_equal_p90_latency"] = compare_policies(curves)
-    if "hf" in curves:
-        result["stateful_vs_hf_at_equal_p90_latency"] = compare_policies(curves, base="hf")
-    for row in result["stateful_vs_stateless_at_equal_p90_latency"]:
-        print(f"at p90 normalized latency {row['p90_normalized_latency_s'] * 1e3:.0f} ms/token: "
-              f"stateful {row['stateful_requests_per_s']:.2f} vs stateless "
-              f"{row['stateless_requests_per_s']:.2f} req/s = "
-              f"{'>=' if row['ratio_is_lower_bound'] else ''}{row['ratio']:.2f}x")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1, default=_json_default))
-        print("wrote", args.out)
-        if not args.no_plots and result["runs"]:
-            prefix = str(Path(args.out).with_suffix(""))
-            for f in plot(result, prefix):
-                print("wrote", f)
+    finish(result, args.out, not args.no_plots)
     return result
 
 

@@ -102,3 +102,28 @@ def test_precompile_grid_covers_a_replay(tiny_engine):
     assert p["compilations_while_measured"] == 0
     steps = p["model_steps"]
     assert steps["steps"] > 0 and steps["decode"]["steps"] > 0
+
+
+def test_merge_results(tmp_path):
+    def point(rps, p90):
+        return {"steady": {"requests_per_s": rps,
+                           "normalized_latency_s_per_token": {"p90": p90, "mean": p90}}}
+    workload = {"name": "sharegpt", "conversations": 4}
+    a = {"command": "a", "workload": workload,
+         "runs": {"stateful": [point(1.0, 0.05), point(4.0, 0.1)],
+                  "stateless": [point(1.0, 0.1), point(1.5, 0.4)]}}
+    b = {"command": "b", "workload": workload, "runs": {"hf": [point(1.2, 0.2)]}}
+    paths = []
+    for name, r in (("a.json", a), ("b.json", b)):
+        (tmp_path / name).write_text(mt.json.dumps(r))
+        paths.append(str(tmp_path / name))
+    out = tmp_path / "merged.json"
+    merged = mt.main(["--merge", *paths, "--out", str(out), "--no-plots"])
+    assert set(merged["runs"]) == {"stateful", "stateless", "hf"}
+    assert merged["stateful_vs_stateless_at_equal_p90_latency"][0]["ratio"] == pytest.approx(4.0)
+    assert merged["stateful_vs_hf_at_equal_p90_latency"][0]["ratio_is_lower_bound"]
+    assert mt.json.loads(out.read_text())["merged_from"][1]["command"] == "b"
+    b["workload"] = {"name": "other"}
+    (tmp_path / "b.json").write_text(mt.json.dumps(b))
+    with pytest.raises(SystemExit):
+        mt.merge_results(paths)
