@@ -1016,11 +1016,17 @@ def _max_users(args, convs) -> int:
     return max((u or len(convs)) for _, u in load_points(args))
 
 
+def _context_bound(conv: wl.Conversation, text: bool) -> int:
+    """Tokens the conversation can reach (text mode: plus chat-template tokens per message)."""
+    return conv.context_len() + 1 + ((16 + 16 * len(conv.turns)) if text else 0)
+
+
 def make_engine(policy: str, model, convs, args):
     """An engine for one cache policy, its step buckets compiled (--precompile grid). Engines
     of the same shapes share compiled steps in-process, so the second policy's grid is free."""
     from pensieve_jax.engine import Engine, EngineConfig
-    max_len = args.max_model_len or max(1024, max(c.context_len() for c in convs) + 1)
+    max_ctx = max(_context_bound(c, args.text) for c in convs)
+    max_len = args.max_model_len or max(1024, max_ctx)
     config = EngineConfig(
         page_size=args.page_size, num_pages=args.num_pages, max_model_len=max_len,
         max_batched_tokens=args.max_batched_tokens,
@@ -1031,7 +1037,6 @@ def make_engine(policy: str, model, convs, args):
     if args.precompile == "grid" and _programs_shared(config) in _PRECOMPILED:
         return engine, config, {"shared_with": _PRECOMPILED[_programs_shared(config)]}
     if args.precompile == "grid":
-        max_ctx = max(c.context_len() for c in convs) + 1
         pre = precompile_grid(engine, min(max_ctx, max_len),
                               min(config.max_num_seqs, _max_users(args, convs)))
         print(f"{policy}: precompiled {json.dumps(pre)}", flush=True)
