@@ -31,7 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pensieve_jax.engine import Engine
-from pensieve_jax.session import Session, TurnStream
+from pensieve_jax.session import Session, TurnStream, check_messages
 from serving.errors import ConversationNotFound, ShuttingDown, TurnInProgress, status_for
 from serving.metrics import Metrics
 from serving.pensieve.v1 import pensieve_pb2 as pb
@@ -108,6 +108,24 @@ class _Conversation:
     last_used: float = dataclasses.field(default_factory=time.monotonic)
     turn: _Worker | None = None
     idle: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
+def _seed_history(session: Session, messages: list[dict[str, str]], ids: list[int],
+                  continuing: bool) -> list[dict[str, str]]:
+    """ChatRequest.history_token_ids: the session continues from exactly `ids` (a router moved
+    the conversation here). When continuing, all messages but the last join the history first.
+    Returns the turn's messages."""
+    vocab = session.engine.model.config.vocab_size
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise ValueError(f"history_token_ids out of range [0, {vocab}): {bad[:5]}")
+    if continuing:
+        earlier = check_messages(messages[:-1])
+        session.history += earlier
+        session._template_history += earlier
+        messages = messages[-1:]
+    session._ids = list(ids)
+    return messages
 
 
 class PensieveService(pb_grpc.PensieveServicer):
@@ -261,6 +279,10 @@ class PensieveService(pb_grpc.PensieveServicer):
         else:        # a new conversation: its history, then the turn (the last message)
             conv = _Conversation(Session(self.engine, history=messages[:-1]))
             turn_messages = messages[-1:]
+        if request.history_token_ids:
+            turn_messages = _seed_history(conv.session, turn_messages,
+                                          list(request.history_token_ids),
+                                          continuing=bool(request.conversation_id))
         session, cid = conv.session, conv.session.conversation_id
         worker = self._start(lambda: session.stream_chunks(turn_messages, params), session.cancel)
         conv.turn = worker

@@ -1,0 +1,186 @@
+"""A local cluster: N replica servers plus the router in front of them.
+
+    pensieve cluster --replicas 3 --model random:tiny --port 50051 [--policy e2]
+
+In-process (the default): the model is loaded once and each replica is its own Engine (own
+KV pool, own engine thread) on those weights, served on a loopback port, all on one event loop
+with the router. `--subprocess`: each replica is a `pensieve serve` process; on a machine with
+GPUs replica i sees only GPU i % n (CUDA_VISIBLE_DEVICES).
+
+    with BackgroundCluster(ClusterConfig("random:tiny", replicas=3)) as cluster:
+        client = serving.client.connect(cluster.target)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import threading
+from typing import Any, Callable
+
+from serving.router import RouterServer
+from serving.router_state import load_router_tokenizer
+from serving.routing import E2Config
+
+_SERVING_LINE = re.compile(r"pensieve: serving .* on (\S+:\d+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    model: str = "random:tiny"
+    replicas: int = 3
+    policy: str = "e2"
+    host: str = "127.0.0.1"
+    port: int = 0                        # the router's port (0: a free one)
+    dtype: str = "float32"
+    engine_options: tuple[tuple[str, Any], ...] = ()   # EngineConfig fields
+    subprocess: bool = False
+    gpus: int = 0                        # subprocess mode: pin replica i to GPU i % gpus
+    health_period_s: float = 1.0
+    e2: E2Config = E2Config()
+
+
+class Cluster:
+    """Replicas and router on the running event loop. loaded_model: reuse these weights for the
+    in-process replicas instead of loading config.model."""
+
+    def __init__(self, config: ClusterConfig, loaded_model=None):
+        if config.replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {config.replicas}")
+        self.config = config
+        self.loaded_model = loaded_model
+        self.engines: list = []
+        self.servers: list = []
+        self.processes: list[subprocess.Popen] = []
+        self.targets: list[str] = []
+        self.router: RouterServer | None = None
+
+    @property
+    def target(self) -> str:
+        return self.router.target
+
+    async def start(self) -> str:
+        c = self.config
+        if c.subprocess:
+            tokenizer = await asyncio.to_thread(load_router_tokenizer, c.model)
+            self.targets = await asyncio.to_thread(self._spawn)
+        else:
+            tokenizer = await self._start_in_process()
+        self.router = RouterServer(self.targets, c.policy, tokenizer, c.host, c.port,
+                                   c.health_period_s, e2=c.e2)
+        await self.router.start()
+        return self.router.target
+
+    async def _start_in_process(self):
+        from pensieve_jax.engine import Engine, EngineConfig
+        from pensieve_jax.weights import load_model
+        from serving.server import PensieveServer
+        c = self.config
+        model = self.loaded_model or await asyncio.to_thread(load_model, c.model, c.dtype)
+        options = EngineConfig(**dict(c.engine_options))
+        for _ in range(c.replicas):
+            engine = Engine(model, c.dtype, options)
+            server = PensieveServer(engine, c.host, 0, model_name=c.model)
+            await server.start()
+            self.engines.append(engine)
+            self.servers.append(server)
+            self.targets.append(server.target)
+        return model.tokenizer
+
+    def _spawn(self) -> list[str]:
+        c = self.config
+        targets = []
+        for i in range(c.replicas):
+            cmd = [sys.executable, "-m", "serving", "serve", "--model", c.model, "--dtype",
+                   c.dtype, "--host", c.host, "--port", "0"]
+            for name, value in c.engine_options:
+                cmd += [f"--{name.replace('_', '-')}", str(value)]
+            env = dict(os.environ)
+            if c.gpus:
+                env["CUDA_VISIBLE_DEVICES"] = str(i % c.gpus)
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
+            self.processes.append(proc)
+            for line in proc.stdout:
+                m = _SERVING_LINE.search(line)
+                if m:
+                    targets.append(m.group(1))
+                    break
+            else:
+                raise RuntimeError(f"replica {i} exited before serving (exit {proc.wait()})")
+        return targets
+
+    async def stop_replica(self, index: int, grace: float = 0.0) -> None:
+        """Stop one replica (its calls then fail UNAVAILABLE), as if its machine went away."""
+        if self.processes:
+            self.processes[index].terminate()
+            await asyncio.to_thread(self.processes[index].wait)
+            return
+        await self.servers[index].shutdown(grace)
+        await asyncio.to_thread(self.engines[index].shutdown)
+
+    async def shutdown(self, grace: float = 5.0) -> None:
+        if self.router is not None:
+            await self.router.shutdown(grace)
+        for server in self.servers:
+            await server.shutdown(grace)
+        for engine in self.engines:
+            await asyncio.to_thread(engine.shutdown)
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.terminate()
+                await asyncio.to_thread(proc.wait)
+
+
+class BackgroundCluster:
+    """A Cluster on its own thread and event loop (tests, benchmarks, notebooks)."""
+
+    def __init__(self, config: ClusterConfig, loaded_model=None):
+        self.cluster = Cluster(config, loaded_model)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="pensieve-cluster",
+                                        daemon=True)
+        self._thread.start()
+        try:
+            self.run(self.cluster.start())
+        except BaseException:
+            self.stop()
+            raise
+
+    def run(self, coro) -> Any:
+        """Run a coroutine on the cluster's loop; returns its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        async def run():
+            return fn()
+        return self.run(run())
+
+    @property
+    def target(self) -> str:
+        return self.cluster.target
+
+    @property
+    def router(self):
+        return self.cluster.router.service
+
+    def stop_replica(self, index: int) -> None:
+        self.run(self.cluster.stop_replica(index))
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self._thread.is_alive():
+            self.run(self.cluster.shutdown(grace))
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+
+    def __enter__(self) -> "BackgroundCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+__all__ = ["BackgroundCluster", "Cluster", "ClusterConfig"]

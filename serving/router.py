@@ -1,0 +1,466 @@
+"""The router: one pensieve.v1.Pensieve endpoint in front of N replica servers.
+
+    router = RouterServer(["127.0.0.1:50061", "127.0.0.1:50062"], policy="e2",
+                          tokenizer=load_router_tokenizer("random:tiny"), port=50051)
+    await router.start() ... await router.shutdown()
+
+Clients use it exactly like one server. Each call goes to one replica, picked by the policy
+(serving/routing.py: round-robin, conversation affinity, or Preble's E2 over the global prefix
+tree in serving/prefix_tree.py). Conversation ids are the router's own; the router keeps each
+conversation's history and its id on every replica that served it. A turn sent to a replica
+that does not hold the conversation's latest turns (round-robin, a rebalance, a failover) sends
+the missing messages with the conversation's exact token ids (history_token_ids), so the
+replica recomputes them and the reply is the one the old replica would have given.
+
+Failures: a replica whose call fails with UNAVAILABLE (or whose gRPC health check fails) is
+marked down; its prefix-tree entries are dropped and the turn runs again on another replica.
+If part of the reply had already been streamed, the replay skips what the client has (only
+for deterministic sampling: temperature 0 or a seed; otherwise the call ends UNAVAILABLE and
+the conversation stays at its previous turn). The health loop marks it up again when it
+answers, and reads each replica's cache size for the tree's LRU capacity estimate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pensieve_jax.session import check_messages, turn_messages
+from serving.errors import ConversationNotFound, TurnInProgress, status_for
+from serving.pensieve.v1 import pensieve_pb2 as pb
+from serving.pensieve.v1 import pensieve_pb2_grpc as pb_grpc
+from serving.prefix_tree import PrefixTree
+from serving.protocol import messages_from_proto, messages_to_proto, sampling_from_proto
+from serving.router_state import ChatKeys, Conversation, Counters, Replica
+from serving.routing import POLICIES, Candidate, Decision, E2Config, RoundRobin, \
+    affinity_choose, e2_choose
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Pensieve"].full_name
+_RETRY = (grpc.StatusCode.UNAVAILABLE,)
+
+
+class NoReplica(RuntimeError):
+    """No healthy replica can take the call."""
+
+
+class _Remote(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class RouterService(pb_grpc.PensieveServicer):
+    def __init__(self, targets: Sequence[str], policy: str = "e2", tokenizer=None,
+                 e2: E2Config = E2Config(), window_s: float = 60.0):
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if not targets:
+            raise ValueError("the router needs at least one replica target")
+        self.policy = policy
+        self.e2 = e2 if policy == "e2" else E2Config(affinity=policy == "affinity")
+        self.keys = ChatKeys(tokenizer)
+        self.replicas = [Replica(i, t, window_s) for i, t in enumerate(targets)]
+        self.tree = PrefixTree()
+        self.rr = RoundRobin()
+        self.conversations: dict[str, Conversation] = {}
+        self.generated: dict[str, tuple[int, str]] = {}     # router id -> (replica, its id)
+        self.counters: dict[str, Counters] = {}
+        self.events = dict.fromkeys(("failovers", "replays", "rebalances", "moves",
+                                     "replica_not_found", "tree_evicted_tokens"), 0)
+        self.reasons: dict[str, int] = {}
+        self.active_streams = 0
+
+    def connect(self) -> None:
+        for r in self.replicas:
+            r.connect()
+
+    async def close(self) -> None:
+        for r in self.replicas:
+            if r.channel is not None:
+                await r.channel.close()
+
+    # -- RPCs -----------------------------------------------------------------------------------
+
+    async def Chat(self, request: pb.ChatRequest, context):
+        async for response in self._guard(context, self._chat(request, context)):
+            yield response
+
+    async def Generate(self, request: pb.GenerateRequest, context):
+        async for response in self._guard(context, self._generate(request, context)):
+            yield response
+
+    async def EndConversation(self, request: pb.EndConversationRequest, context):
+        try:
+            return await self._end(request.conversation_id)
+        except Exception as e:
+            await self._abort(context, e)
+
+    async def GetStats(self, request: pb.GetStatsRequest, context):
+        return await self._stats()
+
+    async def _guard(self, context, responses: AsyncIterator) -> AsyncIterator:
+        self.active_streams += 1
+        error = None
+        try:
+            async for response in responses:
+                yield response
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            error = e
+        finally:
+            await responses.aclose()
+            self.active_streams -= 1
+        if error is not None:
+            await self._abort(context, error)
+
+    @staticmethod
+    async def _abort(context, error: Exception) -> None:
+        if isinstance(error, _Remote):
+            code, message = error.code, error.details
+        elif isinstance(error, NoReplica):
+            code, message = grpc.StatusCode.UNAVAILABLE, str(error)
+        else:
+            code, message = status_for(error)
+            if code == grpc.StatusCode.INTERNAL:
+                log.error("router call failed", exc_info=error)
+        await context.abort(code, message)
+
+    # -- routing --------------------------------------------------------------------------------
+
+    def _candidates(self, ids: list[int]) -> list[Candidate]:
+        match = self.tree.match(ids)
+        now = time.monotonic()
+        return [Candidate(r.index, r.load(now), match.get(r.index, 0),
+                          self.tree.cached_tokens(r.index), r.capacity)
+                for r in self.replicas if r.healthy]
+
+    def route(self, ids: list[int], home: int | None) -> Decision:
+        """The replica for a request of `ids` (home: the conversation's replica, if any)."""
+        candidates = self._candidates(ids)
+        if not candidates:
+            raise NoReplica("no replica is available (all failed their health checks)")
+        if self.policy == "round-robin":
+            decision = self.rr.choose(candidates)
+        elif self.policy == "affinity":
+            decision = affinity_choose(candidates, home, self.rr)
+        else:
+            decision = e2_choose(candidates, len(ids), self.e2, home)
+        self.reasons[decision.reason] = self.reasons.get(decision.reason, 0) + 1
+        if decision.reason == "rebalance":
+            self.events["rebalances"] += 1
+        return decision
+
+    def mark_down(self, replica: Replica, why: str) -> None:
+        if replica.healthy:
+            log.warning("replica %s (%s) is down: %s", replica.index, replica.target, why)
+        replica.healthy = False
+        replica.failures += 1
+        self.tree.drop_replica(replica.index)
+
+    def _learn(self, replica: Replica, ids: list[int]) -> None:
+        self.tree.insert(ids, replica.index, time.monotonic())
+        if replica.capacity:
+            self.events["tree_evicted_tokens"] += self.tree.evict(replica.index, replica.capacity)
+
+    def _count(self, usage: pb.Usage, predicted: int) -> None:
+        c = self.counters.setdefault(self.policy, Counters())
+        c.turns += 1
+        c.prompt_tokens += usage.prompt_tokens
+        c.cached_tokens += usage.cached_tokens
+        c.predicted_tokens += predicted
+        c.completion_tokens += usage.completion_tokens
+
+    # -- Chat -----------------------------------------------------------------------------------
+
+    async def _chat(self, request: pb.ChatRequest, context) -> AsyncIterator[pb.ChatResponse]:
+        sampling_from_proto(request.sampling)              # INVALID_ARGUMENT before routing
+        messages = messages_from_proto(request.messages)
+        if not messages:
+            raise ValueError("no messages: send the new turn's messages (with a conversation_id) "
+                             "or the whole history (without one)")
+        if request.history_token_ids:
+            raise ValueError("history_token_ids is for servers behind a router; the router "
+                             "keeps conversation histories itself")
+        if request.conversation_id:
+            conv = self.conversations.get(request.conversation_id)
+            if conv is None:
+                raise ConversationNotFound(f"no conversation {request.conversation_id!r}: it was "
+                                           "never started or was ended")
+            if conv.busy:
+                raise TurnInProgress(f"conversation {conv.id!r} has a turn in progress; send the "
+                                     "next turn after it finished")
+            turn = turn_messages(messages)
+        else:
+            messages = check_messages(messages)
+            turn = turn_messages(messages[-1:])
+            conv = Conversation.new(messages[:-1])
+        conv.busy = True
+        try:
+            async for response in self._run_turn(conv, turn, request.sampling, context):
+                yield response
+        finally:
+            conv.busy = False
+
+    def _replica_request(self, conv: Conversation, r: Replica, turn, sampling) -> pb.ChatRequest:
+        cid = conv.cids.get(r.index)
+        start = conv.covered.get(r.index, 0) if cid else 0
+        messages = conv.template[start:] + turn
+        exact = self.keys.exact and conv.ids and start < len(conv.template)
+        return pb.ChatRequest(conversation_id=cid or "", messages=messages_to_proto(messages),
+                              sampling=sampling, history_token_ids=conv.ids if exact else [])
+
+    async def _run_turn(self, conv: Conversation, turn, sampling: pb.SamplingParams, context):
+        ids = self.keys.prompt_ids(conv.template, conv.ids, turn)
+        deterministic = sampling.temperature == 0 or sampling.HasField("seed")
+        sent_text, sent_ids, accepted = 0, 0, False
+        moved_from = conv.home
+        while True:
+            decision = self.route(ids, conv.home)
+            r = self.replicas[decision.replica]
+            request = self._replica_request(conv, r, turn, sampling)
+            text, gen = [], []
+            final = None
+            call = r.stub.Chat(request, timeout=context.time_remaining())
+            r.in_flight += 1
+            r.routed += 1
+            r.add_load(len(ids) - decision.matched)
+            try:
+                async for resp in call:
+                    if resp.conversation_id and r.index not in conv.cids:
+                        conv.cids[r.index] = resp.conversation_id
+                    if not accepted:
+                        accepted = True
+                        self.conversations.setdefault(conv.id, conv)
+                        yield pb.ChatResponse(conversation_id=conv.id)
+                    text.append(resp.text)
+                    gen.extend(resp.token_ids)
+                    if resp.finish_reason:
+                        final = resp
+                    joined = "".join(text)
+                    out_text, out_ids = joined[sent_text:], gen[sent_ids:]
+                    sent_text, sent_ids = max(sent_text, len(joined)), max(sent_ids, len(gen))
+                    if out_text or out_ids or final is not None:
+                        yield pb.ChatResponse(conversation_id=conv.id, text=out_text,
+                                              token_ids=out_ids,
+                                              finish_reason=final.finish_reason if final else "",
+                                              usage=final.usage if final else None)
+            except grpc.aio.AioRpcError as e:
+                code = e.code()
+                if code == grpc.StatusCode.NOT_FOUND and request.conversation_id:
+                    conv.forget_replica(r.index)        # expired or restarted there: start anew
+                    self.events["replica_not_found"] += 1
+                    continue
+                if code not in _RETRY:
+                    raise _Remote(code, e.details() or code.name) from None
+                self.mark_down(r, f"{code.name}: {e.details()}")
+                conv.forget_replica(r.index)
+                if sent_ids and not deterministic:
+                    raise _Remote(grpc.StatusCode.UNAVAILABLE,
+                                  f"replica {r.target} failed mid-reply: {e.details()}; the "
+                                  "conversation continues from its previous turn: resend this "
+                                  "turn") from None
+                self.events["failovers"] += 1
+                self.events["replays"] += bool(sent_ids)
+                continue
+            except asyncio.CancelledError:
+                call.cancel()
+                if accepted:      # the replica keeps the partial reply: so do we
+                    self._finish_turn(conv, r, turn, ids, text, gen, sampling, None, decision)
+                raise
+            finally:
+                r.in_flight -= 1
+            break
+        self.events["moves"] += moved_from is not None and moved_from != r.index
+        self._finish_turn(conv, r, turn, ids, text, gen, sampling, final, decision)
+
+    def _finish_turn(self, conv, r: Replica, turn, ids, text, gen, sampling, final,
+                     decision: Decision) -> None:
+        joined = "".join(text)
+        raw = self.keys.raw_reply(joined, gen, bool(sampling.stop) and final is not None and
+                                  final.finish_reason == "stop")
+        conv.record(r.index, turn, joined, raw, ids + self.keys.reply_ids(gen))
+        self._learn(r, conv.ids if self.keys.exact else
+                    self.keys.prompt_ids(conv.template, [], []))
+        if final is not None:
+            self._count(final.usage, decision.matched)
+            r.add_load(self.e2.decode_weight * final.usage.completion_tokens)
+
+    # -- Generate, EndConversation, GetStats ----------------------------------------------------
+
+    async def _generate(self, request: pb.GenerateRequest, context):
+        sampling_from_proto(request.sampling)
+        which = request.WhichOneof("prompt")
+        if which is None:
+            raise ValueError("no prompt: set text or token_ids")
+        ids = list(request.token_ids.ids) if which == "token_ids" else \
+            self.keys.generate_ids(request.text)
+        while True:
+            decision = self.route(ids, None)
+            r = self.replicas[decision.replica]
+            r.routed += 1
+            r.in_flight += 1
+            r.add_load(len(ids) - decision.matched)
+            sent = 0
+            try:
+                async for resp in r.stub.Generate(request, timeout=context.time_remaining()):
+                    sent += len(resp.token_ids)
+                    if resp.finish_reason:
+                        rid = f"gen-{uuid.uuid4().hex[:16]}"
+                        self.generated[rid] = (r.index, resp.conversation_id)
+                        self._count(resp.usage, decision.matched)
+                        self._learn(r, ids + list(resp.token_ids))
+                        resp.conversation_id = rid
+                    yield resp
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in _RETRY or sent:
+                    raise _Remote(e.code(), e.details() or e.code().name) from None
+                self.mark_down(r, f"{e.code().name}: {e.details()}")
+                self.events["failovers"] += 1
+                continue
+            finally:
+                r.in_flight -= 1
+            return
+
+    async def _end(self, cid: str) -> pb.EndConversationResponse:
+        if not cid:
+            raise ValueError("conversation_id is empty")
+        if cid in self.generated:
+            where = [self.generated.pop(cid)]
+        elif cid in self.conversations:
+            where = list(self.conversations.pop(cid).cids.items())
+        else:
+            raise ConversationNotFound(f"no conversation {cid!r}")
+        for index, replica_cid in where:
+            r = self.replicas[index]
+            try:
+                await r.stub.EndConversation(
+                    pb.EndConversationRequest(conversation_id=replica_cid), timeout=10)
+            except grpc.aio.AioRpcError:
+                pass     # gone there already (expired, or the replica is down)
+        return pb.EndConversationResponse()
+
+    async def _replica_stats(self, r: Replica):
+        if not r.healthy:
+            return None
+        try:
+            return await r.stub.GetStats(pb.GetStatsRequest(), timeout=5)
+        except grpc.aio.AioRpcError:
+            return None
+
+    def router_stats(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "policy": self.policy, "events": dict(self.events), "reasons": dict(self.reasons),
+            "by_policy": {p: c.as_dict() for p, c in self.counters.items()},
+            "conversations": len(self.conversations),
+            "tree": {"nodes": self.tree.num_nodes(),
+                     "eviction": "LRU against each replica's cache capacity (estimated: "
+                                 "replicas do not report evictions)"},
+            "replicas": [{"target": r.target, "healthy": r.healthy, "routed": r.routed,
+                          "in_flight": r.in_flight, "load": r.load(now),
+                          "failures": r.failures, "capacity_tokens": r.capacity,
+                          "tree_tokens": self.tree.cached_tokens(r.index)}
+                         for r in self.replicas]}
+
+    async def _stats(self) -> pb.GetStatsResponse:
+        stats = await asyncio.gather(*(self._replica_stats(r) for r in self.replicas))
+        live = [s for s in stats if s is not None]
+        out = pb.GetStatsResponse(model=live[0].model if live else "",
+                                  active_streams=self.active_streams,
+                                  server_conversations=len(self.conversations))
+        for s in live:
+            for f in ("running", "waiting", "conversations", "pages_used", "pages_total",
+                      "hit_tokens", "miss_tokens"):
+                setattr(out, f, getattr(out, f) + getattr(s, f))
+        out.stats_json = json.dumps({
+            "router": self.router_stats(),
+            "replicas": [json.loads(s.stats_json) if s is not None else None for s in stats]},
+            sort_keys=True)
+        return out
+
+    # -- health ---------------------------------------------------------------------------------
+
+    async def check(self, r: Replica) -> None:
+        """One health check of r; while healthy, refresh its cache capacity estimate."""
+        try:
+            reply = await r.health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                                         timeout=2)
+            ok = reply.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError as e:
+            ok, reply = False, e.code().name
+        if not ok:
+            self.mark_down(r, f"health check: {reply if isinstance(reply, str) else 'NOT_SERVING'}")
+            return
+        if not r.healthy:
+            log.info("replica %s (%s) is up", r.index, r.target)
+        r.healthy = True
+        s = await self._replica_stats(r)
+        if s is not None:
+            pages = json.loads(s.stats_json)
+            size = pages.get("page_size", 0)
+            r.capacity = size * (pages["pages"]["device"]["total"] + pages["pages"]["host"]["total"])
+            self.events["tree_evicted_tokens"] += self.tree.evict(r.index, r.capacity)
+
+    async def health_loop(self, period_s: float) -> None:
+        while True:
+            await asyncio.gather(*(self.check(r) for r in self.replicas), return_exceptions=True)
+            await asyncio.sleep(period_s)
+
+
+class RouterServer:
+    """The router service plus gRPC health and reflection on one port."""
+
+    def __init__(self, targets: Sequence[str], policy: str = "e2", tokenizer=None,
+                 host: str = "127.0.0.1", port: int = 0, health_period_s: float = 1.0,
+                 **kwargs):
+        self.service = RouterService(targets, policy, tokenizer, **kwargs)
+        self.host, self.requested_port, self.port = host, port, None
+        self.health_period_s = health_period_s
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._loop_task: asyncio.Task | None = None
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> int:
+        self.service.connect()
+        server = grpc.aio.server()
+        pb_grpc.add_PensieveServicer_to_server(self.service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        self.port = server.add_insecure_port(f"{self.host}:{self.requested_port}")
+        await server.start()
+        self._server = server
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._loop_task = asyncio.create_task(self.service.health_loop(self.health_period_s))
+        return self.port
+
+    async def shutdown(self, grace: float = 5.0) -> None:
+        if self._server is None:
+            return
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        self._loop_task.cancel()
+        await self.service.close()
+        self._server = None
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+__all__ = ["NoReplica", "RouterServer", "RouterService", "SERVICE_NAME"]

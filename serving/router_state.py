@@ -1,0 +1,160 @@
+"""What the router keeps: replica connections and load, conversations and their exact token
+history, and the tokenization it keys the prefix tree on.
+
+Tokens. With the model's tokenizer (`load_router_tokenizer`), the router computes each turn's
+prompt ids exactly as the replica's Session does (chat template, then the previous turn's exact
+ids plus the newly rendered text), so the prefix tree holds the replicas' real token ids, and a
+conversation moved to another replica is sent with its exact ids (ChatRequest.history_token_ids)
+and continues on the identical token sequence. Without a tokenizer the tree is keyed on the
+UTF-8 bytes of a plain rendering of the messages: prefixes still line up, lengths are in bytes
+rather than tokens, and a moved conversation is re-encoded from its text by the replica.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+import uuid
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+
+from serving.pensieve.v1 import pensieve_pb2_grpc as pb_grpc
+
+
+def load_router_tokenizer(model: str | None):
+    """The tokenizer of `model` (random:<preset> builds it without weights), or None."""
+    if not model:
+        return None
+    if model.startswith("random:"):
+        from pensieve_jax.config import PRESETS
+        from pensieve_jax.tokenizer import Tokenizer
+        return Tokenizer.byte_level(PRESETS[model.split(":", 1)[1]].vocab_size)
+    from pensieve_jax.weights import load_model
+    return load_model(model).tokenizer      # loads the weights too (once, at router start)
+
+
+class ChatKeys:
+    """Token ids of chat turns, as the replicas compute them (or bytes without a tokenizer)."""
+
+    def __init__(self, tokenizer=None):
+        self.tokenizer = tokenizer
+
+    @property
+    def exact(self) -> bool:
+        return self.tokenizer is not None
+
+    def prompt_ids(self, template: list[dict[str, str]], ids: list[int],
+                   turn: list[dict[str, str]]) -> list[int]:
+        """The ids of the conversation plus the new turn (Session._prompt_ids)."""
+        if self.tokenizer is None:
+            return list("".join(f"<|{m['role']}|>{m['content']}\n"
+                                for m in template + turn).encode())
+        rendered = self.tokenizer.render_chat(template + turn)
+        seen = self.tokenizer.decode(ids)
+        if ids and rendered.startswith(seen):
+            return ids + self.tokenizer.encode(rendered[len(seen):])
+        return self.tokenizer.encode(rendered)
+
+    def generate_ids(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            return list(text.encode())
+        return self.tokenizer.encode(text, add_special_tokens=True)
+
+    def raw_reply(self, text: str, ids: list[int], stop_strings: bool) -> str:
+        """An assistant message as the replica's chat template saw it: the reply's ids decoded
+        with special tokens kept, or its text when a stop string may have cut it."""
+        if self.tokenizer is None or stop_strings:
+            return text
+        return self.tokenizer.decode(ids)
+
+    def reply_ids(self, ids: list[int]) -> list[int]:
+        return list(ids) if self.tokenizer is not None else []
+
+
+@dataclasses.dataclass(eq=False)
+class Replica:
+    """One replica server: its stubs, health, load and capacity estimate."""
+    index: int
+    target: str
+    window_s: float
+    channel: grpc.aio.Channel | None = None
+    stub: Any = None
+    health: Any = None
+    healthy: bool = True
+    in_flight: int = 0
+    routed: int = 0
+    failures: int = 0
+    capacity: int = 0                 # cache capacity in tokens (pages x page_size), 0: unknown
+    recent: collections.deque = dataclasses.field(default_factory=collections.deque)
+
+    def connect(self) -> None:
+        self.channel = grpc.aio.insecure_channel(self.target)
+        self.stub = pb_grpc.PensieveStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def add_load(self, cost: float, now: float | None = None) -> None:
+        self.recent.append((time.monotonic() if now is None else now, cost))
+
+    def load(self, now: float | None = None) -> float:
+        """Token-equivalents routed here within the last window_s seconds."""
+        now = time.monotonic() if now is None else now
+        while self.recent and self.recent[0][0] < now - self.window_s:
+            self.recent.popleft()
+        return sum(c for _, c in self.recent)
+
+
+@dataclasses.dataclass(eq=False)
+class Conversation:
+    """A conversation the router serves. history: the client's messages; template: the same
+    with assistant messages as the replicas' templates saw them; ids: its exact token ids.
+    cids[r] is its conversation id on replica r, covering template[:covered[r]]."""
+    id: str
+    history: list[dict[str, str]]
+    template: list[dict[str, str]]
+    ids: list[int] = dataclasses.field(default_factory=list)
+    home: int | None = None
+    cids: dict[int, str] = dataclasses.field(default_factory=dict)
+    covered: dict[int, int] = dataclasses.field(default_factory=dict)
+    busy: bool = False
+    last_used: float = dataclasses.field(default_factory=time.monotonic)
+
+    @classmethod
+    def new(cls, history: list[dict[str, str]]) -> "Conversation":
+        return cls(f"conv-{uuid.uuid4().hex[:16]}", list(history), list(history))
+
+    def record(self, replica: int, turn: list[dict[str, str]], text: str, raw: str,
+               ids: list[int]) -> None:
+        """A finished (or stopped) turn on `replica`: ids are the conversation's ids after it."""
+        self.history += turn + [{"role": "assistant", "content": text}]
+        self.template += turn + [{"role": "assistant", "content": raw}]
+        self.ids = ids
+        self.home = replica
+        self.covered[replica] = len(self.template)
+        self.last_used = time.monotonic()
+
+    def forget_replica(self, replica: int) -> None:
+        self.cids.pop(replica, None)
+        self.covered.pop(replica, None)
+        if self.home == replica:
+            self.home = None
+
+
+@dataclasses.dataclass
+class Counters:
+    """Router statistics for one routing policy."""
+    turns: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0            # as the replicas report (usage.cached_tokens)
+    predicted_tokens: int = 0         # as the prefix tree predicted
+    completion_tokens: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["hit_rate"] = self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+        return d
+
+
+__all__ = ["ChatKeys", "Conversation", "Counters", "Replica", "load_router_tokenizer"]
