@@ -2,6 +2,8 @@
 
     pensieve serve --model smollm2-135m-instruct --port 50051 [--metrics-port 9090] [engine options]
     pensieve chat --target 127.0.0.1:50051 [--system "Be brief."]
+    pensieve cluster --replicas 3 --model random:tiny --port 50051 [--policy e2] [engine options]
+    pensieve router --replica HOST:PORT --replica HOST:PORT [--model M] --port 50051
 
 Also `python -m serving ...`. The server binds to 127.0.0.1 unless --host says otherwise.
 """
@@ -61,6 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-cache-dir", action="store_true",
                        help="do not keep a converted copy of the model")
     _add_engine_options(serve)
+    cluster = sub.add_parser("cluster", help="N replica servers and a router in front of them")
+    cluster.add_argument("--replicas", type=int, default=2)
+    cluster.add_argument("--model", required=True)
+    cluster.add_argument("--dtype", default="float32")
+    cluster.add_argument("--subprocess", action="store_true",
+                         help="run each replica as a `pensieve serve` process (default: in "
+                              "process, one copy of the weights)")
+    cluster.add_argument("--gpus", type=int, default=0,
+                         help="with --subprocess: pin replica i to GPU i %% GPUS")
+    _add_router_options(cluster)
+    _add_engine_options(cluster)
+    router = sub.add_parser("router", help="a router in front of running replica servers")
+    router.add_argument("--replica", action="append", required=True, metavar="HOST:PORT")
+    router.add_argument("--model", default=None,
+                        help="the replicas' model, for its tokenizer (exact token ids in the "
+                             "prefix tree and on failover); unset: key on UTF-8 bytes")
+    _add_router_options(router)
     chat = sub.add_parser("chat", help="chat with a server, replies streamed")
     chat.add_argument("--target", default=f"127.0.0.1:{DEFAULT_PORT}", help="host:port")
     chat.add_argument("--system", default=None, help="system prompt")
@@ -71,6 +90,65 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int, default=None)
     chat.add_argument("--timeout", type=float, default=None, help="deadline per turn, seconds")
     return parser
+
+
+def _add_router_options(parser: argparse.ArgumentParser) -> None:
+    from serving.routing import POLICIES
+    parser.add_argument("--policy", choices=POLICIES, default="e2")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="0: pick a free port")
+    parser.add_argument("--health-period", type=float, default=1.0,
+                        help="seconds between health checks of the replicas")
+    parser.add_argument("--rebalance-threshold", type=float, default=2048.0,
+                        help="e2: move a conversation when its replica costs this many "
+                             "token-equivalents more than the cheapest")
+
+
+async def _until_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _cluster(args: argparse.Namespace) -> None:
+    from serving.cluster import Cluster, ClusterConfig
+    from serving.routing import E2Config
+
+    config = ClusterConfig(args.model, args.replicas, args.policy, args.host, args.port,
+                           args.dtype, tuple(engine_options(args).items()), args.subprocess,
+                           args.gpus, args.health_period,
+                           E2Config(rebalance_threshold=args.rebalance_threshold))
+    cluster = Cluster(config)
+    try:
+        await cluster.start()
+        print(f"pensieve: replicas on {', '.join(cluster.targets)}", flush=True)
+        print(f"pensieve: routing ({args.policy}) {args.model} on {cluster.target}", flush=True)
+        await _until_signal()
+        print("pensieve: shutting down", flush=True)
+    finally:
+        await cluster.shutdown()
+    print("pensieve: stopped", flush=True)
+
+
+async def _router(args: argparse.Namespace) -> None:
+    from serving.router import RouterServer
+    from serving.router_state import load_router_tokenizer
+    from serving.routing import E2Config
+
+    tokenizer = load_router_tokenizer(args.model)
+    router = RouterServer(args.replica, args.policy, tokenizer, args.host, args.port,
+                          args.health_period,
+                          e2=E2Config(rebalance_threshold=args.rebalance_threshold))
+    await router.start()
+    print(f"pensieve: routing ({args.policy}) on {router.target} to {', '.join(args.replica)}",
+          flush=True)
+    try:
+        await _until_signal()
+    finally:
+        await router.shutdown()
+    print("pensieve: stopped", flush=True)
 
 
 # -- serve ------------------------------------------------------------------------------------
@@ -149,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         asyncio.run(_serve(args))
+        return 0
+    if args.command in ("cluster", "router"):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        asyncio.run(_cluster(args) if args.command == "cluster" else _router(args))
         return 0
     return _chat(args)
 
