@@ -32,6 +32,9 @@ class PageAllocator:
             self._refs[p] = 1
         return pages
 
+    def ref_count(self, page: int) -> int:
+        return self._refs[page]
+
     def share(self, pages: list[int]) -> None:
         for p in pages:
             if self._refs[p] == 0:

@@ -31,6 +31,7 @@ class Usage:
     ttft_s: float
     total_s: float
     cached_host_tokens: int = 0    # part of cached_tokens that was loaded back from host memory
+    cached_shared_tokens: int = 0  # part of cached_tokens on pages shared with other conversations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,12 +89,13 @@ class Request:
     """Mutable state of one in-flight turn, owned by the engine loop."""
 
     def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, seed: int,
-                 conversation_id: str | None, handle: RequestHandle):
+                 conversation_id: str | None, handle: RequestHandle, salt: str = ""):
         self.id = request_id
         self.prompt = prompt
         self.params = params
         self.seed = seed
         self.requested_conversation = conversation_id
+        self.salt = salt                  # cache salt: shares pages only with the same salt
         self.handle = handle
         self.conversation = None          # set at admission (Conversation)
         self.output: list[int] = []
@@ -103,6 +105,8 @@ class Request:
         self.restored = False             # its pages are all on the device (or being copied)
         self.front_done = self.front_end = 0   # a dropped prefix being recomputed
         self.cached = self.cached_host = self.prefilled = self.recomputed = 0
+        self.cached_shared = 0            # cached tokens on pages shared with other conversations
+        self.waited = 0                   # scheduling steps spent waiting (fairness bound)
         self.arrival = time.perf_counter()
         self.first_token_time: float | None = None
 
@@ -145,7 +149,8 @@ class Request:
             usage=Usage(prompt_tokens=len(self.prompt), cached_tokens=self.cached,
                         prefilled_tokens=self.prefilled, recomputed_tokens=self.recomputed,
                         completion_tokens=len(self.output), ttft_s=first - self.arrival,
-                        total_s=now - self.arrival, cached_host_tokens=self.cached_host))
+                        total_s=now - self.arrival, cached_host_tokens=self.cached_host,
+                        cached_shared_tokens=min(self.cached_shared, self.cached)))
 
 
 def check_prompt(ids: Sequence[int], vocab_size: int, max_model_len: int) -> list[int]:

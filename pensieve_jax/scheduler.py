@@ -5,8 +5,9 @@ Each step, under `max_batched_tokens` and `max_num_seqs`:
      (a turn that already finished runs its last sampled token once more so that its
      conversation's cache is complete for the next turn);
   2. waiting turns, first come first served, while budget and pages last.
-When pages run short, idle conversations lose their cache first (LRU), then the newest running
-turn is preempted: its pages are freed and it goes back to the front of the queue to be
+Waiting turns whose prompt is better cached go first, within a fairness bound (Preble).
+When pages run short, idle conversations lose their cache first (by the eviction policy,
+shared pages last), then the newest running turn is preempted: its pages are freed and it goes back to the front of the queue to be
 recomputed. The oldest running turn can always proceed, so there is no deadlock.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 from typing import NamedTuple
 
 from pensieve_jax.conversations import ConversationStore, common_prefix
@@ -25,6 +27,8 @@ class SchedulerConfig:
     max_batched_tokens: int = 512
     max_num_seqs: int = 64
     reserve_pages: int = 0      # new turns leave this many pages free for running ones
+    fairness_steps: int = 16    # better-cached waiting turns may pass one for this many steps
+    order_window: int = 128     # waiting turns considered for cache-aware ordering
 
 
 class Row(NamedTuple):
@@ -61,6 +65,7 @@ class Scheduler:
             n = min(len(req.token_ids) - req.num_computed, budget)
             if self._make_room(req, req.num_computed + n, may_preempt=True):
                 budget -= self._add_rows(rows, req, budget)
+        self._order_waiting()
         deferred = []
         while self.waiting and budget > 0 and len(rows) < self.config.max_num_seqs:
             req = self.waiting.popleft()
@@ -83,6 +88,25 @@ class Scheduler:
             budget -= self._add_rows(rows, req, budget)
         self.waiting.extendleft(reversed(deferred))
         return rows
+
+    def _order_waiting(self) -> None:
+        """Preble's local rule: waiting turns with more of their prompt cached go first, except
+        that a turn passed over for fairness_steps steps (and preempted turns) keeps its place
+        in arrival order ahead of them."""
+        if len(self.waiting) < 2 or self.store.index is None:
+            return
+        window = list(itertools.islice(self.waiting, self.config.order_window))
+
+        def key(item):
+            i, req = item
+            req.waited += 1
+            if req.conversation is not None or req.waited > self.config.fairness_steps:
+                return (0, 0.0, i)
+            hit = self.store.cached_prefix(req.requested_conversation, req.prompt, req.salt)
+            return (1, -hit / len(req.prompt), i)
+        ordered = [r for _, r in sorted(enumerate(window), key=key)]
+        rest = list(itertools.islice(self.waiting, len(window), None))
+        self.waiting = collections.deque(ordered + rest)
 
     def _make_room(self, req: Request, num_tokens: int, may_preempt: bool) -> bool:
         """Reserve pages for req's first num_tokens tokens. Idle conversations go first (inside
@@ -120,25 +144,30 @@ class Scheduler:
         return used + max(n, 0)
 
     def _restore(self, req: Request) -> bool:
-        """Bring the conversation's swapped-out and dropped pages back before its first step."""
+        """Bring the conversation's swapped-out, shared and dropped pages back before its
+        first step (see ConversationStore.plan_restore)."""
         conv = req.conversation
-        need = self.store.restore_cost(conv)
-        while not self.store.make_room(need):
+        gained = self.store.attach_shared(conv, conv.token_ids)
+        req.cached_shared += gained
+        req.known_len = max(req.known_len, conv.num_computed)
+        self.store.make_writable(conv)
+        plan = self.store.plan_restore(conv)
+        while not self.store.make_room(plan.new_pages):
             if not self._drop_waiting_kv(req):
                 return False
-        req.cached_host = sum(1 for i in conv.host_pages if i * self.store.page_size <
-                              conv.num_computed) * self.store.page_size
-        req.front_end = self.store.restore(conv)
-        req.front_done = 0
-        req.cached = conv.num_computed - req.front_end
-        req.cached_host = min(req.cached_host, req.cached)
+        self.store.restore(conv)
+        req.front_done, req.front_end = plan.front
+        req.cached = conv.num_computed - (plan.front[1] - plan.front[0])
+        req.cached_host = min(plan.host_tokens, req.cached)
+        req.cached_shared += plan.shared_tokens
         req.restored = True
         return True
 
     def _admit(self, req: Request) -> bool:
-        """Bind the request to its conversation and reuse the longest cached prefix. False if
-        the conversation's previous turn still has its cache flush to run (admit later)."""
-        conv = self.store.get_or_create(req.requested_conversation, req.prompt)
+        """Bind the request to its conversation and reuse the longest cached prefix, its own
+        or shared. False if the conversation's previous turn still has its cache flush to run
+        (admit later)."""
+        conv = self.store.get_or_create(req.requested_conversation, req.prompt, req.salt)
         if conv.busy:
             if conv.flushing:
                 return False
@@ -157,7 +186,7 @@ class Scheduler:
         for other in reversed(self.waiting):
             if other is not keep and other.conversation is not None and other.conversation.pages:
                 self.store.drop_kv(other.conversation)
-                other.front_done = other.front_end = 0     # all of it is recomputed now
+                other.front_done = other.front_end = other.cached_shared = 0   # all recomputed
                 other.restored = False
                 return True
         return False
@@ -166,7 +195,7 @@ class Scheduler:
         self.num_preemptions += 1
         self.running.remove(req)
         self.store.drop_kv(req.conversation)
-        req.front_done = req.front_end = 0
+        req.front_done = req.front_end = req.cached_shared = 0
         if req.finished:                          # only its cache flush was left: give it up
             self.store.release(req.conversation, keep_kv=False)
         else:
