@@ -58,6 +58,24 @@ class _Remote(Exception):
         self.code, self.details = code, details
 
 
+class _ReplicaAbort(Exception):
+    """A replica ended a turn with finish_reason "abort" that the router did not ask for."""
+
+    def __init__(self, target: str):
+        super().__init__(f"replica {target} aborted the turn (shutting down?)")
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return str(self)
+
+
+def _expired(context) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
 class RouterService(pb_grpc.PensieveServicer):
     def __init__(self, targets: Sequence[str], policy: str = "e2", tokenizer=None,
                  e2: E2Config = E2Config(), window_s: float = 60.0):
@@ -242,6 +260,9 @@ class RouterService(pb_grpc.PensieveServicer):
                         accepted = True
                         self.conversations.setdefault(conv.id, conv)
                         yield pb.ChatResponse(conversation_id=conv.id)
+                    if resp.finish_reason == "abort" and not _expired(context):
+                        # not our cancel: the replica stopped the turn (it is shutting down)
+                        raise _ReplicaAbort(r.target)
                     text.append(resp.text)
                     gen.extend(resp.token_ids)
                     if resp.finish_reason:
@@ -254,7 +275,8 @@ class RouterService(pb_grpc.PensieveServicer):
                                               token_ids=out_ids,
                                               finish_reason=final.finish_reason if final else "",
                                               usage=final.usage if final else None)
-            except grpc.aio.AioRpcError as e:
+            except (grpc.aio.AioRpcError, _ReplicaAbort) as e:
+                call.cancel()
                 code = e.code()
                 if code == grpc.StatusCode.NOT_FOUND and request.conversation_id:
                     conv.forget_replica(r.index)        # expired or restarted there: start anew
