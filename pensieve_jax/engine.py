@@ -52,6 +52,9 @@ class EngineConfig:
     swap_out_threshold: float = 0.25     # copy idle chunks to host when fewer pages are free
     reserve_fraction: float = 0.10       # pages new turns leave free for running ones
     conversation_ttl_s: float | None = None    # idle conversations are forgotten after this
+    prefix_sharing: bool = True          # conversations share cached pages of common prefixes
+    fairness_steps: int = 16             # a waiting turn is passed over for better-cached ones
+                                         # for at most this many steps
 
     def __post_init__(self):
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -102,10 +105,11 @@ class Engine:
         self.host = HostCache(config.host_cache_bytes // page_bytes, page_shape, jnp.dtype(dtype))
         self.store = ConversationStore(
             self.allocator, config.page_size, self.host.allocator if self.host.enabled else None,
-            make_policy(config.eviction_policy, c), max(1, config.chunk_tokens // config.page_size))
+            make_policy(config.eviction_policy, c), max(1, config.chunk_tokens // config.page_size),
+            sharing=config.prefix_sharing)
         self.scheduler = Scheduler(SchedulerConfig(
             config.max_batched_tokens, config.max_num_seqs,
-            int(config.reserve_fraction * num_pages)), self.store)
+            int(config.reserve_fraction * num_pages), config.fairness_steps), self.store)
         self.runner = ModelRunner(model, num_pages, config.page_size, config.attention, dtype)
         self._inbox: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
@@ -113,7 +117,8 @@ class Engine:
         self._closing: set[str] = set()
         self._unfinished = 0                 # submitted, no final event yet (guarded by _lock)
         self._counts = dict.fromkeys(("steps", "requests", "finished", "prompt_tokens",
-                                      "cached_tokens", "cached_host_tokens", "prefilled_tokens",
+                                      "cached_tokens", "cached_host_tokens", "cached_shared_tokens",
+                                      "prefilled_tokens",
                                       "recomputed_tokens",
                                       "completion_tokens", "step_tokens", "failed_steps"), 0)
 
@@ -136,11 +141,14 @@ class Engine:
     # -- public, thread-safe ------------------------------------------------------------------
 
     def submit(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None,
-               conversation_id: str | None = None) -> RequestHandle:
+               conversation_id: str | None = None, cache_salt: str | None = None) -> RequestHandle:
         """Queue one turn. prompt_token_ids is the conversation's whole sequence (history + new
         turn); the longest prefix still cached for `conversation_id` (or, without an id, for the
-        anonymous conversation that shares it) is reused."""
+        anonymous conversation that shares it), or by any conversation of the same
+        `cache_salt` (prompt sharing), is reused."""
         params = params or SamplingParams()
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise TypeError(f"cache_salt must be a string, got {type(cache_salt).__name__}")
         prompt = check_prompt(prompt_token_ids, self.model.config.vocab_size, self.max_model_len)
         seed = params.seed if params.seed is not None else secrets.randbits(32)
         limit = self.config.max_queued_requests
@@ -151,7 +159,7 @@ class Engine:
             self._unfinished += 1
         handle = RequestHandle(uuid.uuid4().hex, conversation_id, self.cancel)
         self._post(lambda: self._add(Request(handle.request_id, prompt, params, seed,
-                                             conversation_id, handle)))
+                                             conversation_id, handle, cache_salt or "")))
         return handle
 
     def generate(self, prompt_token_ids, params: SamplingParams | None = None):
@@ -255,12 +263,15 @@ class Engine:
         return len(rows)
 
     def _transfer(self) -> None:
-        """Run the page copies the scheduler planned: device -> host, then host -> device."""
+        """Run the page copies the scheduler planned: device -> host, device -> device (copy on
+        write), then host -> device (a page freed by one may be the target of a later one)."""
         self.host.finish_writes()           # last step's device -> host copies land now
-        out, into = self.store.take_transfers()
+        out, copies, into = self.store.take_transfers()
         if out:
             k, v = self.runner.gather_pages([d for d, _ in out])
             self.host.write_async(k, v, [h for _, h in out])
+        if copies:
+            self.runner.copy_pages(copies)
         if into:
             start = time.perf_counter()
             k, v = self.host.read([h for h, _ in into])
@@ -275,6 +286,8 @@ class Engine:
             req.front_done = row.end
             return
         req.conversation.num_computed = row.end
+        if not req.output and row.end // self.config.page_size > row.start // self.config.page_size:
+            self.store.register(req.conversation)          # prompt pages done: offer them
         if req.finished:                                   # the cache flush after a turn
             if row.end == len(req.token_ids):
                 self._release(req)
@@ -314,8 +327,8 @@ class Engine:
 
     def _count(self, out) -> None:
         self._counts["finished"] += 1
-        for key in ("prompt_tokens", "cached_tokens", "cached_host_tokens", "prefilled_tokens",
-                    "recomputed_tokens", "completion_tokens"):
+        for key in ("prompt_tokens", "cached_tokens", "cached_host_tokens", "cached_shared_tokens",
+                    "prefilled_tokens", "recomputed_tokens", "completion_tokens"):
             self._counts[key] += getattr(out.usage, key)
 
     def _deliver(self, req: Request, final) -> None:
@@ -339,6 +352,8 @@ class Engine:
         if in_scheduler:
             self.scheduler.finish(req)
         conv = req.conversation
+        if req.front_done < req.front_end:     # stopped while recomputing a dropped range
+            self.store.truncate(conv, req.front_done)
         self.store.release(conv, keep_kv=self.config.cache_policy == "stateful")
         if conv.id in self._closing:
             self._closing.discard(conv.id)
@@ -388,6 +403,10 @@ class Engine:
                    "host": {"used": host.num_pages - host.num_free if host else 0,
                             "free": host.num_free if host else 0,
                             "total": host.num_pages if host else 0}},
+            sharing=dict(self.store.sharing_stats(), enabled=self.store.index is not None,
+                         shared_hit_tokens=self._counts["cached_shared_tokens"],
+                         hit_ratio=self._counts["cached_tokens"] /
+                         max(1, self._counts["prompt_tokens"])),
             swap=dict(self.host.stats), eviction_policy=self.store.policy.name,
             cache_policy=self.config.cache_policy, page_size=self.config.page_size,
             max_model_len=self.max_model_len)

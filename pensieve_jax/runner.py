@@ -77,9 +77,20 @@ class ModelRunner:
                              donate_argnames=("kv",))
         self._gather = jax.jit(lambda kv, ids: (jnp.take(kv.k, ids, axis=1),
                                                 jnp.take(kv.v, ids, axis=1)))
+        self._copy = jax.jit(lambda kv, src, dst: KVCache(
+            kv.k.at[:, dst].set(kv.k[:, src], mode="drop"),
+            kv.v.at[:, dst].set(kv.v[:, src], mode="drop")), donate_argnums=(0,))
         self._scatter = jax.jit(lambda kv, k, v, ids: KVCache(
             copy_pages(kv.k, k, jnp.arange(ids.shape[0]), ids),
             copy_pages(kv.v, v, jnp.arange(ids.shape[0]), ids)), donate_argnums=(0,))
+
+    def copy_pages(self, pairs: list[tuple[int, int]]) -> None:
+        """Device page -> device page copies (src, dst); all sources are read before any write."""
+        n = bucket(len(pairs), 8)
+        src = np.zeros(n, np.int32)
+        dst = np.full(n, self.num_pages, np.int32)          # padding rows are dropped
+        src[:len(pairs)], dst[:len(pairs)] = zip(*pairs)
+        self.kv = self._copy(self.kv, src, dst)
 
     def gather_pages(self, page_ids: list[int]) -> tuple[jax.Array, jax.Array]:
         """Copies of device pages [layers, n_bucket, page_size, kv_heads, head_dim] (the first
