@@ -53,7 +53,8 @@ def e2_choose(candidates: Sequence[Candidate], prompt_len: int, config: E2Config
               home: int | None = None) -> Decision:
     """E2: exploit the replica with the longest cached prefix when the cached part is longer
     than the part to compute; else explore the lowest cost replica. With a `home` replica
-    (conversation affinity) stay there unless another is cheaper by rebalance_threshold."""
+    (conversation affinity) stay there. Either way, when the pick costs rebalance_threshold
+    more than the cheapest replica, rebalance: take the cheapest (it computes the prefix)."""
     if not candidates:
         raise LookupError("no replica is available")
     by_id = {c.replica: c for c in candidates}
@@ -66,6 +67,9 @@ def e2_choose(candidates: Sequence[Candidate], prompt_len: int, config: E2Config
         return Decision(home, "affinity", h.matched)
     best = max(candidates, key=lambda c: (c.matched, -c.load, -c.replica))
     if best.matched > prompt_len - best.matched:
+        gap = e2_cost(best, prompt_len, config) - e2_cost(cheapest, prompt_len, config)
+        if gap > config.rebalance_threshold:     # a hot prefix on an overloaded replica:
+            return Decision(cheapest.replica, "rebalance", cheapest.matched)   # copy it
         return Decision(best.replica, "exploit", best.matched)
     return Decision(cheapest.replica, "explore", cheapest.matched)
 

@@ -66,6 +66,12 @@ def test_e2_exploits_when_cached_part_is_larger():
     assert (d.replica, d.reason, d.matched) == (0, "exploit", 80)
 
 
+def test_e2_rebalances_a_hot_prefix_off_an_overloaded_replica():
+    c = [cand(0, load=5000, matched=80), cand(1, load=0)]
+    d = e2_choose(c, 100, E2Config(affinity=False, rebalance_threshold=1000))
+    assert (d.replica, d.reason) == (1, "rebalance")
+
+
 def test_e2_explores_lowest_cost_otherwise():
     # replica 0 caches 40 of 100 (not more than the 60 to compute): explore.
     # costs: 0 -> 100 + 60 = 160; 1 -> 0 + 100 = 100; 2 -> 50 + 100 + eviction 50 = 200
