@@ -13,8 +13,9 @@ p99), TTFT, the cache hit rate the replicas report (usage.cached_tokens / prompt
 hits the router's prefix tree predicted, and how the turns spread over the replicas.
 
 Prompts are random ASCII text of the drawn token lengths (random:<preset> tokenizers take one
-token per byte). A warm-up pass compiles the engine's step shapes before the measured passes;
-`compilations` per pass shows whether any compile still landed inside one.
+token per byte). Warm-up passes (every policy once, discarded) compile the engine's step shapes
+before the measured passes; `compilations` per pass shows whether any compile still landed
+inside one.
 """
 
 from __future__ import annotations
@@ -208,10 +209,11 @@ def main(argv=None) -> dict[str, Any]:
     policies = args.policies.split(",")
     workloads = make_workloads(args)
     model = load_model(args.model)
-    if not args.no_warmup:     # compile the step shapes once (shared by every engine)
-        t0 = time.perf_counter()
-        run_policy("round-robin", workloads, model, args)
-        print(f"warm-up pass: {time.perf_counter() - t0:.1f} s", flush=True)
+    if not args.no_warmup:     # compile the step shapes (shared by every engine) every
+        t0 = time.perf_counter()   # policy's batches reach, before any measured pass
+        for policy in policies:
+            run_policy(policy, workloads, model, args)
+        print(f"warm-up passes: {time.perf_counter() - t0:.1f} s", flush=True)
     results = {p: run_policy(p, workloads, model, args) for p in policies}
     report = {"benchmark": "bench_router", "model": args.model, "replicas": args.replicas,
               "machine": _machine(), "args": {k: v for k, v in vars(args).items()},

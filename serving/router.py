@@ -179,8 +179,9 @@ class RouterService(pb_grpc.PensieveServicer):
         return decision
 
     def mark_down(self, replica: Replica, why: str) -> None:
-        if replica.healthy:
-            log.warning("replica %s (%s) is down: %s", replica.index, replica.target, why)
+        if not replica.healthy:
+            return
+        log.warning("replica %s (%s) is down: %s", replica.index, replica.target, why)
         replica.healthy = False
         replica.failures += 1
         self.tree.drop_replica(replica.index)
