@@ -13,7 +13,7 @@ layer's pages in place without slicing a copy out of the stack.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -74,17 +74,19 @@ def write_kv(kv: KVCache, layer: jax.Array, k: jax.Array, v: jax.Array,
 
 class AttentionFn(Protocol):
     def __call__(self, q: jax.Array, kv: KVCache, layer: jax.Array, batch: AttentionBatch, *,
-                 sm_scale: float, max_q_len: int) -> jax.Array: ...
+                 sm_scale: float, max_q_len: int, mesh: Any = None) -> jax.Array: ...
 
 
 def xla_paged_attention(q: jax.Array, kv: KVCache, layer: jax.Array, batch: AttentionBatch, *,
-                        sm_scale: float, max_q_len: int) -> jax.Array:
+                        sm_scale: float, max_q_len: int, mesh: Any = None) -> jax.Array:
     """Gather each sequence's pages and run masked attention: the fast path on CPU.
 
     q [T, num_q_heads, head_dim] -> [T, num_q_heads, head_dim]. Every sequence's q_len must be
     <= max_q_len (a static bucket the caller guarantees); queries are laid out [S, max_q_len] so a
-    decode-only batch costs S rows, not S * T.
+    decode-only batch costs S rows, not S * T. Under a mesh (heads sharded) XLA partitions it
+    by head from the operands' shardings; nothing here needs to know.
     """
+    del mesh
     num_tokens, num_heads, head_dim = q.shape
     num_seqs, pages_per_seq = batch.page_table.shape
     _, _, page_size, num_kv_heads, _ = kv.k.shape
@@ -122,12 +124,17 @@ def xla_paged_attention(q: jax.Array, kv: KVCache, layer: jax.Array, batch: Atte
 
 
 def pallas_paged_attention(q: jax.Array, kv: KVCache, layer: jax.Array, batch: AttentionBatch, *,
-                           sm_scale: float, max_q_len: int) -> jax.Array:
-    """The Pallas kernel (compiled on GPU, interpreted elsewhere); max_q_len is not needed."""
+                           sm_scale: float, max_q_len: int, mesh: Any = None) -> jax.Array:
+    """The Pallas kernel (compiled on GPU, interpreted elsewhere); max_q_len is not needed.
+    Under a mesh the kernel runs once per shard (shard_map) on that shard's heads and pages."""
     from pallas_kernels import ragged_paged_attention_stacked
+    from pensieve_jax.parallel import shard_heads
     del max_q_len
-    return ragged_paged_attention_stacked(q, kv.k, kv.v, layer, batch.page_table, batch.kv_lens,
-                                          batch.cu_q_lens, sm_scale=sm_scale)
+
+    def kernel(q, k_pool, v_pool, layer, page_table, kv_lens, cu_q_lens):
+        return ragged_paged_attention_stacked(q, k_pool, v_pool, layer, page_table, kv_lens,
+                                              cu_q_lens, sm_scale=sm_scale)
+    return shard_heads(kernel, mesh, 4)(q, kv.k, kv.v, layer, *batch)
 
 
 ATTENTION_BACKENDS: dict[str, AttentionFn] = {"xla": xla_paged_attention,

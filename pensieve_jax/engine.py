@@ -55,6 +55,7 @@ class EngineConfig:
     prefix_sharing: bool = True          # conversations share cached pages of common prefixes
     fairness_steps: int = 16             # a waiting turn is passed over for better-cached ones
                                          # for at most this many steps
+    tensor_parallel: int = 1             # devices the weights and KV heads are split over
 
     def __post_init__(self):
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -65,6 +66,9 @@ class EngineConfig:
         if self.cache_policy not in CACHE_POLICIES:
             raise ValueError(f"cache_policy must be one of {CACHE_POLICIES}, "
                              f"got {self.cache_policy!r}")
+        if not isinstance(self.tensor_parallel, int) or self.tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel must be an integer >= 1, "
+                             f"got {self.tensor_parallel!r}")
         if not 0 < self.kv_cache_fraction <= 1:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
 
@@ -110,7 +114,8 @@ class Engine:
         self.scheduler = Scheduler(SchedulerConfig(
             config.max_batched_tokens, config.max_num_seqs,
             int(config.reserve_fraction * num_pages), config.fairness_steps), self.store)
-        self.runner = ModelRunner(model, num_pages, config.page_size, config.attention, dtype)
+        self.runner = ModelRunner(model, num_pages, config.page_size, config.attention, dtype,
+                                  tensor_parallel=config.tensor_parallel)
         self._inbox: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from pensieve_jax.attention import AttentionBatch, KVCache, get_attention, token_slots, write_kv
 from pensieve_jax.config import ModelConfig
+from pensieve_jax.parallel import HEADS_SPEC, VOCAB_SPEC, constrain
 
 
 class RMSNorm(nn.Module):
@@ -53,6 +54,7 @@ class DecoderLayer(nn.Module):
     dtype: Any
     attention: str
     max_q_len: int
+    mesh: Any = None         # a jax.sharding.Mesh with axis "tp": heads are split over it
 
     @nn.compact
     def __call__(self, carry, layer, rope, slots, batch: AttentionBatch):
@@ -70,10 +72,12 @@ class DecoderLayer(nn.Module):
             num_tokens, c.num_kv_heads, c.head_dim)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (constrain(a, self.mesh, HEADS_SPEC) for a in (q, k, v))
 
         kv = write_kv(kv, layer, k, v, slots)
         attn = get_attention(self.attention)(q, kv, layer, batch, sm_scale=c.head_dim ** -0.5,
-                                             max_q_len=self.max_q_len)
+                                             max_q_len=self.max_q_len, mesh=self.mesh)
+        attn = constrain(attn, self.mesh, HEADS_SPEC)
         h = h + dense(c.hidden_size, "o_proj")(attn.reshape(num_tokens, -1))
 
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(h)
@@ -90,11 +94,14 @@ class Llama(nn.Module):
              logits_indices [R] int32 | None) -> (logits [R or T, vocab] float32, kv)
 
     max_q_len: static bound on any sequence's new tokens in a step (defaults to T).
+    mesh: None, or a Mesh with axis "tp" (pensieve_jax.parallel) that params and pools are
+    sharded over; attention then runs per shard of heads.
     """
 
     config: ModelConfig
     dtype: Any = jnp.float32
     attention: str = "xla"
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, token_ids, positions, kv: KVCache, batch: AttentionBatch,
@@ -111,8 +118,8 @@ class Llama(nn.Module):
                          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                          length=c.num_layers)
         (h, kv), _ = layers(c, self.dtype, self.attention, max_q_len or token_ids.shape[0],
-                            name="layers")((h, kv), jnp.arange(c.num_layers, dtype=jnp.int32),
-                                           rope, slots, batch)
+                            self.mesh, name="layers")(
+            (h, kv), jnp.arange(c.num_layers, dtype=jnp.int32), rope, slots, batch)
 
         if logits_indices is not None:
             h = h[logits_indices]
@@ -122,6 +129,7 @@ class Llama(nn.Module):
         else:
             logits = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype,
                               param_dtype=self.dtype, name="lm_head")(h)
+            logits = constrain(logits, self.mesh, VOCAB_SPEC)   # gather logits, not lm_head
         return logits.astype(jnp.float32), kv
 
 

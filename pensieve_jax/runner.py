@@ -4,6 +4,10 @@ The host plans, the device computes: a step arrives as small NumPy arrays, is pa
 power-of-two buckets (tokens, sequences, pages per sequence; the longest query run is 1 for a
 decode-only step, else the token bucket), and each bucket is compiled once (ahead of time, on first use). The KV pools are donated into every step, so
 they are updated in place. One device-to-host copy per step: the sampled token ids.
+
+With tensor_parallel > 1 the params and pools live on a mesh (pensieve_jax.parallel): the step
+is jitted with NamedSharding in/out shardings, step inputs are replicated, and page gathers /
+scatters for the host tier keep every device's KV heads on that device.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.kv_pages import copy_pages
+from pensieve_jax import parallel
 from pensieve_jax.attention import AttentionBatch, KVCache, init_kv_cache
 from pensieve_jax.model import Llama
 from pensieve_jax.sampling import sample
@@ -62,27 +67,41 @@ _EXECUTABLES: dict[tuple, Any] = {}
 
 class ModelRunner:
     def __init__(self, model: LoadedModel, num_pages: int, page_size: int, attention: str = "xla",
-                 dtype=jnp.float32, buckets: Buckets = Buckets()):
+                 dtype=jnp.float32, buckets: Buckets = Buckets(), tensor_parallel: int = 1):
         c = model.config
+        parallel.check_tensor_parallel(c, tensor_parallel)
         self.config = c
-        self.params = model.params
         self.page_size = page_size
         self.buckets = buckets
         self.dtype = jnp.dtype(dtype)
         self.num_pages = num_pages
+        self.tensor_parallel = tensor_parallel
+        self.mesh = parallel.make_mesh(tensor_parallel) if tensor_parallel > 1 else None
+        jit_kw: dict[str, Any] = {}
+        pages_kw: dict[str, Any] = {}
+        if self.mesh is None:
+            self.params = model.params
+        else:
+            rep, kv_sh = parallel.replicated(self.mesh), parallel.kv_sharding(self.mesh)
+            param_sh = parallel.param_shardings(model.params, self.mesh)
+            self.params = parallel.put(model.params, param_sh)
+            kv2 = KVCache(kv_sh, kv_sh)
+            jit_kw = dict(in_shardings=(param_sh, kv2) + (rep,) * 9, out_shardings=(rep, kv2))
+            pages_kw = dict(out_shardings=kv2)
+            self._kv_sharding = kv_sh
         self.reset_kv()
-        self._model = Llama(c, self.dtype, attention)
+        self._model = Llama(c, self.dtype, attention, self.mesh)
         self._compiled: dict[tuple[int, ...], Any] = {}
-        self._step = jax.jit(self._step_impl, static_argnames=("max_q_len",),
-                             donate_argnames=("kv",))
-        self._gather = jax.jit(lambda kv, ids: (jnp.take(kv.k, ids, axis=1),
-                                                jnp.take(kv.v, ids, axis=1)))
+        self._step = jax.jit(self._step_impl, static_argnums=(11,), donate_argnums=(1,),
+                             **jit_kw)
+        self._gather = jax.jit(lambda kv, ids: KVCache(jnp.take(kv.k, ids, axis=1),
+                                                       jnp.take(kv.v, ids, axis=1)), **pages_kw)
         self._copy = jax.jit(lambda kv, src, dst: KVCache(
             kv.k.at[:, dst].set(kv.k[:, src], mode="drop"),
-            kv.v.at[:, dst].set(kv.v[:, src], mode="drop")), donate_argnums=(0,))
+            kv.v.at[:, dst].set(kv.v[:, src], mode="drop")), donate_argnums=(0,), **pages_kw)
         self._scatter = jax.jit(lambda kv, k, v, ids: KVCache(
             copy_pages(kv.k, k, jnp.arange(ids.shape[0]), ids),
-            copy_pages(kv.v, v, jnp.arange(ids.shape[0]), ids)), donate_argnums=(0,))
+            copy_pages(kv.v, v, jnp.arange(ids.shape[0]), ids)), donate_argnums=(0,), **pages_kw)
 
     def copy_pages(self, pairs: list[tuple[int, int]]) -> None:
         """Device page -> device page copies (src, dst); all sources are read before any write."""
@@ -90,14 +109,14 @@ class ModelRunner:
         src = np.zeros(n, np.int32)
         dst = np.full(n, self.num_pages, np.int32)          # padding rows are dropped
         src[:len(pairs)], dst[:len(pairs)] = zip(*pairs)
-        self.kv = self._copy(self.kv, src, dst)
+        self.kv = self._copy(self.kv, *self._replicate((src, dst)))
 
     def gather_pages(self, page_ids: list[int]) -> tuple[jax.Array, jax.Array]:
         """Copies of device pages [layers, n_bucket, page_size, kv_heads, head_dim] (the first
         len(page_ids) are the pages asked for; the rest is padding)."""
         ids = np.zeros(bucket(len(page_ids), 8), np.int32)
         ids[:len(page_ids)] = page_ids
-        return self._gather(self.kv, ids)
+        return tuple(self._gather(self.kv, self._replicate(ids)))
 
     def scatter_pages(self, k: np.ndarray, v: np.ndarray, page_ids: list[int]) -> None:
         """Write pages k, v [layers, n, ...] (host arrays) into device pages page_ids."""
@@ -105,22 +124,32 @@ class ModelRunner:
         ids = np.full(n, self.num_pages, np.int32)          # padding rows are dropped
         ids[:len(page_ids)] = page_ids
         pad = ((0, 0), (0, n - len(page_ids))) + ((0, 0),) * (k.ndim - 2)
-        self.kv = self._scatter(self.kv, jax.device_put(np.pad(k, pad)),
-                                jax.device_put(np.pad(v, pad)), ids)
+        put = (jax.device_put if self.mesh is None else   # each device gets its heads' slice
+               lambda a: parallel.put(a, self._kv_sharding))
+        self.kv = self._scatter(self.kv, put(np.pad(k, pad)), put(np.pad(v, pad)),
+                                self._replicate(ids))
 
     def reset_kv(self) -> None:
         c = self.config
-        self.kv = init_kv_cache(c.num_layers, self.num_pages, self.page_size, c.num_kv_heads,
-                                c.head_dim, self.dtype)
+        shape = (c.num_layers, self.num_pages, self.page_size, c.num_kv_heads, c.head_dim)
+        if self.mesh is None:
+            self.kv = init_kv_cache(*shape, self.dtype)
+        else:   # allocated in place, each device only its own heads
+            self.kv = jax.jit(lambda: init_kv_cache(*shape, self.dtype),
+                              out_shardings=KVCache(self._kv_sharding, self._kv_sharding))()
+
+    def _replicate(self, tree):
+        return tree if self.mesh is None else parallel.put(tree, parallel.replicated(self.mesh))
 
     @property
     def num_compilations(self) -> int:
         return len(self._compiled)
 
     def _step_impl(self, params, kv, token_ids, positions, batch, logits_indices, temperature, top_k,
-              top_p, seeds, counters, *, max_q_len):
+              top_p, seeds, counters, max_q_len):
         logits, kv = self._model.apply(params, token_ids, positions, kv, batch, logits_indices,
                                        max_q_len)
+        logits = parallel.constrain(logits, self.mesh, parallel.P())   # vocab-sharded -> whole
         return sample(logits, temperature, top_k, top_p, seeds, counters), kv
 
     def step(self, s: StepInput) -> np.ndarray:
@@ -144,16 +173,17 @@ class ModelRunner:
             _pad(s.seeds.astype(np.uint32), (n,)),
             _pad(s.counters.astype(np.int32), (n,)),
         )
+        mesh = None if self.mesh is None else tuple(d.id for d in self.mesh.devices.flat)
         key = (self.config, self.dtype.name, self._model.attention, self.num_pages,
-               self.page_size, t, n, p, q)
+               self.page_size, t, n, p, q, mesh)
         executable = _EXECUTABLES.get(key)
         if executable is None:          # shared by every runner of the same shapes in-process
             with jax.default_matmul_precision("highest" if self.dtype == jnp.float32 else "default"):
-                executable = self._step.lower(self.params, self.kv, *args, max_q_len=q).compile()
+                executable = self._step.lower(self.params, self.kv, *args, q).compile()
             _EXECUTABLES[key] = executable
             self._compiled[key] = executable
-        tokens, self.kv = executable(self.params, self.kv, *args)
-        return np.asarray(tokens)[:num_seqs]
+        tokens, self.kv = executable(self.params, self.kv, *self._replicate(args))
+        return parallel.to_host(tokens)[:num_seqs]
 
 
 def step_input(rows, page_size: int) -> StepInput:

@@ -1,0 +1,101 @@
+"""Tensor parallelism: greedy float32 outputs at tensor_parallel 2 and 4 equal one device's, over
+multi-turn conversations swapped to the host tier and back, on the XLA and Pallas attention paths.
+
+XLA_FLAGS must be set before JAX starts, so the engines run in one subprocess (tests/tp_worker.py)
+with 4 forced CPU devices; this process compares what it prints.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from pensieve_jax import parallel
+from pensieve_jax.config import PRESETS
+from pensieve_jax.engine import EngineConfig
+from pensieve_jax.model import param_shapes
+
+WORKER = Path(__file__).with_name("tp_worker.py")
+RUNS = ["swaps:xla:1,2,4", "short:pallas:1,2,4", "tiny:xla:1,2", "errors:xla:0"]
+
+
+@pytest.fixture(scope="module")
+def runs():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(WORKER), *RUNS], env=env, capture_output=True,
+                          text=True, timeout=400, cwd=WORKER.parent.parent)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def assert_same_as_one_device(by_tp):
+    want = by_tp["1"]["outputs"]
+    assert want and all(len(turns) for turns in want.values())
+    for tp, result in by_tp.items():
+        assert result["outputs"] == want, f"tensor_parallel={tp} differs from one device"
+
+
+def test_multiturn_with_host_swaps_equal_across_tp_xla(runs):
+    by_tp = runs["swaps:xla"]
+    assert set(by_tp) == {"1", "2", "4"}
+    assert_same_as_one_device(by_tp)
+    assert len(by_tp["1"]["outputs"]["A"]) == 3            # one turn before the swap, two after
+    for tp, result in by_tp.items():
+        stats = result["stats"]
+        assert stats["device_to_host_pages"] > 0 and stats["swap_in_pages"] > 0, tp
+        assert stats["host_hit_tokens"] > 0 and stats["recomputed_tokens"] == 0, tp
+        kv_heads, q_cols = 4 // int(tp), 8 * 16 // int(tp)   # tp-small: 8 heads, 4 KV, dim 16
+        assert result["layout"]["kv_shard"][3] == kv_heads
+        assert result["layout"]["kv_devices"] == int(tp)
+        assert result["layout"]["q_proj_shard"][-1] == q_cols
+
+
+def test_pallas_kernel_per_shard_equal_across_tp(runs):
+    by_tp = runs["short:pallas"]
+    assert_same_as_one_device(by_tp)
+    assert by_tp["1"]["outputs"]["x"] != by_tp["1"]["outputs"]["y"]
+    for tp, result in by_tp.items():     # shard_map hands the kernel only its shard's KV heads
+        assert result["layout"]["kernel_kv_heads"] == [4 // int(tp)]
+
+
+def test_tiny_preset_with_host_swaps_at_tp2(runs):
+    by_tp = runs["tiny:xla"]
+    assert_same_as_one_device(by_tp)
+    assert by_tp["2"]["stats"]["device_to_host_pages"] > 0
+    assert by_tp["2"]["stats"]["swap_in_pages"] > 0
+    assert by_tp["2"]["layout"]["kv_shard"][3] == 1
+
+
+def test_bad_tensor_parallel_is_a_clear_value_error(runs):
+    errors = runs["errors:xla"]["0"]["outputs"]
+    assert "exceeds the 4 available" in errors["too_many_devices"]
+    assert "must divide num_kv_heads (2)" in errors["kv_heads"]
+    assert "must divide num_heads (8)" in errors["heads"]
+    with pytest.raises(ValueError, match="tensor_parallel"):
+        EngineConfig(tensor_parallel=0)
+    with pytest.raises(ValueError, match="exceeds"):
+        parallel.check_tensor_parallel(PRESETS["tiny"], 2, num_devices=1)
+    with pytest.raises(ValueError, match="exceeds"):
+        parallel.make_mesh(len(jax.devices()) + 1)
+
+
+def test_partition_specs_are_megatron_style():
+    tree = param_shapes(PRESETS["llama3-8b"])
+    specs = jax.tree_util.tree_map_with_path(
+        lambda path, x: parallel.param_spec(parallel.path_names(path), tuple(x.shape), 4), tree)
+    layers = specs["params"]["layers"]
+    for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+        assert layers[name]["kernel"] == P(None, None, "tp"), name
+    for name in ("o_proj", "down_proj"):
+        assert layers[name]["kernel"] == P(None, "tp", None), name
+    assert layers["input_layernorm"]["weight"] == P(None, None)
+    assert specs["params"]["embed_tokens"]["embedding"] == P(None, None)
+    assert specs["params"]["lm_head"]["kernel"] == P(None, "tp")
+    # an axis the mesh does not divide stays replicated (SmolLM2's 49152 vocab at tp=5)
+    assert parallel.param_spec(("params", "lm_head", "kernel"), (576, 49153), 4) == P(None, None)

@@ -1,0 +1,178 @@
+"""Run by tests/test_parallel.py in a subprocess with XLA_FLAGS forcing 4 CPU devices.
+
+    python tests/tp_worker.py SCENARIO:ATTENTION:TP[,TP...] ...
+
+Prints one JSON line: {"SCENARIO:ATTENTION": {tp: {"outputs", "stats", "layout"}}}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from pensieve_jax.config import ModelConfig  # noqa: E402
+from pensieve_jax.engine import Engine, EngineConfig  # noqa: E402
+from pensieve_jax.sampling import SamplingParams  # noqa: E402
+from pensieve_jax.tokenizer import Tokenizer  # noqa: E402
+from pensieve_jax.weights import LoadedModel, load_model, random_params  # noqa: E402
+
+# 8 query heads over 4 KV heads: tensor_parallel 1, 2 and 4 all split it
+SMALL = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+                    num_heads=8, num_kv_heads=4, head_dim=16, max_position_embeddings=2048,
+                    name="random:tp-small")
+GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
+
+
+def small_model() -> LoadedModel:
+    return LoadedModel(SMALL, random_params(SMALL, "float32", seed=1, std=0.1),
+                       Tokenizer.byte_level(SMALL.vocab_size), SMALL.name)
+
+
+def turns(seed: int, n: int, length: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, length).tolist() for _ in range(n)]
+
+
+def converse(engine: Engine, name: str, new_turns, params=GREEDY) -> list[list[int]]:
+    seq, outs = [], []
+    for new in new_turns:
+        seq = seq + list(new)
+        out = engine.submit(seq, params, conversation_id=name).result()
+        outs.append(list(out.token_ids))
+        seq = seq + list(out.token_ids)
+    return outs
+
+
+def layout(engine: Engine) -> dict:
+    r = engine.runner
+    q = r.params["params"]["layers"]["q_proj"]["kernel"]
+    return {"kv_shard": list(r.kv.k.addressable_shards[0].data.shape),
+            "kv_devices": len(r.kv.k.sharding.device_set),
+            "q_proj_shard": list(q.addressable_shards[0].data.shape)}
+
+
+def swaps(attention: str, tp: int) -> dict:
+    """Conversation A is pushed to the host tier by three others, then comes back for two more
+    turns; the others take a second turn too. All turns one after another."""
+    page_bytes = 2 * SMALL.num_layers * 8 * SMALL.num_kv_heads * SMALL.head_dim * 4
+    engine = Engine(small_model(), "float32", EngineConfig(
+        page_size=8, num_pages=20, max_model_len=128, max_batched_tokens=32, max_num_seqs=4,
+        host_cache_bytes=40 * page_bytes, swap_out_threshold=0.0, attention=attention,
+        tensor_parallel=tp))
+    a = turns(1, 3, 24)
+    outputs = {"A": converse(engine, "A", a[:1])}
+    for i in range(3):
+        outputs[f"other-{i}"] = converse(engine, f"other-{i}", turns(10 + i, 1, 56))
+    outputs["A"] += converse_from(engine, "A", a, outputs["A"])
+    stats = engine.stats()
+    result = {"outputs": outputs, "layout": layout(engine),
+              "stats": {k: stats[k] for k in ("device_to_host_pages", "hit_tokens",
+                                              "recomputed_tokens")} |
+              {"swap_in_pages": stats["swap"]["in_pages"],
+               "host_hit_tokens": stats["hit_tokens_by_tier"]["host"]}}
+    engine.shutdown()
+    return result
+
+
+def converse_from(engine: Engine, name: str, all_turns, first_outputs) -> list[list[int]]:
+    """Turns 2.. of a conversation whose first turn (all_turns[0] -> first_outputs[0]) ran."""
+    seq = list(all_turns[0]) + first_outputs[0]
+    outs = []
+    for new in all_turns[1:]:
+        seq = seq + list(new)
+        out = engine.submit(seq, GREEDY, conversation_id=name).result()
+        outs.append(list(out.token_ids))
+        seq = seq + list(out.token_ids)
+    return outs
+
+
+KERNEL_KV_HEADS: set[int] = set()     # KV heads the Pallas kernel saw when traced
+
+
+def _probe_kernel():
+    import pallas_kernels
+    kernel = pallas_kernels.ragged_paged_attention_stacked
+
+    def probe(q, k_pool, *args, **kw):
+        KERNEL_KV_HEADS.add(int(k_pool.shape[3]))
+        return kernel(q, k_pool, *args, **kw)
+    pallas_kernels.ragged_paged_attention_stacked = probe
+
+
+def short(attention: str, tp: int) -> dict:
+    """Two conversations of two short turns, batched together (kept tiny for interpret mode)."""
+    KERNEL_KV_HEADS.clear()
+    engine = Engine(small_model(), "float32", EngineConfig(
+        page_size=8, num_pages=16, max_model_len=64, max_batched_tokens=16, max_num_seqs=2,
+        attention=attention, tensor_parallel=tp))
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    outputs = {}
+
+    def run(name, seed):
+        outputs[name] = converse(engine, name, turns(seed, 2, 9), params)
+    threads = [threading.Thread(target=run, args=(n, seed)) for n, seed in (("x", 5), ("y", 6))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    result = {"outputs": outputs, "stats": {},
+              "layout": layout(engine) | {"kernel_kv_heads": sorted(KERNEL_KV_HEADS)}}
+    engine.shutdown()
+    return result
+
+
+def tiny_preset(attention: str, tp: int) -> dict:
+    """random:tiny (2 KV heads): multi-turn with swaps to host at tensor_parallel 1 and 2."""
+    page_bytes = 2 * 2 * 8 * 2 * 16 * 4
+    engine = Engine.from_pretrained(
+        "random:tiny", page_size=8, num_pages=20, max_model_len=128, max_batched_tokens=32,
+        max_num_seqs=4, host_cache_bytes=40 * page_bytes, swap_out_threshold=0.0,
+        attention=attention, tensor_parallel=tp)
+    a = turns(2, 2, 24)
+    outputs = {"A": converse(engine, "A", a[:1])}
+    for i in range(3):
+        outputs[f"other-{i}"] = converse(engine, f"other-{i}", turns(20 + i, 1, 56))
+    outputs["A"] += converse_from(engine, "A", a, outputs["A"])
+    stats = engine.stats()
+    result = {"outputs": outputs, "layout": layout(engine),
+              "stats": {"device_to_host_pages": stats["device_to_host_pages"],
+                        "swap_in_pages": stats["swap"]["in_pages"]}}
+    engine.shutdown()
+    return result
+
+
+def errors(attention: str, tp: int) -> dict:
+    """The ValueError messages for bad tensor_parallel values (4 devices here)."""
+    out = {}
+    for name, make in (
+            ("too_many_devices", lambda: Engine(small_model(), "float32", EngineConfig(
+                num_pages=16, max_model_len=64, tensor_parallel=8))),
+            ("kv_heads", lambda: Engine.from_pretrained("random:tiny", num_pages=16,
+                                                        max_model_len=64, tensor_parallel=4)),
+            ("heads", lambda: Engine(small_model(), "float32", EngineConfig(
+                num_pages=16, max_model_len=64, tensor_parallel=3)))):
+        try:
+            make()
+            out[name] = None
+        except ValueError as e:
+            out[name] = str(e)
+    return {"outputs": out, "layout": {}, "stats": {}}
+
+
+SCENARIOS = {"swaps": swaps, "short": short, "tiny": tiny_preset, "errors": errors}
+
+if __name__ == "__main__":
+    _probe_kernel()
+    results = {}
+    for arg in sys.argv[1:]:
+        scenario, attention, tps = arg.split(":")
+        results[f"{scenario}:{attention}"] = {
+            tp: SCENARIOS[scenario](attention, int(tp)) for tp in tps.split(",")}
+    print(json.dumps(results))
