@@ -1,5 +1,6 @@
 """Tensor parallelism: greedy float32 outputs at tensor_parallel 2 and 4 equal one device's, over
-multi-turn conversations swapped to the host tier and back, on the XLA and Pallas attention paths.
+multi-turn conversations swapped to the host tier and back (and a shared prompt copied on write),
+on the XLA and Pallas attention paths.
 
 XLA_FLAGS must be set before JAX starts, so the engines run in one subprocess (tests/tp_worker.py)
 with 4 forced CPU devices; this process compares what it prints.
@@ -50,6 +51,7 @@ def test_multiturn_with_host_swaps_equal_across_tp_xla(runs):
         stats = result["stats"]
         assert stats["device_to_host_pages"] > 0 and stats["swap_in_pages"] > 0, tp
         assert stats["host_hit_tokens"] > 0 and stats["recomputed_tokens"] == 0, tp
+        assert stats["copied_on_write_pages"] > 0, tp        # runner.copy_pages on the shards
         kv_heads, q_cols = 4 // int(tp), 8 * 16 // int(tp)   # tp-small: 8 heads, 4 KV, dim 16
         assert result["layout"]["kv_shard"][3] == kv_heads
         assert result["layout"]["kv_devices"] == int(tp)
@@ -99,3 +101,24 @@ def test_partition_specs_are_megatron_style():
     assert specs["params"]["lm_head"]["kernel"] == P(None, "tp")
     # an axis the mesh does not divide stays replicated (SmolLM2's 49152 vocab at tp=5)
     assert parallel.param_spec(("params", "lm_head", "kernel"), (576, 49153), 4) == P(None, None)
+
+
+def test_cli_flag_reaches_engine_config():
+    from serving.cli import build_parser, engine_options
+    args = build_parser().parse_args(["serve", "--model", "random:tiny", "--tensor-parallel", "2"])
+    assert EngineConfig(**engine_options(args)).tensor_parallel == 2
+
+
+def test_bench_tp_runs_and_matches_tp1(tmp_path):
+    out = tmp_path / "tp.json"
+    bench = WORKER.parent.parent / "benchmarks" / "bench_tp.py"
+    proc = subprocess.run([sys.executable, str(bench), "--tp", "1", "4", "--iters", "1",
+                           "--prefill", "16", "--context", "16", "--decode-batch", "2",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert "not meaningful" in result["note"] and result["num_devices"] >= 4
+    assert {r["tensor_parallel"] for r in result["rows"]} == {1, 4}
+    assert all(r["same_tokens_as_tp1"] and r["seconds"] > 0 for r in result["rows"])
+    assert result["collectives_in_compiled_steps"]["4"]["all-reduce"] > 0

@@ -60,7 +60,8 @@ def layout(engine: Engine) -> dict:
 
 def swaps(attention: str, tp: int) -> dict:
     """Conversation A is pushed to the host tier by three others, then comes back for two more
-    turns; the others take a second turn too. All turns one after another."""
+    turns; then two conversations share a system prompt that ends inside a page (copy on
+    write). All turns one after another."""
     page_bytes = 2 * SMALL.num_layers * 8 * SMALL.num_kv_heads * SMALL.head_dim * 4
     engine = Engine(small_model(), "float32", EngineConfig(
         page_size=8, num_pages=20, max_model_len=128, max_batched_tokens=32, max_num_seqs=4,
@@ -71,10 +72,13 @@ def swaps(attention: str, tp: int) -> dict:
     for i in range(3):
         outputs[f"other-{i}"] = converse(engine, f"other-{i}", turns(10 + i, 1, 56))
     outputs["A"] += converse_from(engine, "A", a, outputs["A"])
+    system = turns(3, 1, 43)[0]                  # 5 pages and 3 tokens of a sixth
+    for name, seed in (("S1", 30), ("S2", 31)):
+        outputs[name] = converse(engine, name, [system + turns(seed, 1, 9)[0]])
     stats = engine.stats()
     result = {"outputs": outputs, "layout": layout(engine),
-              "stats": {k: stats[k] for k in ("device_to_host_pages", "hit_tokens",
-                                              "recomputed_tokens")} |
+              "stats": {k: stats.get(k) for k in ("device_to_host_pages", "hit_tokens",
+                                                  "recomputed_tokens", "copied_on_write_pages")} |
               {"swap_in_pages": stats["swap"]["in_pages"],
                "host_hit_tokens": stats["hit_tokens_by_tier"]["host"]}}
     engine.shutdown()
