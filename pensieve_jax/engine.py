@@ -182,10 +182,11 @@ class Engine:
             ids.pop()
         return ids
 
-    def session(self, system: str | None = None, history=None):
-        """A Session (one conversation); history: earlier messages to start from."""
+    def session(self, system: str | None = None, history=None, cache_salt: str | None = None):
+        """A Session (one conversation); history: earlier messages to start from; cache_salt:
+        share cached prompt pages only with requests of the same salt (tenant isolation)."""
         from pensieve_jax.session import Session
-        return Session(self, system, history)
+        return Session(self, system, history, cache_salt)
 
     def cancel(self, request_id: str) -> None:
         """Stop a turn now; its conversation keeps the tokens produced so far."""

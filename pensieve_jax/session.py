@@ -159,8 +159,9 @@ class TurnStream:
 
 class Session:
     def __init__(self, engine: "Engine", system: str | None = None,
-                 history: Iterable[dict[str, str]] | None = None):
+                 history: Iterable[dict[str, str]] | None = None, cache_salt: str | None = None):
         self.engine = engine
+        self.cache_salt = cache_salt        # shares cached pages only with the same salt
         self.conversation_id = f"session-{uuid.uuid4().hex[:12]}"
         self.history: list[dict[str, str]] = []
         if system is not None:
@@ -195,7 +196,8 @@ class Session:
         params = params or SamplingParams()
         with self._lock:
             prompt = self._prompt_ids(messages)
-            handle = self.engine.submit(prompt, params, conversation_id=self.conversation_id)
+            handle = self.engine.submit(prompt, params, conversation_id=self.conversation_id,
+                                        cache_salt=self.cache_salt)
             turn = self._turn = TurnStream(self.engine, handle, params)
             try:
                 yield Chunk("", ())

@@ -55,13 +55,15 @@ class Client:
         return self
 
     def session(self, system: str | None = None,
-                history: Iterable[dict[str, str]] | None = None) -> "RemoteSession":
-        return RemoteSession(self, system, history)
+                history: Iterable[dict[str, str]] | None = None,
+                cache_salt: str | None = None) -> "RemoteSession":
+        return RemoteSession(self, system, history, cache_salt)
 
-    def generate_stream(self, prompt: str | Sequence[int],
-                        params: SamplingParams | None = None) -> Iterator[pb.GenerateResponse]:
+    def generate_stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                        cache_salt: str | None = None) -> Iterator[pb.GenerateResponse]:
         """Raw text or token ids, no chat template: the response messages as they arrive."""
-        request = pb.GenerateRequest(sampling=sampling_to_proto(params))
+        request = pb.GenerateRequest(sampling=sampling_to_proto(params),
+                                     cache_salt=cache_salt or "")
         if isinstance(prompt, str):
             request.text = prompt
         else:
@@ -74,10 +76,10 @@ class Client:
         finally:
             call.cancel()
 
-    def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None
-                 ) -> Generation:
+    def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                 cache_salt: str | None = None) -> Generation:
         text, ids, last = [], [], None
-        for response in self.generate_stream(prompt, params):
+        for response in self.generate_stream(prompt, params, cache_salt):
             text.append(response.text)
             ids.extend(response.token_ids)
             last = response
@@ -126,8 +128,9 @@ class RemoteSession:
     assigns `conversation_id` on the first turn (None before)."""
 
     def __init__(self, client: Client, system: str | None = None,
-                 history: Iterable[dict[str, str]] | None = None):
+                 history: Iterable[dict[str, str]] | None = None, cache_salt: str | None = None):
         self.client = client
+        self.cache_salt = cache_salt
         self.conversation_id: str | None = None
         self.history: list[dict[str, str]] = []
         if system is not None:
@@ -151,7 +154,7 @@ class RemoteSession:
                 conversation_id=self.conversation_id or "",
                 messages=messages_to_proto(messages if self.conversation_id else
                                            self.history + messages),
-                sampling=sampling_to_proto(params))
+                sampling=sampling_to_proto(params), cache_salt=self.cache_salt or "")
             call = self._call = self.client.stub.Chat(request, timeout=self.client.timeout)
             self._cancelled = False
             pieces: list[str] = []

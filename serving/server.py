@@ -277,7 +277,8 @@ class PensieveService(pb_grpc.PensieveServicer):
             conv = await self._acquire(request.conversation_id)
             turn_messages = messages
         else:        # a new conversation: its history, then the turn (the last message)
-            conv = _Conversation(Session(self.engine, history=messages[:-1]))
+            conv = _Conversation(Session(self.engine, history=messages[:-1],
+                                         cache_salt=request.cache_salt or None))
             turn_messages = messages[-1:]
         if request.history_token_ids:
             turn_messages = _seed_history(conv.session, turn_messages,
@@ -320,7 +321,7 @@ class PensieveService(pb_grpc.PensieveServicer):
                 ids = self.engine.tokenizer.encode(request.text, add_special_tokens=True)
             else:
                 ids = list(request.token_ids.ids)
-            handle = self.engine.submit(ids, params)
+            handle = self.engine.submit(ids, params, cache_salt=request.cache_salt or None)
             handles.append(handle)
             turn = TurnStream(self.engine, handle, params)
             try:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apensieve/v1/pensieve.proto\x12\x0bpensieve.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xf4\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xa6\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x15\n\rcached_tokens\x18\x02 \x01(\x05\x12\x18\n\x10prefilled_tokens\x18\x03 \x01(\x05\x12\x19\n\x11recomputed_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12\x0e\n\x06ttft_s\x18\x06 \x01(\x01\x12\x0f\n\x07total_s\x18\x07 \x01(\x01\"\x98\x01\n\x0b\x43hatRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.pensieve.v1.Message\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.pensieve.v1.SamplingParams\x12\x19\n\x11history_token_ids\x18\x04 \x03(\x05\"\x82\x01\n\x0c\x43hatResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.pensieve.v1.Usage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x86\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.pensieve.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.pensieve.v1.SamplingParamsB\x08\n\x06prompt\"\x86\x01\n\x10GenerateResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.pensieve.v1.Usage\"1\n\x16\x45ndConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\"\x19\n\x17\x45ndConversationResponse\"\x11\n\x0fGetStatsRequest\"\xf6\x01\n\x10GetStatsResponse\x12\x12\n\nstats_json\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\x05\x12\x0f\n\x07waiting\x18\x04 \x01(\x05\x12\x15\n\rconversations\x18\x05 \x01(\x05\x12\x12\n\npages_used\x18\x06 \x01(\x05\x12\x13\n\x0bpages_total\x18\x07 \x01(\x05\x12\x12\n\nhit_tokens\x18\x08 \x01(\x03\x12\x13\n\x0bmiss_tokens\x18\t \x01(\x03\x12\x16\n\x0e\x61\x63tive_streams\x18\n \x01(\x05\x12\x1c\n\x14server_conversations\x18\x0b \x01(\x05\x32\xbb\x02\n\x08Pensieve\x12=\n\x04\x43hat\x12\x18.pensieve.v1.ChatRequest\x1a\x19.pensieve.v1.ChatResponse0\x01\x12I\n\x08Generate\x12\x1c.pensieve.v1.GenerateRequest\x1a\x1d.pensieve.v1.GenerateResponse0\x01\x12\\\n\x0f\x45ndConversation\x12#.pensieve.v1.EndConversationRequest\x1a$.pensieve.v1.EndConversationResponse\x12G\n\x08GetStats\x12\x1c.pensieve.v1.GetStatsRequest\x1a\x1d.pensieve.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apensieve/v1/pensieve.proto\x12\x0bpensieve.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xf4\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xa6\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x15\n\rcached_tokens\x18\x02 \x01(\x05\x12\x18\n\x10prefilled_tokens\x18\x03 \x01(\x05\x12\x19\n\x11recomputed_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12\x0e\n\x06ttft_s\x18\x06 \x01(\x01\x12\x0f\n\x07total_s\x18\x07 \x01(\x01\"\xac\x01\n\x0b\x43hatRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.pensieve.v1.Message\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.pensieve.v1.SamplingParams\x12\x19\n\x11history_token_ids\x18\x04 \x03(\x05\x12\x12\n\ncache_salt\x18\x05 \x01(\t\"\x82\x01\n\x0c\x43hatResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.pensieve.v1.Usage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x9a\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.pensieve.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.pensieve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\tB\x08\n\x06prompt\"\x86\x01\n\x10GenerateResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.pensieve.v1.Usage\"1\n\x16\x45ndConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\"\x19\n\x17\x45ndConversationResponse\"\x11\n\x0fGetStatsRequest\"\xf6\x01\n\x10GetStatsResponse\x12\x12\n\nstats_json\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\x05\x12\x0f\n\x07waiting\x18\x04 \x01(\x05\x12\x15\n\rconversations\x18\x05 \x01(\x05\x12\x12\n\npages_used\x18\x06 \x01(\x05\x12\x13\n\x0bpages_total\x18\x07 \x01(\x05\x12\x12\n\nhit_tokens\x18\x08 \x01(\x03\x12\x13\n\x0bmiss_tokens\x18\t \x01(\x03\x12\x16\n\x0e\x61\x63tive_streams\x18\n \x01(\x05\x12\x1c\n\x14server_conversations\x18\x0b \x01(\x05\x32\xbb\x02\n\x08Pensieve\x12=\n\x04\x43hat\x12\x18.pensieve.v1.ChatRequest\x1a\x19.pensieve.v1.ChatResponse0\x01\x12I\n\x08Generate\x12\x1c.pensieve.v1.GenerateRequest\x1a\x1d.pensieve.v1.GenerateResponse0\x01\x12\\\n\x0f\x45ndConversation\x12#.pensieve.v1.EndConversationRequest\x1a$.pensieve.v1.EndConversationResponse\x12G\n\x08GetStats\x12\x1c.pensieve.v1.GetStatsRequest\x1a\x1d.pensieve.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,23 +38,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=333
   _globals['_USAGE']._serialized_end=499
   _globals['_CHATREQUEST']._serialized_start=502
-  _globals['_CHATREQUEST']._serialized_end=654
-  _globals['_CHATRESPONSE']._serialized_start=657
-  _globals['_CHATRESPONSE']._serialized_end=787
-  _globals['_TOKENIDS']._serialized_start=789
-  _globals['_TOKENIDS']._serialized_end=812
-  _globals['_GENERATEREQUEST']._serialized_start=815
-  _globals['_GENERATEREQUEST']._serialized_end=949
-  _globals['_GENERATERESPONSE']._serialized_start=952
-  _globals['_GENERATERESPONSE']._serialized_end=1086
-  _globals['_ENDCONVERSATIONREQUEST']._serialized_start=1088
-  _globals['_ENDCONVERSATIONREQUEST']._serialized_end=1137
-  _globals['_ENDCONVERSATIONRESPONSE']._serialized_start=1139
-  _globals['_ENDCONVERSATIONRESPONSE']._serialized_end=1164
-  _globals['_GETSTATSREQUEST']._serialized_start=1166
-  _globals['_GETSTATSREQUEST']._serialized_end=1183
-  _globals['_GETSTATSRESPONSE']._serialized_start=1186
-  _globals['_GETSTATSRESPONSE']._serialized_end=1432
-  _globals['_PENSIEVE']._serialized_start=1435
-  _globals['_PENSIEVE']._serialized_end=1750
+  _globals['_CHATREQUEST']._serialized_end=674
+  _globals['_CHATRESPONSE']._serialized_start=677
+  _globals['_CHATRESPONSE']._serialized_end=807
+  _globals['_TOKENIDS']._serialized_start=809
+  _globals['_TOKENIDS']._serialized_end=832
+  _globals['_GENERATEREQUEST']._serialized_start=835
+  _globals['_GENERATEREQUEST']._serialized_end=989
+  _globals['_GENERATERESPONSE']._serialized_start=992
+  _globals['_GENERATERESPONSE']._serialized_end=1126
+  _globals['_ENDCONVERSATIONREQUEST']._serialized_start=1128
+  _globals['_ENDCONVERSATIONREQUEST']._serialized_end=1177
+  _globals['_ENDCONVERSATIONRESPONSE']._serialized_start=1179
+  _globals['_ENDCONVERSATIONRESPONSE']._serialized_end=1204
+  _globals['_GETSTATSREQUEST']._serialized_start=1206
+  _globals['_GETSTATSREQUEST']._serialized_end=1223
+  _globals['_GETSTATSRESPONSE']._serialized_start=1226
+  _globals['_GETSTATSRESPONSE']._serialized_end=1472
+  _globals['_PENSIEVE']._serialized_start=1475
+  _globals['_PENSIEVE']._serialized_end=1790
 # @@protoc_insertion_point(module_scope)
