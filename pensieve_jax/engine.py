@@ -38,7 +38,7 @@ CACHE_POLICIES = ("stateful", "stateless")
 class EngineConfig:
     page_size: int = 16
     num_pages: int | None = None         # None: from kv_cache_bytes / kv_cache_fraction
-    kv_cache_bytes: int | None = None    # None: kv_cache_fraction of free accelerator memory
+    kv_cache_bytes: int | None = None    # per device; None: kv_cache_fraction of free memory
     kv_cache_fraction: float = 0.6       # (on CPU: 512 MiB, capped at what the seqs can use)
     max_model_len: int | None = None     # None: min(model context, 4096)
     max_batched_tokens: int = 512
@@ -78,7 +78,7 @@ def _pool_pages(model: LoadedModel, config: EngineConfig, dtype, max_model_len: 
         return config.num_pages
     c = model.config
     page_bytes = 2 * c.num_layers * config.page_size * c.num_kv_heads * c.head_dim * \
-        jnp.dtype(dtype).itemsize
+        jnp.dtype(dtype).itemsize // config.tensor_parallel    # per device: its KV heads only
     budget = config.kv_cache_bytes
     stats = jax.devices()[0].memory_stats() if budget is None else None
     if budget is None and stats and "bytes_limit" in stats:
@@ -249,7 +249,11 @@ class Engine:
 
     def step(self) -> int:
         """One engine step (called by the loop thread); returns the number of rows run."""
-        rows = self.scheduler.schedule()
+        try:
+            rows = self.scheduler.schedule()
+        except Exception as e:  # a scheduler bug must not kill the loop silently
+            self._fail_all(RuntimeError(f"engine scheduling failed: {type(e).__name__}: {e}"))
+            return 0
         for req, error in self.scheduler.rejected:
             self._deliver(req, error)
         self.scheduler.rejected.clear()
@@ -416,3 +420,20 @@ class Engine:
             swap=dict(self.host.stats), eviction_policy=self.store.policy.name,
             cache_policy=self.config.cache_policy, page_size=self.config.page_size,
             max_model_len=self.max_model_len)
+
+    # -- KV transfer between engines (pensieve_jax/kv_transfer.py) ----------------------------
+
+    def export_kv(self, conversation_id: str, start: int = 0, limit: int | None = None):
+        """An idle conversation's held KV prefix as kv_transfer.ExportedKV (token ids, k/v
+        pages from the page holding token `start`, at most `limit` tokens)."""
+        from pensieve_jax import kv_transfer
+        return kv_transfer.call_settled(self, lambda: kv_transfer.export_kv(self, conversation_id, start, limit))
+
+    def import_kv(self, conversation_id: str | None, token_ids, k, v, layout,
+                  first_page: int = 0, cache_salt: str | None = None) -> str:
+        """Make an idle conversation hold token_ids with KV pages k, v (from first_page on);
+        None: the anonymous conversation sharing the longest prefix (or a new one). Returns
+        its id. Raises KVMismatch, ConversationBusy or OutOfPages."""
+        from pensieve_jax import kv_transfer
+        return kv_transfer.call_settled(self, lambda: kv_transfer.import_kv(
+            self, conversation_id, token_ids, k, v, layout, first_page, cache_salt or ""))

@@ -74,7 +74,7 @@ class Scheduler:
                     if not self._admit(req):
                         deferred.append(req)      # its conversation's cache flush runs first
                         continue
-                except ConversationBusy as e:
+                except (ConversationBusy, ValueError) as e:     # busy, or another salt's
                     self.rejected.append((req, e))
                     continue
             if not req.restored and not self._restore(req):
