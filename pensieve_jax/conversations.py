@@ -26,13 +26,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from pensieve_jax.cache import PageAllocator
 from pensieve_jax.eviction import EvictionPolicy, LRUPolicy
 from pensieve_jax.prefix_index import PrefixIndex, common_prefix
 
-__all__ = ["Conversation", "ConversationStore", "RestorePlan", "common_prefix"]
+__all__ = ["Conversation", "ConversationStore", "RestorePlan", "SwapIn", "common_prefix"]
 
 
 @dataclasses.dataclass(eq=False)
@@ -58,6 +58,14 @@ class Conversation:
         return len(self.pages)
 
 
+class SwapIn(NamedTuple):
+    host_page: int
+    device_page: int
+    conversation: Conversation
+    index: int             # page index in the conversation (it may be gone by the time the
+                           # copy lands: then the copy is skipped)
+
+
 class RestorePlan(NamedTuple):
     new_pages: int         # device pages to allocate
     front: tuple[int, int]  # token range [start, end) to recompute
@@ -76,14 +84,17 @@ class ConversationStore:
         self.policy = policy or LRUPolicy()
         self.chunk_pages = chunk_pages
         self.index = PrefixIndex(page_size) if sharing else None
+        # (first token, tokens) -> True if recomputing them beats loading their page from host
+        self.recompute_cheaper: Callable[[int, int], bool] | None = None
         self.conversations: dict[str, Conversation] = {}
         self._ids = itertools.count()
         self.swap_out: list[tuple[int, int]] = []     # (device page, host page), to copy
-        self.swap_in: list[tuple[int, int]] = []      # (host page, device page), to copy
+        self.swap_in: list[SwapIn] = []               # host -> device copies to make
         self.copies: list[tuple[int, int]] = []       # (device page, device page), to copy
         self.counts = dict.fromkeys(("device_to_host_pages", "host_dropped_pages",
                                      "device_dropped_pages", "evicted_tokens",
-                                     "released_shared_pages", "copied_on_write_pages"), 0)
+                                     "released_shared_pages", "copied_on_write_pages",
+                                     "recomputed_not_loaded_pages"), 0)
 
     def new_id(self, prefix: str = "conv") -> str:
         return f"{prefix}-{next(self._ids)}"
@@ -221,6 +232,8 @@ class ConversationStore:
                     (i < len(path) and path[i].has_copy()))
         missing = [i for i in range(len(conv.pages)) if not has_copy(i)]
         lo, hi = (missing[0], missing[-1] + 1) if missing else (len(conv.pages),) * 2
+        if self.recompute_cheaper is not None:
+            lo, hi = self._recompute_instead_of_load(conv, path, lo, hi)
         for i in range(lo, hi):
             self._release_page(conv, i)
         shared = 0
@@ -239,24 +252,52 @@ class ConversationStore:
         front = (lo * ps, min(hi * ps, conv.num_computed)) if lo < hi else (0, 0)
         return RestorePlan(sum(1 for p in conv.pages if p < 0), front, host, shared)
 
-    def restore(self, conv: Conversation) -> None:
+    def _recompute_instead_of_load(self, conv: Conversation, path, lo: int, hi: int):
+        """Grow the recompute range [lo, hi) over neighbouring pages that would come from host
+        memory while recomputing them is cheaper than loading them (per page, front first when
+        nothing is missing yet)."""
+        ps, n = self.page_size, len(conv.pages)
+
+        def loads(i):
+            if conv.pages[i] >= 0 or (conv.cow is not None and conv.cow[0] == i):
+                return False
+            return i in conv.host_pages or (i < len(path) and path[i].has_copy() and
+                                            path[i].device < 0)
+
+        def cheaper(i):
+            return loads(i) and self.recompute_cheaper(i * ps, min(ps, conv.num_computed - i * ps))
+        if lo == hi:
+            first = next((i for i in range(n) if loads(i)), None)
+            if first is None or not cheaper(first):
+                return lo, hi
+            lo, hi = first, first + 1
+            self.counts["recomputed_not_loaded_pages"] += 1
+        while lo > 0 and cheaper(lo - 1):
+            lo -= 1
+            self.counts["recomputed_not_loaded_pages"] += 1
+        while hi < n and cheaper(hi):
+            hi += 1
+            self.counts["recomputed_not_loaded_pages"] += 1
+        return lo, hi
+
+    def restore(self, conv: Conversation) -> int:
         """Give every page of conv a device page (after plan_restore and making room for its
-        new_pages): host pages are queued for swap-in, copies on write for copying."""
+        new_pages): host pages are queued for swap-in, copies on write for copying. Returns
+        the number of pages to swap in (the conversation waits for them to land; its pages are
+        offered to the index again once it has run)."""
         missing = [i for i, p in enumerate(conv.pages) if p < 0]
-        full = conv.num_computed // self.page_size
-        path = (self.index.path(conv.salt, conv.token_ids, full * self.page_size)
-                if self.index is not None and any(i in conv.host_pages for i in missing) else [])
+        loads = 0
         for i, page in zip(missing, self.allocator.allocate(len(missing))):
             conv.pages[i] = page
             if i in conv.host_pages:
-                self.swap_in.append((conv.host_pages.pop(i), page))
-                if i < len(path):
-                    self.index.set_device(path[i], page)
+                self.swap_in.append(SwapIn(conv.host_pages.pop(i), page, conv, i))
+                loads += 1
             elif conv.cow is not None and conv.cow[0] == i:
                 self.copies.append((conv.cow[1], page))
                 self._free_device([conv.cow[1]])       # the copy runs before any later write
                 conv.cow = None
                 self.counts["copied_on_write_pages"] += 1
+        return loads
 
     def register(self, conv: Conversation) -> None:
         """Offer conv's full computed pages to other conversations (prompt sharing)."""

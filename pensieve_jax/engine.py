@@ -29,6 +29,7 @@ from pensieve_jax.runner import ModelRunner, step_input
 from pensieve_jax.sampling import SamplingParams
 from pensieve_jax.scheduler import Row, Scheduler, SchedulerConfig
 from pensieve_jax.tokenizer import Tokenizer
+from pensieve_jax.transfer_costs import RESTORE_POLICIES, TransferCosts
 from pensieve_jax.weights import DEFAULT_MODEL, LoadedModel, load_model
 
 CACHE_POLICIES = ("stateful", "stateless")
@@ -52,6 +53,8 @@ class EngineConfig:
     swap_out_threshold: float = 0.25     # copy idle chunks to host when fewer pages are free
     reserve_fraction: float = 0.10       # pages new turns leave free for running ones
     conversation_ttl_s: float | None = None    # idle conversations are forgotten after this
+    restore_policy: str = "auto"         # host pages: "load", "recompute", or "auto" (the
+                                         # cheaper by measured bandwidth and prefill speed)
     prefix_sharing: bool = True          # conversations share cached pages of common prefixes
     fairness_steps: int = 16             # a waiting turn is passed over for better-cached ones
                                          # for at most this many steps
@@ -69,6 +72,9 @@ class EngineConfig:
         if not isinstance(self.tensor_parallel, int) or self.tensor_parallel < 1:
             raise ValueError(f"tensor_parallel must be an integer >= 1, "
                              f"got {self.tensor_parallel!r}")
+        if self.restore_policy not in RESTORE_POLICIES:
+            raise ValueError(f"restore_policy must be one of {RESTORE_POLICIES}, "
+                             f"got {self.restore_policy!r}")
         if not 0 < self.kv_cache_fraction <= 1:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
 
@@ -116,6 +122,13 @@ class Engine:
             int(config.reserve_fraction * num_pages), config.fairness_steps), self.store)
         self.runner = ModelRunner(model, num_pages, config.page_size, config.attention, dtype,
                                   tensor_parallel=config.tensor_parallel)
+        self._rates = TransferCosts(page_bytes, config.restore_policy)
+        if self.host.enabled:
+            if config.restore_policy == "auto":
+                self._rates.calibrate(self.runner, page_shape, self.host.k.dtype)
+            if config.restore_policy != "load":
+                self.store.recompute_cheaper = self._rates.recompute_cheaper
+        self._landing = None                 # swap-ins started, to land at the next step
         self._inbox: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -248,8 +261,10 @@ class Engine:
             self.step()
 
     def step(self) -> int:
-        """One engine step (called by the loop thread); returns the number of rows run."""
+        """One engine step (called by the loop thread); returns the number of rows run:
+        land last step's swap-ins, schedule, start this step's copies, run, postprocess."""
         try:
+            self._land()
             rows = self.scheduler.schedule()
         except Exception as e:  # a scheduler bug must not kill the loop silently
             self._fail_all(RuntimeError(f"engine scheduling failed: {type(e).__name__}: {e}"))
@@ -257,16 +272,20 @@ class Engine:
         for req, error in self.scheduler.rejected:
             self._deliver(req, error)
         self.scheduler.rejected.clear()
-        if not rows:
-            return 0
         try:
             self._transfer()
+            if not rows:
+                return 0
+            start = time.perf_counter()
             tokens = self.runner.step(step_input(rows, self.config.page_size))
         except Exception as e:  # fail what is in flight; the pools may be gone (donated)
             self._fail_all(RuntimeError(f"engine step failed: {type(e).__name__}: {e}"))
             return 0
+        num_tokens = sum(r.end - r.start for r in rows)
+        if num_tokens >= 16:      # prefill speed, for the load-or-recompute choice
+            self._rates.prefill(time.perf_counter() - start, num_tokens)
         self._counts["steps"] += 1
-        self._counts["step_tokens"] += sum(r.end - r.start for r in rows)
+        self._counts["step_tokens"] += num_tokens
         for row, token in zip(rows, tokens):
             self._postprocess(row, int(token))
         self.store.swap_out_ahead(int(self.config.swap_out_threshold * self.allocator.num_pages))
@@ -282,12 +301,29 @@ class Engine:
             self.host.write_async(k, v, [h for _, h in out])
         if copies:
             self.runner.copy_pages(copies)
-        if into:
+        if into:      # start the host -> device copy now; it lands at the next step
             start = time.perf_counter()
-            k, v = self.host.read([h for h, _ in into])
-            self.runner.scatter_pages(k, v, [d for _, d in into])
-            self.store.swapped_in([h for h, _ in into])
+            k, v = self.host.read([s.host_page for s in into])
+            self._landing = (self.runner.stage_pages(k, v), into)
+            self.store.swapped_in([s.host_page for s in into])
             self.host.stats["in_s"] += time.perf_counter() - start
+
+    def _land(self) -> None:
+        """Swap-ins started before the last step's compute go into the pools (pages whose
+        conversation let them go meanwhile are skipped); their turns may run from now on."""
+        if self._landing is None:
+            return
+        staged, into = self._landing
+        self._landing = None
+        hidden = all(a.is_ready() for a in staged)
+        start = time.perf_counter()
+        jax.block_until_ready(staged)
+        self.host.stats["in_wait_s"] += time.perf_counter() - start
+        self.host.stats["in_hidden_pages"] += len(into) if hidden else 0
+        self.runner.scatter_staged(staged, [
+            s.device_page if s.index < len(s.conversation.pages) and
+            s.conversation.pages[s.index] == s.device_page else -1 for s in into])
+        self.scheduler.landed()
 
     def _postprocess(self, row: Row, token: int) -> None:
         req = row.request
@@ -385,6 +421,7 @@ class Engine:
 
     def _fail_all(self, error: Exception) -> None:
         self._counts["failed_steps"] += 1
+        self._landing = None
         for req in self.scheduler.abort_all():
             if req.conversation is not None:
                 self.store.release(req.conversation, keep_kv=False)
@@ -417,7 +454,7 @@ class Engine:
                          shared_hit_tokens=self._counts["cached_shared_tokens"],
                          hit_ratio=self._counts["cached_tokens"] /
                          max(1, self._counts["prompt_tokens"])),
-            swap=dict(self.host.stats), eviction_policy=self.store.policy.name,
+            swap=dict(self.host.stats, **self._rates.stats()), eviction_policy=self.store.policy.name,
             cache_policy=self.config.cache_policy, page_size=self.config.page_size,
             max_model_len=self.max_model_len)
 
@@ -427,7 +464,8 @@ class Engine:
         """An idle conversation's held KV prefix as kv_transfer.ExportedKV (token ids, k/v
         pages from the page holding token `start`, at most `limit` tokens)."""
         from pensieve_jax import kv_transfer
-        return kv_transfer.call_settled(self, lambda: kv_transfer.export_kv(self, conversation_id, start, limit))
+        return kv_transfer.call_settled(self, lambda: kv_transfer.export_kv(
+            self, conversation_id, start, limit))
 
     def import_kv(self, conversation_id: str | None, token_ids, k, v, layout,
                   first_page: int = 0, cache_salt: str | None = None) -> str:

@@ -121,12 +121,6 @@ class PrefixIndex:
             node.host = host_page
             self._by_host[host_page] = node
 
-    def set_device(self, node: Node, page: int) -> None:
-        """node's KV is (being) copied into device page `page`."""
-        if node.device < 0 and page not in self._by_device:
-            node.device = page
-            self._by_device[page] = node
-
     def is_indexed(self, device_page: int) -> bool:
         return device_page in self._by_device
 

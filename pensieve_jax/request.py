@@ -103,6 +103,7 @@ class Request:
         self.stop_text_index: int | None = None
         self.known_len = 0                # tokens the conversation had computed at some point
         self.restored = False             # its pages are all on the device (or being copied)
+        self.loading = False              # ... and some are still being copied from host
         self.front_done = self.front_end = 0   # a dropped prefix being recomputed
         self.cached = self.cached_host = self.prefilled = self.recomputed = 0
         self.cached_shared = 0            # cached tokens on pages shared with other conversations

@@ -120,14 +120,22 @@ class ModelRunner:
 
     def scatter_pages(self, k: np.ndarray, v: np.ndarray, page_ids: list[int]) -> None:
         """Write pages k, v [layers, n, ...] (host arrays) into device pages page_ids."""
-        n = bucket(len(page_ids), 8)
-        ids = np.full(n, self.num_pages, np.int32)          # padding rows are dropped
-        ids[:len(page_ids)] = page_ids
-        pad = ((0, 0), (0, n - len(page_ids))) + ((0, 0),) * (k.ndim - 2)
+        self.scatter_staged(self.stage_pages(k, v), page_ids)
+
+    def stage_pages(self, k: np.ndarray, v: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        """Start copying host pages k, v [layers, n, ...] to the device (asynchronous; padded
+        to a bucket of pages). The copy overlaps whatever runs until `scatter_staged`."""
+        n = bucket(k.shape[1], 8)
+        pad = ((0, 0), (0, n - k.shape[1])) + ((0, 0),) * (k.ndim - 2)
         put = (jax.device_put if self.mesh is None else   # each device gets its heads' slice
                lambda a: parallel.put(a, self._kv_sharding))
-        self.kv = self._scatter(self.kv, put(np.pad(k, pad)), put(np.pad(v, pad)),
-                                self._replicate(ids))
+        return put(np.pad(k, pad)), put(np.pad(v, pad))
+
+    def scatter_staged(self, staged: tuple[jax.Array, jax.Array], page_ids: list[int]) -> None:
+        """Write staged pages into device pages page_ids (-1: skip that page)."""
+        ids = np.full(staged[0].shape[1], self.num_pages, np.int32)   # padding rows are dropped
+        ids[:len(page_ids)] = [p if p >= 0 else self.num_pages for p in page_ids]
+        self.kv = self._scatter(self.kv, *staged, self._replicate(ids))
 
     def reset_kv(self) -> None:
         c = self.config

@@ -5,10 +5,12 @@ Each step, under `max_batched_tokens` and `max_num_seqs`:
      (a turn that already finished runs its last sampled token once more so that its
      conversation's cache is complete for the next turn);
   2. waiting turns, first come first served, while budget and pages last.
-Waiting turns whose prompt is better cached go first, within a fairness bound (Preble).
+Waiting turns whose prompt is better cached go first, within a fairness bound (Preble). A turn
+whose pages come back from host memory is admitted one step before it runs: the copy overlaps
+that step's compute and blocks no one.
 When pages run short, idle conversations lose their cache first (by the eviction policy,
-shared pages last), then the newest running turn is preempted: its pages are freed and it goes back to the front of the queue to be
-recomputed. The oldest running turn can always proceed, so there is no deadlock.
+shared pages last), then the newest running turn is preempted: its pages are freed and it goes
+back to the front of the queue to be recomputed. The oldest running turn can always proceed, so there is no deadlock.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class Scheduler:
         for req in list(self.running):
             if budget == 0 or len(rows) == self.config.max_num_seqs:
                 break
-            if req not in self.running:          # preempted while making room for an older one
+            if req not in self.running or req.loading:   # preempted / its pages not back yet
                 continue
             n = min(len(req.token_ids) - req.num_computed, budget)
             if self._make_room(req, req.num_computed + n, may_preempt=True):
@@ -85,7 +87,8 @@ class Scheduler:
                 self.waiting.appendleft(req)      # newcomers never preempt running turns
                 break
             self.running.append(req)
-            budget -= self._add_rows(rows, req, budget)
+            if not req.loading:       # else it runs once its pages have landed (next step)
+                budget -= self._add_rows(rows, req, budget)
         self.waiting.extendleft(reversed(deferred))
         return rows
 
@@ -155,7 +158,7 @@ class Scheduler:
         while not self.store.make_room(plan.new_pages):
             if not self._drop_waiting_kv(req):
                 return False
-        self.store.restore(conv)
+        req.loading = self.store.restore(conv) > 0
         req.front_done, req.front_end = plan.front
         req.cached = conv.num_computed - (plan.front[1] - plan.front[0])
         req.cached_host = min(plan.host_tokens, req.cached)
@@ -200,6 +203,11 @@ class Scheduler:
             self.store.release(req.conversation, keep_kv=False)
         else:
             self.waiting.appendleft(req)
+
+    def landed(self) -> None:
+        """Every swap-in planned so far is in the device pools: those turns may run."""
+        for req in self.running:
+            req.loading = False
 
     def finish(self, req: Request) -> None:
         self.running.remove(req)
