@@ -102,7 +102,9 @@ class ConversationStore:
     def get_or_create(self, conversation_id: str | None, prompt: list[int],
                       salt: str = "") -> Conversation:
         """The conversation a request runs in. With no id, adopt the idle (or flushing)
-        anonymous conversation of the same salt sharing the longest token prefix, if any."""
+        anonymous conversation of the same salt sharing the longest token prefix, if any; with
+        prompt sharing only one the prompt extends (a diverging prompt starts a conversation of
+        its own and shares the common pages instead of cutting another's history short)."""
         if conversation_id is not None:
             conv = self.conversations.get(conversation_id)
             if conv is None:
@@ -115,6 +117,8 @@ class ConversationStore:
         for conv in self.conversations.values():
             if conv.anonymous and conv.salt == salt and (not conv.busy or conv.flushing):
                 n = common_prefix(conv.token_ids, prompt)
+                if self.index is not None and n < len(conv.token_ids):
+                    continue
                 if n > best_len:
                     best, best_len = conv, n
         if best is not None:

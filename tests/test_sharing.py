@@ -192,3 +192,21 @@ def test_waiting_turns_with_cached_prompts_go_first_within_the_fairness_bound():
             sched.add(r)
         sched._order_waiting()
         assert [r.id for r in sched.waiting] == want
+
+
+def test_anonymous_requests_diverging_after_a_shared_prefix_keep_their_own_caches(stateless):
+    """Stateless clients (no conversation id) with one system prompt: the second does not take
+    over (and cut short) the first's conversation; each one's next turn hits its whole history."""
+    eng = make()
+    a1 = eng.submit(SYSTEM + user(60), P).result()
+    settle(eng)
+    b1 = eng.submit(SYSTEM + user(61), P).result()
+    assert b1.conversation_id != a1.conversation_id and b1.usage.cached_shared_tokens == 43
+    settle(eng)
+    for first, u in ((a1, 60), (b1, 61)):
+        seq = SYSTEM + user(u) + list(first.token_ids) + user(u + 10)
+        nxt = eng.submit(seq, P).result()
+        assert nxt.conversation_id == first.conversation_id
+        assert nxt.usage.cached_tokens == len(SYSTEM) + 9 + len(first.token_ids)
+        assert list(nxt.token_ids) == stateless.generate(seq, P)
+    eng.shutdown()
