@@ -33,6 +33,7 @@ from grpc_reflection.v1alpha import reflection
 from pensieve_jax.engine import Engine
 from pensieve_jax.session import Session, TurnStream, check_messages
 from serving.errors import ConversationNotFound, ShuttingDown, TurnInProgress, status_for
+from serving.mempool import GRPC_OPTIONS, MEMPOOL_SERVICE, MemPoolService
 from serving.metrics import Metrics
 from serving.pensieve.v1 import pensieve_pb2 as pb
 from serving.pensieve.v1 import pensieve_pb2_grpc as pb_grpc
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Pensieve"].full_name   # "pensieve.v1.Pensieve"
 DEFAULT_HOST = "127.0.0.1"
+ROLES = ("prefill", "decode", "both")      # what a router may use a replica for
 
 
 class _Failed:
@@ -141,6 +143,8 @@ class PensieveService(pb_grpc.PensieveServicer):
         self.workers: set[_Worker] = set()
         self.active_streams = 0
         self.draining = False
+        self.role = "both"              # prefill | decode | both: a hint for routers
+        self.mempool = None             # its MemPoolService, once served
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_streams, thread_name_prefix="pensieve-stream")
 
@@ -213,6 +217,14 @@ class PensieveService(pb_grpc.PensieveServicer):
             log.error("%s failed", method, exc_info=error)
         self._count(method, code)
         await context.abort(code, message)
+
+    def adopt(self, conversation_id: str, cache_salt: str | None = None) -> None:
+        """Open a Chat conversation on an engine conversation that already exists (its KV was
+        imported through MemPool): a router continues it with ChatRequest.conversation_id plus
+        the messages and history_token_ids of what it holds."""
+        session = Session(self.engine, cache_salt=cache_salt)
+        session.conversation_id = conversation_id
+        self.conversations[conversation_id] = _Conversation(session)
 
     def _observe(self, usage) -> None:
         if self.metrics is not None:
@@ -361,6 +373,9 @@ class PensieveService(pb_grpc.PensieveServicer):
 
     async def _stats(self) -> pb.GetStatsResponse:
         stats = await asyncio.to_thread(self.engine.stats)
+        stats["role"] = self.role
+        if self.mempool is not None:
+            stats["mempool"] = dict(self.mempool.stats)
         device = stats["pages"]["device"]
         return pb.GetStatsResponse(
             stats_json=json.dumps(stats, sort_keys=True), model=self.model_name,
@@ -404,15 +419,21 @@ class PensieveServer:
 
     def __init__(self, engine: Engine, host: str = DEFAULT_HOST, port: int = 0,
                  metrics: Metrics | None = None, model_name: str | None = None,
-                 max_streams: int = 1024, options: list[tuple[str, Any]] | None = None):
+                 max_streams: int = 1024, options: list[tuple[str, Any]] | None = None,
+                 role: str = "both"):
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self.engine = engine
         self.host = host
         self.requested_port = port
         self.port: int | None = None
         self.metrics = metrics
         self.service = PensieveService(engine, metrics, model_name, max_streams)
+        self.service.role = role
+        self.mempool = MemPoolService(self.service)      # pensieve.v1.MemPool (KV transfer)
+        self.service.mempool = self.mempool
         self.health = health.aio.HealthServicer()
-        self._options = options
+        self._options = GRPC_OPTIONS if options is None else options
         self._server: grpc.aio.Server | None = None
         self._expiry: asyncio.Task | None = None
 
@@ -423,9 +444,10 @@ class PensieveServer:
     async def start(self) -> int:
         server = grpc.aio.server(options=self._options)
         pb_grpc.add_PensieveServicer_to_server(self.service, server)
+        pb_grpc.add_MemPoolServicer_to_server(self.mempool, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+            (SERVICE_NAME, MEMPOOL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         self.port = server.add_insecure_port(f"{self.host}:{self.requested_port}")
         await server.start()
         self._server = server
@@ -446,6 +468,7 @@ class PensieveServer:
         await stopping
         if self._expiry is not None:
             self._expiry.cancel()
+        await self.mempool.close()
         self.service.close()
         self._server = None
 

@@ -151,3 +151,121 @@ class GetStatsResponse(_message.Message):
     active_streams: int
     server_conversations: int
     def __init__(self, stats_json: _Optional[str] = ..., model: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., conversations: _Optional[int] = ..., pages_used: _Optional[int] = ..., pages_total: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., miss_tokens: _Optional[int] = ..., active_streams: _Optional[int] = ..., server_conversations: _Optional[int] = ...) -> None: ...
+
+class KVLayout(_message.Message):
+    __slots__ = ("model", "num_layers", "page_size", "num_kv_heads", "head_dim", "dtype")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    num_layers: int
+    page_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    def __init__(self, model: _Optional[str] = ..., num_layers: _Optional[int] = ..., page_size: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
+
+class MatchRequest(_message.Message):
+    __slots__ = ("conversation_id", "token_ids", "cache_salt")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    cache_salt: str
+    def __init__(self, conversation_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., cache_salt: _Optional[str] = ...) -> None: ...
+
+class MatchResponse(_message.Message):
+    __slots__ = ("conversation_tokens", "shared_tokens", "layout", "page_bytes")
+    CONVERSATION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    conversation_tokens: int
+    shared_tokens: int
+    layout: KVLayout
+    page_bytes: int
+    def __init__(self, conversation_tokens: _Optional[int] = ..., shared_tokens: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., page_bytes: _Optional[int] = ...) -> None: ...
+
+class ExportRequest(_message.Message):
+    __slots__ = ("conversation_id", "start_token", "limit_tokens", "chunk_bytes")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    START_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    start_token: int
+    limit_tokens: int
+    chunk_bytes: int
+    def __init__(self, conversation_id: _Optional[str] = ..., start_token: _Optional[int] = ..., limit_tokens: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class KVChunk(_message.Message):
+    __slots__ = ("conversation_id", "token_ids", "first_page", "num_pages", "layout", "cache_salt", "adopt", "page_offset", "shape", "k", "v")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_PAGE_FIELD_NUMBER: _ClassVar[int]
+    NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    ADOPT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    V_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    first_page: int
+    num_pages: int
+    layout: KVLayout
+    cache_salt: str
+    adopt: bool
+    page_offset: int
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    k: bytes
+    v: bytes
+    def __init__(self, conversation_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., first_page: _Optional[int] = ..., num_pages: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., cache_salt: _Optional[str] = ..., adopt: _Optional[bool] = ..., page_offset: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., k: _Optional[bytes] = ..., v: _Optional[bytes] = ...) -> None: ...
+
+class ImportResponse(_message.Message):
+    __slots__ = ("conversation_id", "num_tokens", "bytes", "seconds")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    num_tokens: int
+    bytes: int
+    seconds: float
+    def __init__(self, conversation_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class TransferRequest(_message.Message):
+    __slots__ = ("conversation_id", "target", "target_conversation_id", "adopt", "limit_tokens", "chunk_bytes")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    TARGET_CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    ADOPT_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    target: str
+    target_conversation_id: str
+    adopt: bool
+    limit_tokens: int
+    chunk_bytes: int
+    def __init__(self, conversation_id: _Optional[str] = ..., target: _Optional[str] = ..., target_conversation_id: _Optional[str] = ..., adopt: _Optional[bool] = ..., limit_tokens: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class TransferResponse(_message.Message):
+    __slots__ = ("target_conversation_id", "num_tokens", "sent_tokens", "bytes", "seconds")
+    TARGET_CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    target_conversation_id: str
+    num_tokens: int
+    sent_tokens: int
+    bytes: int
+    seconds: float
+    def __init__(self, target_conversation_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., sent_tokens: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...

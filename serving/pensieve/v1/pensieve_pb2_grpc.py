@@ -231,3 +231,217 @@ class Pensieve:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class MemPoolStub:
+    """MemPool (MemServe): what KV a replica holds, and moving a conversation's KV pages from one
+    replica to another. Replicas serve it on the same port as Pensieve; routers call it.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Match = channel.unary_unary(
+                '/pensieve.v1.MemPool/Match',
+                request_serializer=pensieve_dot_v1_dot_pensieve__pb2.MatchRequest.SerializeToString,
+                response_deserializer=pensieve_dot_v1_dot_pensieve__pb2.MatchResponse.FromString,
+                _registered_method=True)
+        self.Export = channel.unary_stream(
+                '/pensieve.v1.MemPool/Export',
+                request_serializer=pensieve_dot_v1_dot_pensieve__pb2.ExportRequest.SerializeToString,
+                response_deserializer=pensieve_dot_v1_dot_pensieve__pb2.KVChunk.FromString,
+                _registered_method=True)
+        self.Import = channel.stream_unary(
+                '/pensieve.v1.MemPool/Import',
+                request_serializer=pensieve_dot_v1_dot_pensieve__pb2.KVChunk.SerializeToString,
+                response_deserializer=pensieve_dot_v1_dot_pensieve__pb2.ImportResponse.FromString,
+                _registered_method=True)
+        self.Transfer = channel.unary_unary(
+                '/pensieve.v1.MemPool/Transfer',
+                request_serializer=pensieve_dot_v1_dot_pensieve__pb2.TransferRequest.SerializeToString,
+                response_deserializer=pensieve_dot_v1_dot_pensieve__pb2.TransferResponse.FromString,
+                _registered_method=True)
+
+
+class MemPoolServicer:
+    """MemPool (MemServe): what KV a replica holds, and moving a conversation's KV pages from one
+    replica to another. Replicas serve it on the same port as Pensieve; routers call it.
+    """
+
+    def Match(self, request, context):
+        """How many leading tokens of token_ids this replica holds for a conversation (by id, or
+        without one the anonymous conversation sharing the longest prefix), and how many the
+        prefix index could serve (pages shared by prefix).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Export(self, request, context):
+        """A conversation's held KV prefix as a stream of KVChunks (many pages per message).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Import(self, request_iterator, context):
+        """Create or extend an idle conversation from a KVChunk stream (as Export sends it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Transfer(self, request, context):
+        """Push a conversation's KV from this replica to another one (Match there, then Import there
+        only the pages it lacks).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_MemPoolServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Match': grpc.unary_unary_rpc_method_handler(
+                    servicer.Match,
+                    request_deserializer=pensieve_dot_v1_dot_pensieve__pb2.MatchRequest.FromString,
+                    response_serializer=pensieve_dot_v1_dot_pensieve__pb2.MatchResponse.SerializeToString,
+            ),
+            'Export': grpc.unary_stream_rpc_method_handler(
+                    servicer.Export,
+                    request_deserializer=pensieve_dot_v1_dot_pensieve__pb2.ExportRequest.FromString,
+                    response_serializer=pensieve_dot_v1_dot_pensieve__pb2.KVChunk.SerializeToString,
+            ),
+            'Import': grpc.stream_unary_rpc_method_handler(
+                    servicer.Import,
+                    request_deserializer=pensieve_dot_v1_dot_pensieve__pb2.KVChunk.FromString,
+                    response_serializer=pensieve_dot_v1_dot_pensieve__pb2.ImportResponse.SerializeToString,
+            ),
+            'Transfer': grpc.unary_unary_rpc_method_handler(
+                    servicer.Transfer,
+                    request_deserializer=pensieve_dot_v1_dot_pensieve__pb2.TransferRequest.FromString,
+                    response_serializer=pensieve_dot_v1_dot_pensieve__pb2.TransferResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'pensieve.v1.MemPool', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('pensieve.v1.MemPool', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class MemPool:
+    """MemPool (MemServe): what KV a replica holds, and moving a conversation's KV pages from one
+    replica to another. Replicas serve it on the same port as Pensieve; routers call it.
+    """
+
+    @staticmethod
+    def Match(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pensieve.v1.MemPool/Match',
+            pensieve_dot_v1_dot_pensieve__pb2.MatchRequest.SerializeToString,
+            pensieve_dot_v1_dot_pensieve__pb2.MatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Export(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pensieve.v1.MemPool/Export',
+            pensieve_dot_v1_dot_pensieve__pb2.ExportRequest.SerializeToString,
+            pensieve_dot_v1_dot_pensieve__pb2.KVChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Import(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/pensieve.v1.MemPool/Import',
+            pensieve_dot_v1_dot_pensieve__pb2.KVChunk.SerializeToString,
+            pensieve_dot_v1_dot_pensieve__pb2.ImportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Transfer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pensieve.v1.MemPool/Transfer',
+            pensieve_dot_v1_dot_pensieve__pb2.TransferRequest.SerializeToString,
+            pensieve_dot_v1_dot_pensieve__pb2.TransferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,273 @@
+"""Export and import of a conversation's KV pages between engines (MemServe's MemPool transfer).
+
+    kv = engine_a.export_kv("conv-1")                  # ExportedKV: token ids + k/v pages
+    engine_b.import_kv("conv-1", kv.token_ids, kv.k, kv.v, kv.layout)
+
+Export takes the longest prefix [0, n) of an idle conversation whose pages have a copy on the
+device or the host tier (its own pages, or the prefix index's for pages it let go), starting at
+page `start // page_size`. Import creates (or extends) an idle conversation holding those tokens:
+it makes room, allocates device pages, writes them, and registers the full pages for prompt
+sharing. An import starting past page 0 extends a conversation (by id, or the anonymous one
+sharing the longest prefix) that already holds the tokens before it. The functions here run on
+the engine thread (Engine.export_kv / import_kv call them through Engine._call).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, NamedTuple, Sequence
+
+import numpy as np
+
+from pensieve_jax.cache import OutOfPages
+from pensieve_jax.conversations import Conversation, common_prefix
+from pensieve_jax.scheduler import ConversationBusy
+
+if TYPE_CHECKING:
+    from pensieve_jax.engine import Engine
+
+__all__ = ["ConversationBusy", "ExportedKV", "KVLayout", "KVMismatch", "NoSuchConversation",
+           "OutOfPages", "export_kv", "import_kv", "layout_of", "match"]
+
+
+class KVMismatch(ValueError):
+    """The pages do not fit this engine (model, page size, shape, dtype) or this conversation."""
+
+
+class NoSuchConversation(LookupError):
+    """The engine holds no such conversation."""
+
+
+class _Flushing(ConversationBusy):
+    """The turn is done but for its cache flush (the next engine step)."""
+
+
+def _check_idle(conv: Conversation) -> None:
+    if conv.flushing:
+        raise _Flushing(f"conversation {conv.id!r} is flushing its last turn")
+    if conv.busy:
+        raise ConversationBusy(f"conversation {conv.id!r} has a turn running")
+
+
+def call_settled(engine: "Engine", fn, timeout_s: float = 10.0):
+    """engine._call(fn), retried while fn finds a conversation still flushing its last turn
+    (that ends at the engine's next step)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return engine._call(fn)
+        except _Flushing:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.001)
+
+
+class KVLayout(NamedTuple):
+    """What a page is: both sides of a transfer must agree on all of it."""
+    model: str
+    num_layers: int
+    page_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+
+    @property
+    def page_shape(self) -> tuple[int, int, int, int]:
+        """k (or v) of one page: [layers, page_size, kv_heads, head_dim]."""
+        return (self.num_layers, self.page_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def page_bytes(self) -> int:
+        """k + v bytes of one page."""
+        return 2 * math.prod(self.page_shape) * np.dtype(_np_dtype(self.dtype)).itemsize
+
+
+class ExportedKV(NamedTuple):
+    """A conversation's tokens [0, num_tokens) and the KV of pages first_page.. of them."""
+    token_ids: tuple[int, ...]
+    first_page: int
+    k: np.ndarray            # [layers, pages, page_size, kv_heads, head_dim]
+    v: np.ndarray
+    layout: KVLayout
+    salt: str = ""
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+def _np_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+        return ml_dtypes.bfloat16
+    return np.dtype(name)
+
+
+def layout_of(engine: "Engine") -> KVLayout:
+    c = engine.model.config
+    return KVLayout(c.name, c.num_layers, engine.config.page_size, c.num_kv_heads, c.head_dim,
+                    engine.runner.dtype.name)
+
+
+def _sources(engine: "Engine", conv: Conversation) -> list[tuple[str, int]]:
+    """Where each leading page of conv's computed tokens can be read: ("device", page) or
+    ("host", page), up to the first page with no copy anywhere."""
+    store, ps = engine.store, engine.config.page_size
+    n_pages = -(-conv.num_computed // ps)
+    full = conv.num_computed // ps
+    path = store.index.path(conv.salt, conv.token_ids, full * ps) if store.index else []
+    out = []
+    for i in range(min(n_pages, len(conv.pages))):
+        if conv.pages[i] >= 0:
+            out.append(("device", conv.pages[i]))
+        elif i in conv.host_pages:
+            out.append(("host", conv.host_pages[i]))
+        elif conv.cow is not None and conv.cow[0] == i:
+            out.append(("device", conv.cow[1]))
+        elif i < len(path) and path[i].device >= 0:
+            out.append(("device", path[i].device))
+        elif i < len(path) and path[i].host >= 0:
+            out.append(("host", path[i].host))
+        else:
+            break
+    return out
+
+
+def _settle_copies(engine: "Engine") -> None:
+    """Finish the page copies queued between steps: swap-ins started at the last step land
+    (a shared page may be read from its new device page), swap-outs reach the host tier."""
+    if getattr(engine, "_landing", None) is not None:
+        engine._land()
+    engine._transfer()
+
+
+def _held_tokens(engine: "Engine", conv: Conversation) -> int:
+    return min(conv.num_computed, len(_sources(engine, conv)) * engine.config.page_size)
+
+
+def _find(engine: "Engine", conversation_id: str | None, token_ids: Sequence[int],
+          salt: str) -> Conversation | None:
+    store = engine.store
+    if conversation_id:
+        return store.conversations.get(conversation_id)
+    best, best_len = None, 0
+    for conv in store.conversations.values():
+        if conv.anonymous and conv.salt == salt and not conv.busy:
+            n = common_prefix(conv.token_ids[:conv.num_computed], token_ids)
+            if n > best_len:
+                best, best_len = conv, n
+    return best
+
+
+def match(engine: "Engine", conversation_id: str | None, token_ids: Sequence[int],
+          salt: str = "") -> tuple[int, int]:
+    """(tokens of token_ids the conversation holds in a tier, tokens the prefix index can
+    serve). Without an id, the anonymous conversation sharing the longest prefix counts."""
+    conv = _find(engine, conversation_id, token_ids, salt)
+    own = 0
+    if conv is not None and conv.salt == salt:
+        own = min(common_prefix(conv.token_ids, token_ids), _held_tokens(engine, conv))
+    shared = 0
+    if engine.store.index is not None and token_ids:
+        nodes, partial = engine.store.index.match(salt, list(token_ids), len(token_ids))
+        shared = len(nodes) * engine.config.page_size + (partial.num_tokens if partial else 0)
+    return own, shared
+
+
+def export_kv(engine: "Engine", conversation_id: str, start: int = 0,
+              limit: int | None = None) -> ExportedKV:
+    """The KV of an idle conversation's held prefix (at most `limit` tokens), from the page
+    holding token `start` on."""
+    conv = engine.store.conversations.get(conversation_id)
+    if conv is None:
+        raise NoSuchConversation(f"no conversation {conversation_id!r}")
+    _check_idle(conv)
+    _settle_copies(engine)
+    ps = engine.config.page_size
+    sources = _sources(engine, conv)
+    n = min(conv.num_computed, len(sources) * ps, limit if limit is not None else conv.num_computed)
+    first = min(max(start, 0) // ps, n // ps) if n else 0
+    sources = sources[first:-(-n // ps)]
+    layout = layout_of(engine)
+    dtype = _np_dtype(layout.dtype)
+    k = np.empty((layout.num_layers, len(sources)) + layout.page_shape[1:], dtype)
+    v = np.empty_like(k)
+    for tier in ("device", "host"):
+        slots = [j for j, (t, _) in enumerate(sources) if t == tier]
+        if not slots:
+            continue
+        ids = [sources[j][1] for j in slots]
+        if tier == "device":
+            dk, dv = engine.runner.gather_pages(ids)
+            dk, dv = np.asarray(dk)[:, :len(ids)], np.asarray(dv)[:, :len(ids)]
+        else:
+            dk, dv = engine.host.read(ids)
+        k[:, slots], v[:, slots] = dk, dv
+    return ExportedKV(tuple(conv.token_ids[:n]), first, k, v, layout, conv.salt)
+
+
+def import_kv(engine: "Engine", conversation_id: str | None, token_ids: Sequence[int],
+              k: np.ndarray, v: np.ndarray, layout: KVLayout, first_page: int = 0,
+              salt: str = "") -> str:
+    """Make an idle conversation hold token_ids with the given KV (pages first_page.. of them;
+    the conversation must already hold the tokens before). conversation_id None: the anonymous
+    conversation sharing the longest prefix, or a new one. Returns the conversation's id."""
+    mine = layout_of(engine)
+    if layout != mine:
+        raise KVMismatch(f"KV layout {layout} does not match this engine's {mine}")
+    ps, tokens = mine.page_size, [int(t) for t in token_ids]
+    n_pages = -(-len(tokens) // ps) - first_page
+    want = (mine.num_layers, n_pages) + mine.page_shape[1:]
+    if k.shape != want or v.shape != want or n_pages < 0:
+        raise KVMismatch(f"k/v of shape {k.shape}/{v.shape} for {len(tokens)} tokens from page "
+                         f"{first_page}; expected {want}")
+    if str(k.dtype) != mine.dtype or str(v.dtype) != mine.dtype:
+        raise KVMismatch(f"k/v dtype {k.dtype}/{v.dtype}, expected {mine.dtype}")
+    if len(tokens) > engine.max_model_len:
+        raise KVMismatch(f"{len(tokens)} tokens exceed max_model_len {engine.max_model_len}")
+    vocab = engine.model.config.vocab_size
+    if any(not 0 <= t < vocab for t in tokens):
+        raise KVMismatch(f"token ids out of range [0, {vocab})")
+    store = engine.store
+    conv = _find(engine, conversation_id, tokens, salt)
+    if conv is not None:
+        _check_idle(conv)
+    start = first_page * ps
+    if start:
+        held = 0 if conv is None or conv.salt != salt else \
+            min(common_prefix(conv.token_ids, tokens), _held_tokens(engine, conv))
+        if held < start:
+            raise KVMismatch(f"the import starts at token {start} but the conversation holds "
+                             f"only {held} of them")
+    elif conv is not None and conv.salt != salt:      # replaced: its salt goes with it
+        store.remove(conv.id)
+        conv = None
+    if conv is None:
+        conv = store.get_or_create(conversation_id, tokens, salt)
+        if conversation_id is None and conv.token_ids:          # adopted a non-matching one
+            conv = Conversation(store.new_id("anon"), True, salt)
+            store.conversations[conv.id] = conv
+    store.truncate(conv, start)
+    conv.busy = True              # not an eviction victim while its pages are written
+    try:
+        if not store.make_room(n_pages):
+            raise OutOfPages(f"no room for {n_pages} KV pages ({store.allocator.num_free} free "
+                             "after evicting idle conversations)")
+        _settle_copies(engine)    # evicted pages leave for the host before they are reused
+        if not store.reserve(conv, len(tokens)):
+            raise OutOfPages(f"no room for {n_pages} KV pages")
+        if n_pages:
+            engine.runner.scatter_pages(k, v, conv.pages[first_page:first_page + n_pages])
+        conv.token_ids = tokens
+        conv.num_computed = len(tokens)
+    except BaseException:
+        store.truncate(conv, start)
+        store.release(conv, keep_kv=True)
+        raise
+    store.release(conv, keep_kv=True)
+    return conv.id
