@@ -62,9 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "cancelled")
     serve.add_argument("--no-cache-dir", action="store_true",
                        help="do not keep a converted copy of the model")
+    serve.add_argument("--role", choices=("prefill", "decode", "both"), default="both",
+                       help="what a router uses this replica for (prefill/decode "
+                            "disaggregation; default both)")
     _add_engine_options(serve)
     cluster = sub.add_parser("cluster", help="N replica servers and a router in front of them")
-    cluster.add_argument("--replicas", type=int, default=2)
+    cluster.add_argument("--replicas", type=int, default=None,
+                         help="replicas that prefill and decode (default 2, or 0 with "
+                              "--prefill/--decode)")
+    cluster.add_argument("--prefill", type=int, default=0,
+                         help="prefill-only replicas (disaggregation: prompts run there, their "
+                              "KV moves to a decode replica through MemPool)")
+    cluster.add_argument("--decode", type=int, default=0, help="decode-only replicas")
     cluster.add_argument("--model", required=True)
     cluster.add_argument("--dtype", default="float32")
     cluster.add_argument("--subprocess", action="store_true",
@@ -102,6 +111,9 @@ def _add_router_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rebalance-threshold", type=float, default=2048.0,
                         help="e2: move a conversation when its replica costs this many "
                              "token-equivalents more than the cheapest")
+    parser.add_argument("--kv-move", choices=("auto", "transfer", "recompute"), default="auto",
+                        help="a moved conversation: load its KV through MemPool or recompute "
+                             "it (auto: the cheaper by measured bandwidth and prefill speed)")
 
 
 async def _until_signal() -> None:
@@ -116,10 +128,13 @@ async def _cluster(args: argparse.Namespace) -> None:
     from serving.cluster import Cluster, ClusterConfig
     from serving.routing import E2Config
 
-    config = ClusterConfig(args.model, args.replicas, args.policy, args.host, args.port,
+    replicas = args.replicas if args.replicas is not None else \
+        (0 if args.prefill or args.decode else 2)
+    config = ClusterConfig(args.model, replicas, args.policy, args.host, args.port,
                            args.dtype, tuple(engine_options(args).items()), args.subprocess,
                            args.gpus, args.health_period,
-                           E2Config(rebalance_threshold=args.rebalance_threshold))
+                           E2Config(rebalance_threshold=args.rebalance_threshold),
+                           prefill=args.prefill, decode=args.decode, kv_move=args.kv_move)
     cluster = Cluster(config)
     try:
         await cluster.start()
@@ -140,7 +155,8 @@ async def _router(args: argparse.Namespace) -> None:
     tokenizer = load_router_tokenizer(args.model)
     router = RouterServer(args.replica, args.policy, tokenizer, args.host, args.port,
                           args.health_period,
-                          e2=E2Config(rebalance_threshold=args.rebalance_threshold))
+                          e2=E2Config(rebalance_threshold=args.rebalance_threshold),
+                          kv_move=args.kv_move)     # replica roles: learned from GetStats
     await router.start()
     print(f"pensieve: routing ({args.policy}) on {router.target} to {', '.join(args.replica)}",
           flush=True)
@@ -162,7 +178,8 @@ async def _serve(args: argparse.Namespace) -> None:
                                     cache_dir=False if args.no_cache_dir else None,
                                     **engine_options(args))
     metrics = Metrics(engine)
-    server = PensieveServer(engine, args.host, args.port, metrics=metrics, model_name=args.model)
+    server = PensieveServer(engine, args.host, args.port, metrics=metrics, model_name=args.model,
+                            role=args.role)
     try:
         await server.start()
         if args.metrics_port is not None:

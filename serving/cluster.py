@@ -1,6 +1,7 @@
 """A local cluster: N replica servers plus the router in front of them.
 
     pensieve cluster --replicas 3 --model random:tiny --port 50051 [--policy e2]
+    pensieve cluster --prefill 1 --decode 2 --model random:tiny     # disaggregated
 
 In-process (the default): the model is loaded once and each replica is its own Engine (own
 KV pool, own engine thread) on those weights, served on a loopback port, all on one event loop
@@ -42,6 +43,14 @@ class ClusterConfig:
     gpus: int = 0                        # subprocess mode: pin replica i to GPU i % gpus
     health_period_s: float = 1.0
     e2: E2Config = E2Config()
+    prefill: int = 0                     # prefill-only replicas (disaggregation)
+    decode: int = 0                      # decode-only replicas
+    kv_move: str = "auto"                # moved conversations: auto | transfer | recompute
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """Each replica's role: prefill ones first, then decode ones, then the others."""
+        return ("prefill",) * self.prefill + ("decode",) * self.decode + ("both",) * self.replicas
 
 
 class Cluster:
@@ -49,8 +58,9 @@ class Cluster:
     in-process replicas instead of loading config.model."""
 
     def __init__(self, config: ClusterConfig, loaded_model=None):
-        if config.replicas < 1:
-            raise ValueError(f"replicas must be >= 1, got {config.replicas}")
+        if min(config.replicas, config.prefill, config.decode) < 0 or not config.roles:
+            raise ValueError(f"a cluster needs at least one replica, got {config.replicas} "
+                             f"(+ {config.prefill} prefill, {config.decode} decode)")
         self.config = config
         self.loaded_model = loaded_model
         self.engines: list = []
@@ -71,7 +81,8 @@ class Cluster:
         else:
             tokenizer = await self._start_in_process()
         self.router = RouterServer(self.targets, c.policy, tokenizer, c.host, c.port,
-                                   c.health_period_s, e2=c.e2)
+                                   c.health_period_s, e2=c.e2, kv_move=c.kv_move,
+                                   roles=c.roles)
         await self.router.start()
         return self.router.target
 
@@ -82,9 +93,9 @@ class Cluster:
         c = self.config
         model = self.loaded_model or await asyncio.to_thread(load_model, c.model, c.dtype)
         options = EngineConfig(**dict(c.engine_options))
-        for _ in range(c.replicas):
+        for role in c.roles:
             engine = Engine(model, c.dtype, options)
-            server = PensieveServer(engine, c.host, 0, model_name=c.model)
+            server = PensieveServer(engine, c.host, 0, model_name=c.model, role=role)
             await server.start()
             self.engines.append(engine)
             self.servers.append(server)
@@ -94,9 +105,9 @@ class Cluster:
     def _spawn(self) -> list[str]:
         c = self.config
         targets = []
-        for i in range(c.replicas):
+        for i, role in enumerate(c.roles):
             cmd = [sys.executable, "-m", "serving", "serve", "--model", c.model, "--dtype",
-                   c.dtype, "--host", c.host, "--port", "0"]
+                   c.dtype, "--host", c.host, "--port", "0", "--role", role]
             for name, value in c.engine_options:
                 cmd += [f"--{name.replace('_', '-')}", str(value)]
             env = dict(os.environ)
@@ -121,6 +132,14 @@ class Cluster:
             return
         await self.servers[index].shutdown(grace)
         await asyncio.to_thread(self.engines[index].shutdown)
+
+    async def drain_replica(self, index: int, grace: float = 5.0) -> int:
+        """Gracefully take one replica out: the router moves its conversations' KV to other
+        replicas (MemPool transfers, or recomputation where cheaper), then it stops. Returns
+        how many conversations moved by transfer."""
+        moved = await self.router.service.evacuate(index)
+        await self.stop_replica(index, grace)
+        return moved
 
     async def shutdown(self, grace: float = 5.0) -> None:
         if self.router is not None:
@@ -169,6 +188,9 @@ class BackgroundCluster:
 
     def stop_replica(self, index: int) -> None:
         self.run(self.cluster.stop_replica(index))
+
+    def drain_replica(self, index: int) -> int:
+        return self.run(self.cluster.drain_replica(index))
 
     def stop(self, grace: float = 1.0) -> None:
         if self._thread.is_alive():

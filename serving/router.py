@@ -39,13 +39,16 @@ from serving.pensieve.v1 import pensieve_pb2 as pb
 from serving.pensieve.v1 import pensieve_pb2_grpc as pb_grpc
 from serving.prefix_tree import PrefixTree
 from serving.protocol import messages_from_proto, messages_to_proto, sampling_from_proto
-from serving.router_state import ChatKeys, Conversation, Counters, Replica
+from serving.mempool import CostModel
+from serving.router_state import ChatKeys, Conversation, Counters, MoveCounters, Replica
 from serving.routing import POLICIES, Candidate, Decision, E2Config, RoundRobin, \
     affinity_choose, e2_choose
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Pensieve"].full_name
 _RETRY = (grpc.StatusCode.UNAVAILABLE,)
+KV_MOVES = ("auto", "transfer", "recompute")
+ROLES = ("prefill", "decode", "both")
 
 
 class NoReplica(RuntimeError):
@@ -78,15 +81,27 @@ def _expired(context) -> bool:
 
 class RouterService(pb_grpc.PensieveServicer):
     def __init__(self, targets: Sequence[str], policy: str = "e2", tokenizer=None,
-                 e2: E2Config = E2Config(), window_s: float = 60.0):
+                 e2: E2Config = E2Config(), window_s: float = 60.0, kv_move: str = "auto",
+                 roles: Sequence[str] | None = None, cost: CostModel | None = None):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if kv_move not in KV_MOVES:
+            raise ValueError(f"kv_move must be one of {KV_MOVES}, got {kv_move!r}")
+        if roles is not None and (len(roles) != len(targets) or set(roles) - set(ROLES)):
+            raise ValueError(f"roles must be one of {ROLES} per replica, got {roles!r}")
         if not targets:
             raise ValueError("the router needs at least one replica target")
         self.policy = policy
         self.e2 = e2 if policy == "e2" else E2Config(affinity=policy == "affinity")
         self.keys = ChatKeys(tokenizer)
         self.replicas = [Replica(i, t, window_s) for i, t in enumerate(targets)]
+        for r, role in zip(self.replicas, roles or ()):
+            r.role, r.role_fixed = role, True
+        self.kv_move = kv_move
+        self.cost = cost or CostModel()
+        self.moves = MoveCounters()                   # conversations moved between replicas
+        self.disagg = {"prefills": 0, "to_decode": MoveCounters(),
+                       "to_prefill": MoveCounters()}
         self.tree = PrefixTree()
         self.rr = RoundRobin()
         self.conversations: dict[str, Conversation] = {}
@@ -155,16 +170,18 @@ class RouterService(pb_grpc.PensieveServicer):
 
     # -- routing --------------------------------------------------------------------------------
 
-    def _candidates(self, ids: list[int]) -> list[Candidate]:
+    def _candidates(self, ids: list[int], roles: tuple[str, ...] = ROLES) -> list[Candidate]:
         match = self.tree.match(ids)
         now = time.monotonic()
         return [Candidate(r.index, r.load(now), match.get(r.index, 0),
                           self.tree.cached_tokens(r.index), r.capacity)
-                for r in self.replicas if r.healthy]
+                for r in self.replicas if r.healthy and r.role in roles]
 
-    def route(self, ids: list[int], home: int | None) -> Decision:
-        """The replica for a request of `ids` (home: the conversation's replica, if any)."""
-        candidates = self._candidates(ids)
+    def route(self, ids: list[int], home: int | None,
+              roles: tuple[str, ...] = ROLES) -> Decision:
+        """The replica for a request of `ids` (home: the conversation's replica, if any),
+        among healthy replicas of the given roles."""
+        candidates = self._candidates(ids, roles)
         if not candidates:
             raise NoReplica("no replica is available (all failed their health checks)")
         if self.policy == "round-robin":
@@ -243,9 +260,14 @@ class RouterService(pb_grpc.PensieveServicer):
         deterministic = sampling.temperature == 0 or sampling.HasField("seed")
         sent_text, sent_ids, accepted = 0, 0, False
         moved_from = conv.home
+        forced = await self._disaggregate(conv, ids) if self.disaggregated() else None
         while True:
-            decision = self.route(ids, conv.home)
+            decision, forced = forced or self.route(ids, conv.home), None
             r = self.replicas[decision.replica]
+            home = self.replicas[conv.home] if conv.home is not None else None
+            if home is not None and home is not r and home.healthy and \
+                    conv.covered.get(r.index, 0) < len(conv.template):
+                await self._move(conv, home, r, self.moves)
             request = self._replica_request(conv, r, turn, sampling)
             text, gen = [], []
             final = None
@@ -317,6 +339,139 @@ class RouterService(pb_grpc.PensieveServicer):
         if final is not None:
             self._count(final.usage, decision.matched)
             r.add_load(self.e2.decode_weight * final.usage.completion_tokens)
+            u = final.usage
+            self.cost.observe_prefill(u.prefilled_tokens + u.recomputed_tokens, u.ttft_s)
+
+    # -- MemPool: moving KV between replicas ----------------------------------------------------
+
+    async def _transfer(self, src: Replica, src_cid: str, dst: Replica, dst_cid: str,
+                        adopt: bool, tokens: list[int], counters: MoveCounters,
+                        limit: int | None = None, why: str = "move", force: bool = False):
+        """Push src's KV of a conversation to dst when the cost model (or kv_move) says loading
+        it beats recomputing it. Returns the TransferResponse, or None (dst recomputes)."""
+        if self.kv_move == "recompute" and not force:
+            counters.recomputes += 1
+            return None
+        try:
+            have, lack = await asyncio.gather(
+                src.mempool.Match(pb.MatchRequest(conversation_id=src_cid, token_ids=tokens),
+                                  timeout=10),
+                dst.mempool.Match(pb.MatchRequest(conversation_id=dst_cid, token_ids=tokens),
+                                  timeout=10))
+            own = lack.conversation_tokens if dst_cid or not adopt else 0
+            held = max(own, lack.shared_tokens)
+            size = have.layout.page_size or 1
+            pages = -(-have.conversation_tokens // size) - own // size
+            choice = self.cost.choose(have.conversation_tokens - held,
+                                      max(pages, 0) * have.page_bytes)
+            transfer = force or self.kv_move == "transfer" or choice.transfer
+            log.info("%s %s -> %s: %d tokens (%d bytes): transfer %.4f s vs recompute %.4f s: %s",
+                     why, src.target, dst.target, choice.tokens, choice.bytes, choice.transfer_s,
+                     choice.recompute_s, "transfer" if transfer else "recompute")
+            if not transfer or have.conversation_tokens <= own:
+                counters.recomputes += 1
+                return None
+            reply = await src.mempool.Transfer(pb.TransferRequest(
+                conversation_id=src_cid, target=dst.target, target_conversation_id=dst_cid,
+                adopt=adopt, limit_tokens=limit), timeout=60)
+        except grpc.aio.AioRpcError as e:
+            log.warning("%s %s -> %s failed (%s: %s): recomputing", why, src.target, dst.target,
+                        e.code().name, e.details())
+            counters.failed += 1
+            return None
+        counters.transfers += 1
+        counters.tokens += reply.sent_tokens
+        counters.bytes += reply.bytes
+        counters.seconds += reply.seconds
+        self.cost.observe_transfer(reply.bytes, reply.seconds)
+        self._learn(dst, tokens[:reply.num_tokens])
+        return reply
+
+    async def _move(self, conv: Conversation, src: Replica, dst: Replica,
+                    counters: MoveCounters) -> bool:
+        """Move conv's KV from src to dst (a rebalance, a failover with src still up, an
+        evacuation), when that is cheaper than recomputing it there."""
+        src_cid = conv.cids.get(src.index)
+        if src_cid is None or not conv.ids:
+            return False
+        dst_cid = conv.cids.get(dst.index, "")
+        reply = await self._transfer(src, src_cid, dst, dst_cid, True, conv.ids, counters)
+        if reply is None:
+            return False
+        if reply.target_conversation_id != dst_cid:
+            conv.cids[dst.index] = reply.target_conversation_id
+            conv.covered[dst.index] = 0          # the next Chat sends messages + exact ids
+        return True
+
+    async def evacuate(self, index: int) -> int:
+        """A replica is leaving (graceful shutdown): route nothing more to it and move the KV
+        of every idle conversation living there to another replica (or leave it to be
+        recomputed, as the cost model says). Returns how many moved by transfer."""
+        src = self.replicas[index]
+        src.leaving = True
+        self.mark_down(src, "leaving (evacuated)")
+        moved = 0
+        for conv in list(self.conversations.values()):
+            if conv.home != index or conv.busy or not conv.ids:
+                continue
+            roles = ("decode", "both") if self.disaggregated() else ROLES
+            try:
+                dst = self.replicas[self.route(conv.ids, None, roles).replica]
+            except (LookupError, NoReplica):
+                break
+            if await self._move(conv, src, dst, self.moves):
+                conv.home = dst.index
+                moved += 1
+        return moved
+
+    # -- prefill/decode disaggregation ----------------------------------------------------------
+
+    def disaggregated(self) -> bool:
+        """Some healthy replica only prefills and some healthy replica decodes."""
+        up = {r.role for r in self.replicas if r.healthy}
+        return "prefill" in up and bool(up & {"decode", "both"})
+
+    async def _disaggregate(self, conv: Conversation, ids: list[int]) -> Decision | None:
+        """Run a turn's prompt on a prefill replica and push its KV to the decode replica the
+        turn then streams from (returned). Before that, the conversation's KV flows back from
+        its decode replica to the prefill replica (MemServe), so only the new turn is
+        prefilled. On any failure the decode replica computes what it lacks itself."""
+        try:
+            p = self.replicas[self.route(ids, None, ("prefill", "both")).replica]
+            decode = self.route(ids, conv.home, ("decode", "both"))
+        except NoReplica:
+            return None
+        d = self.replicas[decode.replica]
+        if p is d:
+            return decode
+        home = self.replicas[conv.home] if conv.home is not None else None
+        if home is not None and home.healthy and conv.ids and home.index in conv.cids:
+            await self._transfer(home, conv.cids[home.index], p, "", False, conv.ids,
+                                 self.disagg["to_prefill"], why="KV back to prefill")
+        prefill = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParams(
+            max_tokens=1, temperature=0.0, ignore_eos=True))
+        try:
+            last = None
+            async for resp in p.stub.Generate(prefill, timeout=60):
+                last = resp
+        except grpc.aio.AioRpcError as e:
+            log.warning("prefill on %s failed (%s): decoding replica computes the prompt",
+                        p.target, e.code().name)
+            if e.code() in _RETRY:
+                self.mark_down(p, f"{e.code().name}: {e.details()}")
+            return decode
+        self.disagg["prefills"] += 1
+        p.routed += 1
+        p.add_load(last.usage.prefilled_tokens + last.usage.recomputed_tokens)
+        conv.engine_only[p.index] = last.conversation_id
+        self._learn(p, ids)
+        reply = await self._transfer(p, last.conversation_id, d, conv.cids.get(d.index, ""),
+                                     True, ids, self.disagg["to_decode"], limit=len(ids),
+                                     why="prefill to decode", force=True)
+        if reply is not None and reply.target_conversation_id != conv.cids.get(d.index):
+            conv.cids[d.index] = reply.target_conversation_id
+            conv.covered[d.index] = 0
+        return decode
 
     # -- Generate, EndConversation, GetStats ----------------------------------------------------
 
@@ -360,7 +515,8 @@ class RouterService(pb_grpc.PensieveServicer):
         if cid in self.generated:
             where = [self.generated.pop(cid)]
         elif cid in self.conversations:
-            where = list(self.conversations.pop(cid).cids.items())
+            conv = self.conversations.pop(cid)
+            where = list(conv.cids.items()) + list(conv.engine_only.items())
         else:
             raise ConversationNotFound(f"no conversation {cid!r}")
         for index, replica_cid in where:
@@ -384,12 +540,19 @@ class RouterService(pb_grpc.PensieveServicer):
         now = time.monotonic()
         return {
             "policy": self.policy, "events": dict(self.events), "reasons": dict(self.reasons),
+            "kv_move": self.kv_move, "kv_moves": self.moves.as_dict(),
+            "cost_model": self.cost.as_dict(),
+            "disaggregation": {"active": self.disaggregated(),
+                               "prefills": self.disagg["prefills"],
+                               "to_decode": self.disagg["to_decode"].as_dict(),
+                               "to_prefill": self.disagg["to_prefill"].as_dict()},
             "by_policy": {p: c.as_dict() for p, c in self.counters.items()},
             "conversations": len(self.conversations),
             "tree": {"nodes": self.tree.num_nodes(),
                      "eviction": "LRU against each replica's cache capacity (estimated: "
                                  "replicas do not report evictions)"},
             "replicas": [{"target": r.target, "healthy": r.healthy, "routed": r.routed,
+                          "role": r.role, "leaving": r.leaving,
                           "in_flight": r.in_flight, "load": r.load(now),
                           "failures": r.failures, "capacity_tokens": r.capacity,
                           "tree_tokens": self.tree.cached_tokens(r.index)}
@@ -415,6 +578,8 @@ class RouterService(pb_grpc.PensieveServicer):
 
     async def check(self, r: Replica) -> None:
         """One health check of r; while healthy, refresh its cache capacity estimate."""
+        if r.leaving:
+            return
         try:
             reply = await r.health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
                                          timeout=2)
@@ -432,6 +597,8 @@ class RouterService(pb_grpc.PensieveServicer):
             pages = json.loads(s.stats_json)
             size = pages.get("page_size", 0)
             r.capacity = size * (pages["pages"]["device"]["total"] + pages["pages"]["host"]["total"])
+            if not r.role_fixed and pages.get("role") in ROLES:
+                r.role = pages["role"]
             self.events["tree_evicted_tokens"] += self.tree.evict(r.index, r.capacity)
 
     async def health_loop(self, period_s: float) -> None:

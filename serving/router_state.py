@@ -89,11 +89,17 @@ class Replica:
     failures: int = 0
     capacity: int = 0                 # cache capacity in tokens (pages x page_size), 0: unknown
     recent: collections.deque = dataclasses.field(default_factory=collections.deque)
+    role: str = "both"                # prefill | decode | both (disaggregation)
+    role_fixed: bool = False          # given to the router (else learned from GetStats)
+    leaving: bool = False             # evacuated: never marked up again
+    mempool: Any = None               # pensieve.v1.MemPool stub
 
     def connect(self) -> None:
-        self.channel = grpc.aio.insecure_channel(self.target)
+        from serving.mempool import GRPC_OPTIONS
+        self.channel = grpc.aio.insecure_channel(self.target, GRPC_OPTIONS)
         self.stub = pb_grpc.PensieveStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.mempool = pb_grpc.MemPoolStub(self.channel)
 
     def add_load(self, cost: float, now: float | None = None) -> None:
         self.recent.append((time.monotonic() if now is None else now, cost))
@@ -120,6 +126,7 @@ class Conversation:
     covered: dict[int, int] = dataclasses.field(default_factory=dict)
     busy: bool = False
     last_used: float = dataclasses.field(default_factory=time.monotonic)
+    engine_only: dict[int, str] = dataclasses.field(default_factory=dict)   # prefill copies
 
     @classmethod
     def new(cls, history: list[dict[str, str]]) -> "Conversation":
@@ -136,10 +143,25 @@ class Conversation:
         self.last_used = time.monotonic()
 
     def forget_replica(self, replica: int) -> None:
+        self.engine_only.pop(replica, None)
         self.cids.pop(replica, None)
         self.covered.pop(replica, None)
         if self.home == replica:
             self.home = None
+
+
+@dataclasses.dataclass
+class MoveCounters:
+    """KV moved between replicas (MemPool transfers) or left to be recomputed."""
+    transfers: int = 0
+    recomputes: int = 0               # the cost model chose recomputation
+    failed: int = 0                   # a transfer failed: recomputed instead
+    tokens: int = 0                   # tokens whose pages were sent
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass
@@ -157,4 +179,5 @@ class Counters:
         return d
 
 
-__all__ = ["ChatKeys", "Conversation", "Counters", "Replica", "load_router_tokenizer"]
+__all__ = ["ChatKeys", "Conversation", "Counters", "MoveCounters", "Replica",
+           "load_router_tokenizer"]
