@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from typing import AsyncIterator, Iterable, Iterator, NamedTuple
+from typing import AsyncIterator, Iterator, NamedTuple
 
 import grpc
 import numpy as np
