@@ -4,7 +4,9 @@ side in one run: stateless, stateful without sharing, stateful with sharing.
     python benchmarks/bench_sharing.py --model random:smollm2-135m --users 8 --rounds 3 \
         --system-len 1000 --out benchmarks/results/bench_sharing_cpu.json
 
-Users are closed loops (exponential think time) starting at Poisson arrivals. Reports throughput,
+Users are closed loops (exponential think time) starting at Poisson arrivals. Each setup first
+replays the same workload with other token ids (so step shapes are compiled before the timed
+pass; `compilations_while_timed` says if any were left). Reports throughput,
 TTFT, normalized latency (turn seconds / output tokens), hit rates, tokens served from shared
 pages and the peak device pages in use (sampled), and checks that every setup produced the same
 tokens (greedy).
@@ -35,11 +37,13 @@ SETUPS = {   # name: (cache_policy, prefix_sharing)
 }
 
 
-def conversations(args, vocab: int, seed: int):
+def conversations(args, vocab: int, seed: int, token_seed: int):
+    """The workload (lengths, arrivals, think times from seed) with token ids from token_seed:
+    the warm-up pass replays the same shapes and timing with other tokens."""
     convs = wl.multi_round_qa(args.users, args.rounds, seed, system_len=args.system_len,
                               question_len=args.question_len, answer_len=args.answer_len)
     shared: dict[str, list[int]] = {}
-    ids = [wl.token_ids_for(c, vocab, seed, shared) for c in convs]
+    ids = [wl.token_ids_for(c, vocab, token_seed, shared) for c in convs]
     rng = np.random.default_rng(seed)
     starts = np.cumsum(rng.exponential(1 / args.rate, len(convs))) if args.rate else \
         np.zeros(len(convs))
@@ -114,9 +118,9 @@ def main(argv=None) -> dict:
 
     model = load_model(args.model, args.dtype)
     vocab = min(model.config.vocab_size, model.tokenizer.vocab_size)
-    convs, ids, starts, think = conversations(args, vocab, seed=1)
-    warm = conversations(args, vocab, seed=2)
-    max_len = max(c.context_len() for c in convs + warm[0]) + 8
+    convs, ids, starts, think = conversations(args, vocab, seed=1, token_seed=1)
+    warm_ids = conversations(args, vocab, seed=1, token_seed=2)[1]
+    max_len = max(c.context_len() for c in convs) + 8
     pages_per_user = -(-max_len // args.page_size)
     num_pages = args.num_pages or pages_per_user * (args.users + 1)
     result = {"command": " ".join(["python"] + sys.argv), "model": model.source,
@@ -134,9 +138,11 @@ def main(argv=None) -> dict:
             page_size=args.page_size, num_pages=num_pages, max_model_len=max_len,
             max_batched_tokens=args.max_batched_tokens, max_num_seqs=max(args.users, 1),
             cache_policy=policy, prefix_sharing=sharing))
-        wconvs, wids, _, wthink = warm
-        replay(engine, wconvs, wids, np.zeros(len(wconvs)), np.zeros_like(wthink), "warm")
+        start = time.perf_counter()     # same shapes and timing, other tokens: compiles steps
+        replay(engine, convs, warm_ids, starts, think, "warm")
         compiled = engine.stats()["compilations"]
+        print(f"{name}: warm-up pass {time.perf_counter() - start:.0f} s, {compiled} step "
+              "shapes compiled", flush=True)
         row = replay(engine, convs, ids, starts, think, name)
         stats = engine.stats()
         row.update(compilations_while_timed=stats["compilations"] - compiled,
