@@ -44,6 +44,7 @@ class Conversation:
     pages: list[int] = dataclasses.field(default_factory=list)
     host_pages: dict[int, int] = dataclasses.field(default_factory=dict)
     cow: tuple[int, int] | None = None
+    shared_tokens: int = 0      # computed tokens it was given by a fork, not yet accounted
     num_computed: int = 0
     busy: bool = False          # a turn runs in it
     flushing: bool = False      # ... and that turn only has its last token's KV left to compute
@@ -102,9 +103,9 @@ class ConversationStore:
     def get_or_create(self, conversation_id: str | None, prompt: list[int],
                       salt: str = "") -> Conversation:
         """The conversation a request runs in. With no id, adopt the idle (or flushing)
-        anonymous conversation of the same salt sharing the longest token prefix, if any; with
-        prompt sharing only one the prompt extends (a diverging prompt starts a conversation of
-        its own and shares the common pages instead of cutting another's history short)."""
+        anonymous conversation of the same salt sharing the longest token prefix, if any. With
+        prompt sharing, a prompt that does not extend that conversation forks it instead: a new
+        conversation shares the common pages, and the other keeps its whole history."""
         if conversation_id is not None:
             conv = self.conversations.get(conversation_id)
             if conv is None:
@@ -117,15 +118,39 @@ class ConversationStore:
         for conv in self.conversations.values():
             if conv.anonymous and conv.salt == salt and (not conv.busy or conv.flushing):
                 n = common_prefix(conv.token_ids, prompt)
-                if self.index is not None and n < len(conv.token_ids):
-                    continue
                 if n > best_len:
                     best, best_len = conv, n
-        if best is not None:
+        if best is not None and (self.index is None or best_len == len(best.token_ids)):
             return best
         conv = Conversation(self.new_id("anon"), True, salt)
         self.conversations[conv.id] = conv
+        if best is not None:
+            self._fork(best, conv, best_len)
         return conv
+
+    def _fork(self, src: Conversation, conv: Conversation, num_tokens: int) -> None:
+        """conv (new) starts from src's KV of its first num_tokens tokens: the leading pages src
+        holds on device or host are shared, a partly used last page is copied on write."""
+        ps = self.page_size
+        num_tokens = min(num_tokens, src.num_computed)
+        for i in range(-(-num_tokens // ps)):
+            partial = (i + 1) * ps > num_tokens
+            if i < len(src.pages) and src.pages[i] >= 0:
+                self.allocator.share([src.pages[i]])
+                if partial:
+                    conv.cow = (i, src.pages[i])
+                    conv.pages.append(-1)
+                else:
+                    conv.pages.append(src.pages[i])
+            elif i in src.host_pages and not partial:
+                self.host.share([src.host_pages[i]])
+                conv.host_pages[i] = src.host_pages[i]
+                conv.pages.append(-1)
+            else:
+                break
+            conv.num_computed = min(num_tokens, (i + 1) * ps)
+        conv.token_ids = list(src.token_ids[:conv.num_computed])
+        conv.shared_tokens = conv.num_computed
 
     def cached_prefix(self, conversation_id: str | None, prompt: list[int], salt: str) -> int:
         """Tokens of prompt a request could find cached (its conversation's or shared)."""

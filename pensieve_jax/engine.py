@@ -45,7 +45,8 @@ class EngineConfig:
     max_batched_tokens: int = 512
     max_num_seqs: int = 64
     attention: str = "xla"
-    cache_policy: str = "stateful"       # "stateless": drop each turn's KV (the baseline)
+    cache_policy: str = "stateful"       # "stateless": drop each turn's KV, share nothing
+                                         # (the baseline)
     max_queued_requests: int | None = None     # submit raises EngineOverloaded beyond this
     host_cache_bytes: int = 0            # host-memory tier for idle conversations (0: none)
     eviction_policy: str = "pensieve"    # or "lru": which idle chunk leaves a tier first
@@ -116,7 +117,7 @@ class Engine:
         self.store = ConversationStore(
             self.allocator, config.page_size, self.host.allocator if self.host.enabled else None,
             make_policy(config.eviction_policy, c), max(1, config.chunk_tokens // config.page_size),
-            sharing=config.prefix_sharing)
+            sharing=config.prefix_sharing and config.cache_policy == "stateful")
         self.scheduler = Scheduler(SchedulerConfig(
             config.max_batched_tokens, config.max_num_seqs,
             int(config.reserve_fraction * num_pages), config.fairness_steps), self.store)

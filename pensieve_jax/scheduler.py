@@ -182,6 +182,8 @@ class Scheduler:
         # the last prompt token always runs: its logits give the first output token
         self.store.truncate(conv, min(computed, len(req.prompt) - 1))
         conv.token_ids = list(req.prompt)
+        req.cached_shared = min(conv.shared_tokens, conv.num_computed)    # a fork's pages
+        conv.shared_tokens = 0
         return True
 
     def _drop_waiting_kv(self, keep: Request) -> bool:
