@@ -1,0 +1,156 @@
+"""Bringing a conversation's KV back before its turn runs: from its own tiers, from pages other
+conversations hold (prompt sharing), or by recomputing one range. Mixed into ConversationStore
+(pensieve_jax/conversations.py), whose page bookkeeping it uses."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from pensieve_jax.conversations import Conversation
+
+
+class SwapIn(NamedTuple):
+    host_page: int
+    device_page: int
+    conversation: "Conversation"
+    index: int             # page index in the conversation (it may be gone by the time the
+                           # copy lands: then the copy is skipped)
+
+
+class RestorePlan(NamedTuple):
+    new_pages: int         # device pages to allocate
+    front: tuple[int, int]  # token range [start, end) to recompute
+    host_tokens: int       # cached tokens coming back from host pages
+    shared_tokens: int     # cached tokens taken from other conversations' pages
+
+
+class RestoreMixin:
+    def attach_shared(self, conv: Conversation, prompt: list[int]) -> int:
+        """Extend conv's cached prefix of prompt with pages other conversations hold (whole
+        pages shared; a page matching only in part is copied on write). Call after truncating
+        conv to its own cached prefix. Returns the tokens gained."""
+        limit = len(prompt) - 1         # the last prompt token always runs
+        if self.index is None or conv.num_computed >= limit:
+            return 0
+        nodes, partial = self.index.match(conv.salt, prompt, limit)
+        ps = self.page_size
+        total = len(nodes) * ps + (partial.num_tokens if partial else 0)
+        gained = total - conv.num_computed
+        if gained <= 0:
+            return 0
+        first = conv.num_computed // ps
+        new_pages, new_host = [], {}
+        for i in range(first, len(nodes)):       # take references before letting ours go
+            if nodes[i].device >= 0:
+                self.allocator.share([nodes[i].device])
+                new_pages.append(nodes[i].device)
+            else:
+                self.host.share([nodes[i].host])
+                new_host[i] = nodes[i].host
+                new_pages.append(-1)
+        if partial:
+            self.allocator.share([partial.node.device])
+        self.truncate(conv, first * ps)
+        conv.pages.extend(new_pages)
+        conv.host_pages.update(new_host)
+        if partial:
+            conv.cow = (len(conv.pages), partial.node.device)
+            conv.pages.append(-1)
+        conv.num_computed = total
+        return gained
+
+    def make_writable(self, conv: Conversation) -> None:
+        """The page the next token goes into must be conv's alone: a shared one is copied
+        first, and an indexed one leaves the index (its contents are about to change)."""
+        i = conv.num_computed // self.page_size
+        if conv.num_computed % self.page_size == 0 or i >= len(conv.pages):
+            return
+        page = conv.pages[i]
+        if page < 0:
+            return                      # on host or recomputed: it arrives in a fresh page
+        if self.allocator.ref_count(page) > 1:
+            conv.cow, conv.pages[i] = (i, page), -1      # our reference now guards the source
+        elif self.index is not None:
+            self.index.forget_device(page)
+
+    def plan_restore(self, conv: Conversation) -> RestorePlan:
+        """Settle where each page of conv comes from before its turn runs: its own device or
+        host page, a page the index holds (shared), or recomputation. The pages to recompute
+        form one range (from the first page with no copy anywhere to the last), and anything
+        conv holds inside it is let go. Idempotent; `restore` carries the plan out."""
+        ps, full = self.page_size, conv.num_computed // self.page_size
+        path = self.index.path(conv.salt, conv.token_ids, full * ps) if self.index else []
+
+        def has_copy(i):
+            return (conv.pages[i] >= 0 or i in conv.host_pages or
+                    (conv.cow is not None and conv.cow[0] == i) or
+                    (i < len(path) and path[i].has_copy()))
+        missing = [i for i in range(len(conv.pages)) if not has_copy(i)]
+        lo, hi = (missing[0], missing[-1] + 1) if missing else (len(conv.pages),) * 2
+        if self.recompute_cheaper is not None:
+            lo, hi = self._recompute_instead_of_load(conv, path, lo, hi)
+        for i in range(lo, hi):
+            self._release_page(conv, i)
+        shared = 0
+        for i, node in enumerate(path):
+            if lo <= i < hi or conv.pages[i] >= 0 or i in conv.host_pages:
+                continue
+            if node.device >= 0:
+                self.allocator.share([node.device])
+                conv.pages[i] = node.device
+                shared += ps
+            elif node.host >= 0:
+                self.host.share([node.host])
+                conv.host_pages[i] = node.host
+                shared += ps
+        host = sum(min(ps, conv.num_computed - i * ps) for i in conv.host_pages)
+        front = (lo * ps, min(hi * ps, conv.num_computed)) if lo < hi else (0, 0)
+        return RestorePlan(sum(1 for p in conv.pages if p < 0), front, host, shared)
+
+    def _recompute_instead_of_load(self, conv: Conversation, path, lo: int, hi: int):
+        """Grow the recompute range [lo, hi) over neighbouring pages that would come from host
+        memory while recomputing them is cheaper than loading them (per page, front first when
+        nothing is missing yet)."""
+        ps, n = self.page_size, len(conv.pages)
+
+        def loads(i):
+            if conv.pages[i] >= 0 or (conv.cow is not None and conv.cow[0] == i):
+                return False
+            return i in conv.host_pages or (i < len(path) and path[i].has_copy() and
+                                            path[i].device < 0)
+
+        def cheaper(i):
+            return loads(i) and self.recompute_cheaper(i * ps, min(ps, conv.num_computed - i * ps))
+        if lo == hi:
+            first = next((i for i in range(n) if loads(i)), None)
+            if first is None or not cheaper(first):
+                return lo, hi
+            lo, hi = first, first + 1
+            self.counts["recomputed_not_loaded_pages"] += 1
+        while lo > 0 and cheaper(lo - 1):
+            lo -= 1
+            self.counts["recomputed_not_loaded_pages"] += 1
+        while hi < n and cheaper(hi):
+            hi += 1
+            self.counts["recomputed_not_loaded_pages"] += 1
+        return lo, hi
+
+    def restore(self, conv: Conversation) -> int:
+        """Give every page of conv a device page (after plan_restore and making room for its
+        new_pages): host pages are queued for swap-in, copies on write for copying. Returns
+        the number of pages to swap in (the conversation waits for them to land; its pages are
+        offered to the index again once it has run)."""
+        missing = [i for i, p in enumerate(conv.pages) if p < 0]
+        loads = 0
+        for i, page in zip(missing, self.allocator.allocate(len(missing))):
+            conv.pages[i] = page
+            if i in conv.host_pages:
+                self.swap_in.append(SwapIn(conv.host_pages.pop(i), page, conv, i))
+                loads += 1
+            elif conv.cow is not None and conv.cow[0] == i:
+                self.copies.append((conv.cow[1], page))
+                self._free_device([conv.cow[1]])       # the copy runs before any later write
+                conv.cow = None
+                self.counts["copied_on_write_pages"] += 1
+        return loads
