@@ -157,7 +157,43 @@ class TurnStream:
                      out.finish_reason if complete else "abort", out.usage)
 
 
-class Session:
+class TurnMethods:
+    """send / stream / asend / astream and `with` for a conversation that implements
+    stream_chunks(text, params), last_reply and close() (Session, serving's RemoteSession)."""
+
+    def stream(self, text: str | Sequence[dict[str, str]],
+               params: SamplingParams | None = None) -> Iterator[str]:
+        chunks = self.stream_chunks(text, params)
+        try:
+            for chunk in chunks:
+                if chunk.text:
+                    yield chunk.text
+        finally:
+            chunks.close()
+
+    def send(self, text: str | Sequence[dict[str, str]],
+             params: SamplingParams | None = None) -> Reply:
+        for _ in self.stream_chunks(text, params):
+            pass
+        return self.last_reply
+
+    async def asend(self, text: str, params: SamplingParams | None = None) -> Reply:
+        return await asyncio.to_thread(self.send, text, params)
+
+    async def astream(self, text: str, params: SamplingParams | None = None) -> AsyncIterator[str]:
+        pieces = self.stream(text, params)
+        sentinel = object()
+        while (piece := await asyncio.to_thread(next, pieces, sentinel)) is not sentinel:
+            yield piece
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Session(TurnMethods):
     def __init__(self, engine: "Engine", system: str | None = None,
                  history: Iterable[dict[str, str]] | None = None, cache_salt: str | None = None):
         self.engine = engine
@@ -222,22 +258,6 @@ class Session:
         self._ids = list(turn.output.prompt_token_ids) + turn.detok.ids
         self.last_reply = reply
 
-    def stream(self, text: str | Sequence[dict[str, str]],
-               params: SamplingParams | None = None) -> Iterator[str]:
-        chunks = self.stream_chunks(text, params)
-        try:
-            for chunk in chunks:
-                if chunk.text:
-                    yield chunk.text
-        finally:
-            chunks.close()
-
-    def send(self, text: str | Sequence[dict[str, str]],
-             params: SamplingParams | None = None) -> Reply:
-        for _ in self.stream_chunks(text, params):
-            pass
-        return self.last_reply
-
     def cancel(self) -> None:
         """Stop the running turn, if any (from any thread); its stream ends with finish_reason
         "abort" and the conversation keeps what was generated."""
@@ -245,22 +265,7 @@ class Session:
         if turn is not None:
             turn.handle.cancel()
 
-    async def asend(self, text: str, params: SamplingParams | None = None) -> Reply:
-        return await asyncio.to_thread(self.send, text, params)
-
-    async def astream(self, text: str, params: SamplingParams | None = None) -> AsyncIterator[str]:
-        pieces = self.stream(text, params)
-        sentinel = object()
-        while (piece := await asyncio.to_thread(next, pieces, sentinel)) is not sentinel:
-            yield piece
-
     def close(self) -> None:
         if not self._closed:
             self._closed = True
             self.engine.end_conversation(self.conversation_id)
-
-    def __enter__(self) -> "Session":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -13,17 +13,17 @@ what the in-process API raises for the same problem (ValueError, EngineOverloade
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import threading
-from typing import Any, AsyncIterator, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import grpc
 
 from pensieve_jax.request import Usage
 from pensieve_jax.sampling import SamplingParams
-from pensieve_jax.session import Chunk, Reply, SessionClosed, check_messages, turn_messages
+from pensieve_jax.session import (Chunk, Reply, SessionClosed, TurnMethods, check_messages,
+                                  turn_messages)
 from serving.errors import NotFound, from_rpc_error
 from serving.pensieve.v1 import pensieve_pb2 as pb
 from serving.pensieve.v1 import pensieve_pb2_grpc as pb_grpc
@@ -123,7 +123,7 @@ def connect(target: str, timeout: float | None = None, **kwargs) -> Client:
     return Client(target, timeout, **kwargs)
 
 
-class RemoteSession:
+class RemoteSession(TurnMethods):
     """One conversation on a server, with the shape of pensieve_jax.session.Session. The server
     assigns `conversation_id` on the first turn (None before)."""
 
@@ -196,22 +196,6 @@ class RemoteSession:
             self.last_reply = Reply(text, tuple(ids), final.finish_reason,
                                     usage_from_proto(final.usage))
 
-    def stream(self, text: str | Sequence[dict[str, str]],
-               params: SamplingParams | None = None) -> Iterator[str]:
-        chunks = self.stream_chunks(text, params)
-        try:
-            for chunk in chunks:
-                if chunk.text:
-                    yield chunk.text
-        finally:
-            chunks.close()
-
-    def send(self, text: str | Sequence[dict[str, str]],
-             params: SamplingParams | None = None) -> Reply:
-        for _ in self.stream_chunks(text, params):
-            pass
-        return self.last_reply
-
     def cancel(self) -> None:
         """Stop the running turn (from any thread); its reply ends with finish_reason "abort"."""
         call = self._call
@@ -219,24 +203,9 @@ class RemoteSession:
             self._cancelled = True
             call.cancel()
 
-    async def asend(self, text: str, params: SamplingParams | None = None) -> Reply:
-        return await asyncio.to_thread(self.send, text, params)
-
-    async def astream(self, text: str, params: SamplingParams | None = None) -> AsyncIterator[str]:
-        pieces = self.stream(text, params)
-        sentinel = object()
-        while (piece := await asyncio.to_thread(next, pieces, sentinel)) is not sentinel:
-            yield piece
-
     def close(self) -> None:
         """End the conversation on the server (frees its cache)."""
         if not self._closed:
             self._closed = True
             if self.conversation_id:
                 self.client.end_conversation(self.conversation_id)
-
-    def __enter__(self) -> "RemoteSession":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
