@@ -148,7 +148,7 @@ class ConversationStore(RestoreMixin, EvictionMixin):
         if self.index is None:
             return own
         nodes, partial = self.index.match(salt, prompt, len(prompt) - 1)
-        return max(own, len(nodes) * self.page_size + (partial.num_tokens if partial else 0))
+        return max(own, self.index.matched_tokens(nodes, partial))
 
     # -- pages of one conversation ------------------------------------------------------------
 

@@ -80,12 +80,21 @@ class EngineConfig:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
 
 
+def _page_shape(model: LoadedModel, config: EngineConfig) -> tuple[int, int, int, int]:
+    c = model.config
+    return (c.num_layers, config.page_size, c.num_kv_heads, c.head_dim)
+
+
+def _page_bytes(model: LoadedModel, config: EngineConfig, dtype) -> int:
+    """K and V of one page, all layers and KV heads."""
+    return 2 * math.prod(_page_shape(model, config)) * jnp.dtype(dtype).itemsize
+
+
 def _pool_pages(model: LoadedModel, config: EngineConfig, dtype, max_model_len: int) -> int:
     if config.num_pages is not None:
         return config.num_pages
-    c = model.config
-    page_bytes = 2 * c.num_layers * config.page_size * c.num_kv_heads * c.head_dim * \
-        jnp.dtype(dtype).itemsize // config.tensor_parallel    # per device: its KV heads only
+    # per device: each holds its KV heads only
+    page_bytes = _page_bytes(model, config, dtype) // config.tensor_parallel
     budget = config.kv_cache_bytes
     stats = jax.devices()[0].memory_stats() if budget is None else None
     if budget is None and stats and "bytes_limit" in stats:
@@ -111,8 +120,8 @@ class Engine:
                              f"one sequence of max_model_len {self.max_model_len}")
         c = model.config
         self.allocator = PageAllocator(num_pages)
-        page_shape = (c.num_layers, config.page_size, c.num_kv_heads, c.head_dim)
-        page_bytes = 2 * math.prod(page_shape) * jnp.dtype(dtype).itemsize
+        page_shape = _page_shape(model, config)
+        page_bytes = _page_bytes(model, config, dtype)
         self.host = HostCache(config.host_cache_bytes // page_bytes, page_shape, jnp.dtype(dtype))
         self.store = ConversationStore(
             self.allocator, config.page_size, self.host.allocator if self.host.enabled else None,

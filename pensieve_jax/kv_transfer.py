@@ -175,7 +175,7 @@ def match(engine: "Engine", conversation_id: str | None, token_ids: Sequence[int
     shared = 0
     if engine.store.index is not None and token_ids:
         nodes, partial = engine.store.index.match(salt, list(token_ids), len(token_ids))
-        shared = len(nodes) * engine.config.page_size + (partial.num_tokens if partial else 0)
+        shared = engine.store.index.matched_tokens(nodes, partial)
     return own, shared
 
 

@@ -98,6 +98,10 @@ class PrefixIndex:
                     best = Partial(child, n)
         return nodes, best
 
+    def matched_tokens(self, nodes: list[Node], partial: Partial | None) -> int:
+        """Tokens a `match` result serves."""
+        return len(nodes) * self.page_size + (partial.num_tokens if partial else 0)
+
     def insert(self, salt: str, tokens, pages: list[int]) -> None:
         """Record that device pages[i] hold the KV of tokens' page i (full pages only; a page
         given as -1 is skipped, an existing copy is kept)."""

@@ -35,7 +35,7 @@ class RestoreMixin:
             return 0
         nodes, partial = self.index.match(conv.salt, prompt, limit)
         ps = self.page_size
-        total = len(nodes) * ps + (partial.num_tokens if partial else 0)
+        total = self.index.matched_tokens(nodes, partial)
         gained = total - conv.num_computed
         if gained <= 0:
             return 0

@@ -97,8 +97,8 @@ class ModelRunner:
         self._gather = jax.jit(lambda kv, ids: KVCache(jnp.take(kv.k, ids, axis=1),
                                                        jnp.take(kv.v, ids, axis=1)), **pages_kw)
         self._copy = jax.jit(lambda kv, src, dst: KVCache(
-            kv.k.at[:, dst].set(kv.k[:, src], mode="drop"),
-            kv.v.at[:, dst].set(kv.v[:, src], mode="drop")), donate_argnums=(0,), **pages_kw)
+            copy_pages(kv.k, kv.k, src, dst), copy_pages(kv.v, kv.v, src, dst)),
+            donate_argnums=(0,), **pages_kw)
         self._scatter = jax.jit(lambda kv, k, v, ids: KVCache(
             copy_pages(kv.k, k, jnp.arange(ids.shape[0]), ids),
             copy_pages(kv.v, v, jnp.arange(ids.shape[0]), ids)), donate_argnums=(0,), **pages_kw)

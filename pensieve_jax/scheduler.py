@@ -10,7 +10,8 @@ whose pages come back from host memory is admitted one step before it runs: the 
 that step's compute and blocks no one.
 When pages run short, idle conversations lose their cache first (by the eviction policy,
 shared pages last), then the newest running turn is preempted: its pages are freed and it goes
-back to the front of the queue to be recomputed. The oldest running turn can always proceed, so there is no deadlock.
+back to the front of the queue to be recomputed. The oldest running turn can always proceed, so
+there is no deadlock.
 """
 
 from __future__ import annotations
@@ -99,10 +100,11 @@ class Scheduler:
         if len(self.waiting) < 2 or self.store.index is None:
             return
         window = list(itertools.islice(self.waiting, self.config.order_window))
+        for req in window:
+            req.waited += 1
 
         def key(item):
             i, req = item
-            req.waited += 1
             if req.conversation is not None or req.waited > self.config.fairness_steps:
                 return (0, 0.0, i)
             hit = self.store.cached_prefix(req.requested_conversation, req.prompt, req.salt)
