@@ -139,6 +139,7 @@ class Engine:
             if config.restore_policy != "load":
                 self.store.recompute_cheaper = self._rates.recompute_cheaper
         self._landing = None                 # swap-ins started, to land at the next step
+        self._stalled_steps = 0              # steps in a row with work but nothing to run
         self._inbox: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -285,12 +286,14 @@ class Engine:
         try:
             self._transfer()
             if not rows:
+                self._check_stall()
                 return 0
             start = time.perf_counter()
             tokens = self.runner.step(step_input(rows, self.config.page_size))
         except Exception as e:  # fail what is in flight; the pools may be gone (donated)
             self._fail_all(RuntimeError(f"engine step failed: {type(e).__name__}: {e}"))
             return 0
+        self._stalled_steps = 0
         num_tokens = sum(r.end - r.start for r in rows)
         if num_tokens >= 16:      # prefill speed, for the load-or-recompute choice
             self._rates.prefill(time.perf_counter() - start, num_tokens)
@@ -317,6 +320,20 @@ class Engine:
             self._landing = (self.runner.stage_pages(k, v), into)
             self.store.swapped_in([s.host_page for s in into])
             self.host.stats["in_s"] += time.perf_counter() - start
+
+    def _check_stall(self) -> None:
+        """Work queued, nothing runnable and no copy in flight that would change that: a
+        scheduler bug. Fail what is in flight with a clear error instead of spinning forever."""
+        if not self.scheduler.has_work() or self._landing is not None:
+            self._stalled_steps = 0
+            return
+        self._stalled_steps += 1
+        if self._stalled_steps >= 100:
+            self._stalled_steps = 0
+            self._fail_all(RuntimeError(
+                "engine made no progress in 100 steps with turns queued (scheduler bug); "
+                f"running {len(self.scheduler.running)}, waiting {len(self.scheduler.waiting)}"),
+                pools_lost=False)
 
     def _land(self) -> None:
         """Swap-ins started before the last step's compute go into the pools (pages whose
@@ -429,7 +446,9 @@ class Engine:
             self.store.remove(conversation_id)
         return True
 
-    def _fail_all(self, error: Exception) -> None:
+    def _fail_all(self, error: Exception, pools_lost: bool = True) -> None:
+        """Fail every turn in flight; when the pools may be gone (a failed step donated them)
+        every conversation's cache goes too, else idle conversations keep theirs."""
         self._counts["failed_steps"] += 1
         self._landing = None
         for req in self.scheduler.abort_all():
@@ -437,9 +456,10 @@ class Engine:
                 self.store.release(req.conversation, keep_kv=False)
             if not req.finished:
                 self._deliver(req, error)
-        for conv in self.store.conversations.values():
-            self.store.truncate(conv, 0)
-        self.runner.reset_kv()
+        if pools_lost:
+            for conv in self.store.conversations.values():
+                self.store.truncate(conv, 0)
+            self.runner.reset_kv()
 
     def _stats(self) -> dict[str, Any]:
         used = self.allocator.num_pages - self.allocator.num_free

@@ -61,7 +61,7 @@ class Scheduler:
         rows: list[Row] = []
         budget = self.config.max_batched_tokens
         for req in list(self.running):
-            if budget == 0 or len(rows) == self.config.max_num_seqs:
+            if budget == 0 or len(rows) >= self.config.max_num_seqs:
                 break
             if req not in self.running or req.loading:   # preempted / its pages not back yet
                 continue
@@ -209,18 +209,20 @@ class Scheduler:
             self.waiting.appendleft(req)
 
     def landed(self) -> None:
-        """Every swap-in planned so far is in the device pools: those turns may run."""
-        for req in self.running:
+        """Every swap-in planned so far is in the device pools: those turns may run. That
+        includes a turn restored but sent back to wait for room (it would wait forever)."""
+        for req in itertools.chain(self.running, self.waiting):
             req.loading = False
 
     def finish(self, req: Request) -> None:
         self.running.remove(req)
 
     def remove(self, request_id: str) -> Request | None:
-        """Take a request out of the queues (cancellation); None if it is not there."""
+        """Take a request out of the queues (cancellation); None if it is not there, or if it
+        has finished and only its cache flush is left (a cancel racing the turn's end)."""
         for queue_ in (self.running, self.waiting):
             for req in queue_:
-                if req.id == request_id:
+                if req.id == request_id and not req.finished:
                     queue_.remove(req)
                     return req
         return None

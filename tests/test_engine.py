@@ -290,3 +290,21 @@ def test_pallas_attention_engine_gives_the_same_tokens(engine):
     want = [o.token_ids for o in conversation_turns(engine, turns, "xla-conv")]
     assert got == want
     eng.shutdown()
+
+
+def test_a_stalled_scheduler_fails_the_turn_clearly_and_keeps_idle_caches():
+    """If the scheduler ever returns nothing to run while turns wait (a bug), the engine fails
+    those turns with a clear error instead of spinning forever; idle conversations keep
+    their caches and the engine serves the next turn."""
+    eng = make()
+    first = conversation_turns(eng, [[1, 2, 3, 4, 5]], "kept")[0]
+    settle(eng)
+    schedule = eng.scheduler.schedule
+    eng.scheduler.schedule = lambda: []
+    with pytest.raises(RuntimeError, match="no progress"):
+        eng.submit([9, 9, 9], GREEDY, conversation_id="stuck").result()
+    eng.scheduler.schedule = schedule
+    history = [1, 2, 3, 4, 5] + list(first.token_ids) + [7]
+    again = eng.submit(history, GREEDY, conversation_id="kept").result()
+    assert again.usage.cached_tokens == len(history) - 1
+    eng.shutdown()

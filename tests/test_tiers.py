@@ -177,3 +177,33 @@ def test_a_turn_whose_pages_are_loading_does_not_block_others():
     assert len(store.take_transfers()[2]) == 3
     sched.landed()
     assert "back" in [r.request.id for r in sched.schedule()]
+
+
+def test_a_restored_turn_sent_back_to_wait_runs_once_its_pages_land():
+    """A returning turn whose pages were staged but that found no room this step waits; when
+    its pages land it must not stay 'loading' forever (the engine used to spin, no rows)."""
+    from pensieve_jax.cache import PageAllocator
+    from pensieve_jax.conversations import ConversationStore
+    from pensieve_jax.request import Request
+    from pensieve_jax.scheduler import Scheduler, SchedulerConfig
+
+    store = ConversationStore(PageAllocator(16), 8, PageAllocator(8))
+    idle = store.get_or_create("idle", [])
+    idle.token_ids = list(range(24))
+    store.reserve(idle, 24)
+    idle.num_computed = 24
+    store.release(idle, keep_kv=True)
+    assert store.make_room(16)
+    sched = Scheduler(SchedulerConfig(max_batched_tokens=64, reserve_pages=12), store)
+    other = Request("other", [5, 6, 7], P, 0, "other", None)
+    sched.add(other)
+    assert [r.request.id for r in sched.schedule()] == ["other"]
+    back = Request("back", list(range(24)) + [1, 2], P, 0, "idle", None)
+    sched.add(back)
+    rows = sched.schedule()          # restored (3 pages staged), but the reserve keeps it out
+    assert "back" not in [r.request.id for r in rows] and back in sched.waiting
+    assert len(store.take_transfers()[2]) == 3
+    sched.landed()
+    sched.finish(other)
+    store.release(other.conversation, keep_kv=True)
+    assert "back" in [r.request.id for r in sched.schedule()]
