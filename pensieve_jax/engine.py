@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import math
 import queue
 import secrets
 import threading
@@ -16,94 +15,23 @@ import time
 import uuid
 from typing import Any, Callable, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pensieve_jax.cache import PageAllocator
 from pensieve_jax.conversations import ConversationStore
+from pensieve_jax.engine_config import EngineConfig, page_bytes, page_shape, pool_pages
+from pensieve_jax.engine_stats import COUNTERS, USAGE_COUNTERS, engine_stats
 from pensieve_jax.eviction import make_policy
 from pensieve_jax.host_cache import HostCache
 from pensieve_jax.request import Request, RequestHandle, TokenEvent, check_prompt
 from pensieve_jax.runner import ModelRunner, step_input
 from pensieve_jax.sampling import SamplingParams
 from pensieve_jax.scheduler import Row, Scheduler, SchedulerConfig
+from pensieve_jax.swap import Swapper
 from pensieve_jax.tokenizer import Tokenizer
-from pensieve_jax.transfer_costs import RESTORE_POLICIES, TransferCosts
+from pensieve_jax.transfer_costs import TransferCosts
 from pensieve_jax.weights import DEFAULT_MODEL, LoadedModel, load_model
-
-CACHE_POLICIES = ("stateful", "stateless")
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    page_size: int = 16
-    num_pages: int | None = None         # None: from kv_cache_bytes / kv_cache_fraction
-    kv_cache_bytes: int | None = None    # per device; None: kv_cache_fraction of free memory
-    kv_cache_fraction: float = 0.6       # (on CPU: 512 MiB, capped at what the seqs can use)
-    max_model_len: int | None = None     # None: min(model context, 4096)
-    max_batched_tokens: int = 512
-    max_num_seqs: int = 64
-    attention: str = "xla"
-    cache_policy: str = "stateful"       # "stateless": drop each turn's KV, share nothing
-                                         # (the baseline)
-    max_queued_requests: int | None = None     # submit raises EngineOverloaded beyond this
-    host_cache_bytes: int = 0            # host-memory tier for idle conversations (0: none)
-    eviction_policy: str = "pensieve"    # or "lru": which idle chunk leaves a tier first
-    chunk_tokens: int = 32               # eviction granularity (rounded to whole pages)
-    swap_out_threshold: float = 0.25     # copy idle chunks to host when fewer pages are free
-    reserve_fraction: float = 0.10       # pages new turns leave free for running ones
-    conversation_ttl_s: float | None = None    # idle conversations are forgotten after this
-    restore_policy: str = "auto"         # host pages: "load", "recompute", or "auto" (the
-                                         # cheaper by measured bandwidth and prefill speed)
-    prefix_sharing: bool = True          # conversations share cached pages of common prefixes
-    fairness_steps: int = 16             # a waiting turn is passed over for better-cached ones
-                                         # for at most this many steps
-    tensor_parallel: int = 1             # devices the weights and KV heads are split over
-
-    def __post_init__(self):
-        if self.page_size < 1 or self.page_size & (self.page_size - 1):
-            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
-        for name in ("max_batched_tokens", "max_num_seqs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.cache_policy not in CACHE_POLICIES:
-            raise ValueError(f"cache_policy must be one of {CACHE_POLICIES}, "
-                             f"got {self.cache_policy!r}")
-        if not isinstance(self.tensor_parallel, int) or self.tensor_parallel < 1:
-            raise ValueError(f"tensor_parallel must be an integer >= 1, "
-                             f"got {self.tensor_parallel!r}")
-        if self.restore_policy not in RESTORE_POLICIES:
-            raise ValueError(f"restore_policy must be one of {RESTORE_POLICIES}, "
-                             f"got {self.restore_policy!r}")
-        if not 0 < self.kv_cache_fraction <= 1:
-            raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
-
-
-def _page_shape(model: LoadedModel, config: EngineConfig) -> tuple[int, int, int, int]:
-    c = model.config
-    return (c.num_layers, config.page_size, c.num_kv_heads, c.head_dim)
-
-
-def _page_bytes(model: LoadedModel, config: EngineConfig, dtype) -> int:
-    """K and V of one page, all layers and KV heads."""
-    return 2 * math.prod(_page_shape(model, config)) * jnp.dtype(dtype).itemsize
-
-
-def _pool_pages(model: LoadedModel, config: EngineConfig, dtype, max_model_len: int) -> int:
-    if config.num_pages is not None:
-        return config.num_pages
-    # per device: each holds its KV heads only
-    page_bytes = _page_bytes(model, config, dtype) // config.tensor_parallel
-    budget = config.kv_cache_bytes
-    stats = jax.devices()[0].memory_stats() if budget is None else None
-    if budget is None and stats and "bytes_limit" in stats:
-        budget = int((stats["bytes_limit"] - stats.get("bytes_in_use", 0)) * config.kv_cache_fraction)
-    if budget is None:
-        usable = config.max_num_seqs * math.ceil(max_model_len / config.page_size)
-        return max(1, min(usable, (512 << 20) // page_bytes))
-    return max(1, budget // page_bytes)
-
 
 class EngineOverloaded(RuntimeError):
     """Too many unfinished requests (EngineConfig.max_queued_requests)."""
@@ -114,15 +42,14 @@ class Engine:
         self.model = model
         self.config = config
         self.max_model_len = config.max_model_len or min(model.config.max_position_embeddings, 4096)
-        num_pages = _pool_pages(model, config, dtype, self.max_model_len)
+        num_pages = pool_pages(model, config, dtype, self.max_model_len)
         if num_pages * config.page_size < self.max_model_len:
             raise ValueError(f"KV pool of {num_pages} pages x {config.page_size} tokens cannot hold "
                              f"one sequence of max_model_len {self.max_model_len}")
         c = model.config
         self.allocator = PageAllocator(num_pages)
-        page_shape = _page_shape(model, config)
-        page_bytes = _page_bytes(model, config, dtype)
-        self.host = HostCache(config.host_cache_bytes // page_bytes, page_shape, jnp.dtype(dtype))
+        shape, nbytes = page_shape(model, config), page_bytes(model, config, dtype)
+        self.host = HostCache(config.host_cache_bytes // nbytes, shape, jnp.dtype(dtype))
         self.store = ConversationStore(
             self.allocator, config.page_size, self.host.allocator if self.host.enabled else None,
             make_policy(config.eviction_policy, c), max(1, config.chunk_tokens // config.page_size),
@@ -132,24 +59,20 @@ class Engine:
             int(config.reserve_fraction * num_pages), config.fairness_steps), self.store)
         self.runner = ModelRunner(model, num_pages, config.page_size, config.attention, dtype,
                                   tensor_parallel=config.tensor_parallel)
-        self._rates = TransferCosts(page_bytes, config.restore_policy)
+        self._rates = TransferCosts(nbytes, config.restore_policy)
         if self.host.enabled:
             if config.restore_policy == "auto":
-                self._rates.calibrate(self.runner, page_shape, self.host.k.dtype)
+                self._rates.calibrate(self.runner, shape, self.host.k.dtype)
             if config.restore_policy != "load":
                 self.store.recompute_cheaper = self._rates.recompute_cheaper
-        self._landing = None                 # swap-ins started, to land at the next step
+        self.swapper = Swapper(self.runner, self.store, self.host, self._rates)
         self._stalled_steps = 0              # steps in a row with work but nothing to run
         self._inbox: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closing: set[str] = set()
         self._unfinished = 0                 # submitted, no final event yet (guarded by _lock)
-        self._counts = dict.fromkeys(("steps", "requests", "finished", "prompt_tokens",
-                                      "cached_tokens", "cached_host_tokens", "cached_shared_tokens",
-                                      "prefilled_tokens",
-                                      "recomputed_tokens",
-                                      "completion_tokens", "step_tokens", "failed_steps"), 0)
+        self.counts = dict.fromkeys(COUNTERS, 0)   # engine thread only; see stats()
 
     @classmethod
     def from_pretrained(cls, source: str = DEFAULT_MODEL, dtype="float32", cache_dir=None,
@@ -217,14 +140,14 @@ class Engine:
         self._post(lambda: self._abort(request_id))
 
     def has_conversation(self, conversation_id: str) -> bool:
-        return self._call(lambda: conversation_id in self.store.conversations)
+        return self.call(lambda: conversation_id in self.store.conversations)
 
     def end_conversation(self, conversation_id: str) -> bool:
         """Free a conversation's cache (after its running turn, if any). False if unknown."""
-        return self._call(lambda: self._end(conversation_id))
+        return self.call(lambda: self._end(conversation_id))
 
     def stats(self) -> dict[str, Any]:
-        return self._call(self._stats)
+        return self.call(lambda: engine_stats(self))
 
     def shutdown(self) -> None:
         if self._thread is not None:
@@ -243,7 +166,8 @@ class Engine:
                     self._thread.start()
         self._inbox.put(fn)
 
-    def _call(self, fn: Callable[[], Any]) -> Any:
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the engine thread between steps; its result or exception comes back."""
         future: concurrent.futures.Future = concurrent.futures.Future()
 
         def run():
@@ -275,7 +199,8 @@ class Engine:
         """One engine step (called by the loop thread); returns the number of rows run:
         land last step's swap-ins, schedule, start this step's copies, run, postprocess."""
         try:
-            self._land()
+            if self.swapper.land():
+                self.scheduler.landed()
             rows = self.scheduler.schedule()
         except Exception as e:  # a scheduler bug must not kill the loop silently
             self._fail_all(RuntimeError(f"engine scheduling failed: {type(e).__name__}: {e}"))
@@ -284,7 +209,7 @@ class Engine:
             self._deliver(req, error)
         self.scheduler.rejected.clear()
         try:
-            self._transfer()
+            self.swapper.start()
             if not rows:
                 self._check_stall()
                 return 0
@@ -297,34 +222,24 @@ class Engine:
         num_tokens = sum(r.end - r.start for r in rows)
         if num_tokens >= 16:      # prefill speed, for the load-or-recompute choice
             self._rates.prefill(time.perf_counter() - start, num_tokens)
-        self._counts["steps"] += 1
-        self._counts["step_tokens"] += num_tokens
+        self.counts["steps"] += 1
+        self.counts["step_tokens"] += num_tokens
         for row, token in zip(rows, tokens):
             self._postprocess(row, int(token))
         self.store.swap_out_ahead(int(self.config.swap_out_threshold * self.allocator.num_pages))
         return len(rows)
 
-    def _transfer(self) -> None:
-        """Run the page copies the scheduler planned: device -> host, device -> device (copy on
-        write), then host -> device (a page freed by one may be the target of a later one)."""
-        self.host.finish_writes()           # last step's device -> host copies land now
-        out, copies, into = self.store.take_transfers()
-        if out:
-            k, v = self.runner.gather_pages([d for d, _ in out])
-            self.host.write_async(k, v, [h for _, h in out])
-        if copies:
-            self.runner.copy_pages(copies)
-        if into:      # start the host -> device copy now; it lands at the next step
-            start = time.perf_counter()
-            k, v = self.host.read([s.host_page for s in into])
-            self._landing = (self.runner.stage_pages(k, v), into)
-            self.store.swapped_in([s.host_page for s in into])
-            self.host.stats["in_s"] += time.perf_counter() - start
+    def settle_copies(self) -> None:
+        """Land the swap-ins started at the last step and start the copies planned since
+        (engine thread; KV export/import use it to read every page where it will be)."""
+        if self.swapper.land():
+            self.scheduler.landed()
+        self.swapper.start()
 
     def _check_stall(self) -> None:
         """Work queued, nothing runnable and no copy in flight that would change that: a
         scheduler bug. Fail what is in flight with a clear error instead of spinning forever."""
-        if not self.scheduler.has_work() or self._landing is not None:
+        if not self.scheduler.has_work() or self.swapper.in_flight:
             self._stalled_steps = 0
             return
         self._stalled_steps += 1
@@ -334,23 +249,6 @@ class Engine:
                 "engine made no progress in 100 steps with turns queued (scheduler bug); "
                 f"running {len(self.scheduler.running)}, waiting {len(self.scheduler.waiting)}"),
                 pools_lost=False)
-
-    def _land(self) -> None:
-        """Swap-ins started before the last step's compute go into the pools (pages whose
-        conversation let them go meanwhile are skipped); their turns may run from now on."""
-        if self._landing is None:
-            return
-        staged, into = self._landing
-        self._landing = None
-        hidden = all(a.is_ready() for a in staged)
-        start = time.perf_counter()
-        jax.block_until_ready(staged)
-        self.host.stats["in_wait_s"] += time.perf_counter() - start
-        self.host.stats["in_hidden_pages"] += len(into) if hidden else 0
-        self.runner.scatter_staged(staged, [
-            s.device_page if s.index < len(s.conversation.pages) and
-            s.conversation.pages[s.index] == s.device_page else -1 for s in into])
-        self.scheduler.landed()
 
     def _postprocess(self, row: Row, token: int) -> None:
         req = row.request
@@ -399,10 +297,9 @@ class Engine:
         self._deliver(req, TokenEvent((), out))
 
     def _count(self, out) -> None:
-        self._counts["finished"] += 1
-        for key in ("prompt_tokens", "cached_tokens", "cached_host_tokens", "cached_shared_tokens",
-                    "prefilled_tokens", "recomputed_tokens", "completion_tokens"):
-            self._counts[key] += getattr(out.usage, key)
+        self.counts["finished"] += 1
+        for key in USAGE_COUNTERS:
+            self.counts[key] += getattr(out.usage, key)
 
     def _deliver(self, req: Request, final) -> None:
         """The last thing a request's handle receives: its output, or an exception."""
@@ -433,7 +330,7 @@ class Engine:
             self.store.remove(conv.id)
 
     def _add(self, req: Request) -> None:
-        self._counts["requests"] += 1
+        self.counts["requests"] += 1
         self.scheduler.add(req)
 
     def _end(self, conversation_id: str) -> bool:
@@ -449,8 +346,8 @@ class Engine:
     def _fail_all(self, error: Exception, pools_lost: bool = True) -> None:
         """Fail every turn in flight; when the pools may be gone (a failed step donated them)
         every conversation's cache goes too, else idle conversations keep theirs."""
-        self._counts["failed_steps"] += 1
-        self._landing = None
+        self.counts["failed_steps"] += 1
+        self.swapper.drop()
         for req in self.scheduler.abort_all():
             if req.conversation is not None:
                 self.store.release(req.conversation, keep_kv=False)
@@ -460,33 +357,6 @@ class Engine:
             for conv in self.store.conversations.values():
                 self.store.truncate(conv, 0)
             self.runner.reset_kv()
-
-    def _stats(self) -> dict[str, Any]:
-        used = self.allocator.num_pages - self.allocator.num_free
-        host = self.store.host          # the host tier's page allocator, or None
-        return dict(
-            self._counts, compilations=self.runner.num_compilations,
-            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
-            conversations=len(self.store.conversations), preemptions=self.scheduler.num_preemptions,
-            **self.store.counts, cached_tokens_resident=self.store.cached_tokens(),
-            resident_tokens=self.store.resident_tokens(),
-            hit_tokens=self._counts["cached_tokens"],
-            hit_tokens_by_tier={"device": self._counts["cached_tokens"] -
-                                self._counts["cached_host_tokens"],
-                                "host": self._counts["cached_host_tokens"]},
-            miss_tokens=self._counts["prefilled_tokens"] + self._counts["recomputed_tokens"],
-            pages={"device": {"used": used, "free": self.allocator.num_free,
-                              "total": self.allocator.num_pages},
-                   "host": {"used": host.num_pages - host.num_free if host else 0,
-                            "free": host.num_free if host else 0,
-                            "total": host.num_pages if host else 0}},
-            sharing=dict(self.store.sharing_stats(), enabled=self.store.index is not None,
-                         shared_hit_tokens=self._counts["cached_shared_tokens"],
-                         hit_ratio=self._counts["cached_tokens"] /
-                         max(1, self._counts["prompt_tokens"])),
-            swap=dict(self.host.stats, **self._rates.stats()), eviction_policy=self.store.policy.name,
-            cache_policy=self.config.cache_policy, page_size=self.config.page_size,
-            max_model_len=self.max_model_len)
 
     # -- KV transfer between engines (pensieve_jax/kv_transfer.py) ----------------------------
 

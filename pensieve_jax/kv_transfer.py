@@ -9,7 +9,7 @@ page `start // page_size`. Import creates (or extends) an idle conversation hold
 it makes room, allocates device pages, writes them, and registers the full pages for prompt
 sharing. An import starting past page 0 extends a conversation (by id, or the anonymous one
 sharing the longest prefix) that already holds the tokens before it. The functions here run on
-the engine thread (Engine.export_kv / import_kv call them through Engine._call).
+the engine thread (Engine.export_kv / import_kv call them through Engine.call).
 """
 
 from __future__ import annotations
@@ -51,12 +51,12 @@ def _check_idle(conv: Conversation) -> None:
 
 
 def call_settled(engine: "Engine", fn, timeout_s: float = 10.0):
-    """engine._call(fn), retried while fn finds a conversation still flushing its last turn
+    """engine.call(fn), retried while fn finds a conversation still flushing its last turn
     (that ends at the engine's next step)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return engine._call(fn)
+            return engine.call(fn)
         except _Flushing:
             if time.monotonic() > deadline:
                 raise
@@ -138,14 +138,6 @@ def _sources(engine: "Engine", conv: Conversation) -> list[tuple[str, int]]:
     return out
 
 
-def _settle_copies(engine: "Engine") -> None:
-    """Finish the page copies queued between steps: swap-ins started at the last step land
-    (a shared page may be read from its new device page), swap-outs reach the host tier."""
-    if getattr(engine, "_landing", None) is not None:
-        engine._land()
-    engine._transfer()
-
-
 def _held_tokens(engine: "Engine", conv: Conversation) -> int:
     return min(conv.num_computed, len(_sources(engine, conv)) * engine.config.page_size)
 
@@ -187,7 +179,7 @@ def export_kv(engine: "Engine", conversation_id: str, start: int = 0,
     if conv is None:
         raise NoSuchConversation(f"no conversation {conversation_id!r}")
     _check_idle(conv)
-    _settle_copies(engine)
+    engine.settle_copies()
     ps = engine.config.page_size
     sources = _sources(engine, conv)
     n = min(conv.num_computed, len(sources) * ps, limit if limit is not None else conv.num_computed)
@@ -258,7 +250,7 @@ def import_kv(engine: "Engine", conversation_id: str | None, token_ids: Sequence
         if not store.make_room(n_pages):
             raise OutOfPages(f"no room for {n_pages} KV pages ({store.allocator.num_free} free "
                              "after evicting idle conversations)")
-        _settle_copies(engine)    # evicted pages leave for the host before they are reused
+        engine.settle_copies()    # evicted pages leave for the host before they are reused
         if not store.reserve(conv, len(tokens)):
             raise OutOfPages(f"no room for {n_pages} KV pages")
         if n_pages:

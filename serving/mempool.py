@@ -137,7 +137,7 @@ class MemPoolService(pb_grpc.MemPoolServicer):
     async def Match(self, request: pb.MatchRequest, context) -> pb.MatchResponse:
         from pensieve_jax import kv_transfer
         try:
-            own, shared = await asyncio.to_thread(self.engine._call, lambda: kv_transfer.match(
+            own, shared = await asyncio.to_thread(self.engine.call, lambda: kv_transfer.match(
                 self.engine, request.conversation_id or None, list(request.token_ids),
                 request.cache_salt))
             layout = kv_transfer.layout_of(self.engine)
@@ -202,7 +202,7 @@ class MemPoolService(pb_grpc.MemPoolServicer):
         start = time.perf_counter()
         try:
             cid = request.conversation_id
-            conv = await asyncio.to_thread(self.engine._call, lambda: (
+            conv = await asyncio.to_thread(self.engine.call, lambda: (
                 lambda c: c and (list(c.token_ids[:c.num_computed]), c.salt))(
                     self.engine.store.conversations.get(cid)))
             if not conv:

@@ -1,0 +1,86 @@
+"""The engine's options and how big its device page pool is."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from pensieve_jax.transfer_costs import RESTORE_POLICIES
+from pensieve_jax.weights import LoadedModel
+
+CACHE_POLICIES = ("stateful", "stateless")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    page_size: int = 16
+    num_pages: int | None = None         # None: from kv_cache_bytes / kv_cache_fraction
+    kv_cache_bytes: int | None = None    # per device; None: kv_cache_fraction of free memory
+    kv_cache_fraction: float = 0.6       # (on CPU: 512 MiB, capped at what the seqs can use)
+    max_model_len: int | None = None     # None: min(model context, 4096)
+    max_batched_tokens: int = 512
+    max_num_seqs: int = 64
+    attention: str = "xla"
+    cache_policy: str = "stateful"       # "stateless": drop each turn's KV, share nothing
+                                         # (the baseline)
+    max_queued_requests: int | None = None     # submit raises EngineOverloaded beyond this
+    host_cache_bytes: int = 0            # host-memory tier for idle conversations (0: none)
+    eviction_policy: str = "pensieve"    # or "lru": which idle chunk leaves a tier first
+    chunk_tokens: int = 32               # eviction granularity (rounded to whole pages)
+    swap_out_threshold: float = 0.25     # copy idle chunks to host when fewer pages are free
+    reserve_fraction: float = 0.10       # pages new turns leave free for running ones
+    conversation_ttl_s: float | None = None    # idle conversations are forgotten after this
+    restore_policy: str = "auto"         # host pages: "load", "recompute", or "auto" (the
+                                         # cheaper by measured bandwidth and prefill speed)
+    prefix_sharing: bool = True          # conversations share cached pages of common prefixes
+    fairness_steps: int = 16             # a waiting turn is passed over for better-cached ones
+                                         # for at most this many steps
+    tensor_parallel: int = 1             # devices the weights and KV heads are split over
+
+    def __post_init__(self):
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
+        for name in ("max_batched_tokens", "max_num_seqs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cache_policy not in CACHE_POLICIES:
+            raise ValueError(f"cache_policy must be one of {CACHE_POLICIES}, "
+                             f"got {self.cache_policy!r}")
+        if not isinstance(self.tensor_parallel, int) or self.tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel must be an integer >= 1, "
+                             f"got {self.tensor_parallel!r}")
+        if self.restore_policy not in RESTORE_POLICIES:
+            raise ValueError(f"restore_policy must be one of {RESTORE_POLICIES}, "
+                             f"got {self.restore_policy!r}")
+        if not 0 < self.kv_cache_fraction <= 1:
+            raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
+
+
+def page_shape(model: LoadedModel, config: EngineConfig) -> tuple[int, int, int, int]:
+    """K (or V) of one page: (layers, page_size, kv_heads, head_dim)."""
+    c = model.config
+    return (c.num_layers, config.page_size, c.num_kv_heads, c.head_dim)
+
+
+def page_bytes(model: LoadedModel, config: EngineConfig, dtype) -> int:
+    """K and V of one page, all layers and KV heads."""
+    return 2 * math.prod(page_shape(model, config)) * jnp.dtype(dtype).itemsize
+
+
+def pool_pages(model: LoadedModel, config: EngineConfig, dtype, max_model_len: int) -> int:
+    """Device pages: num_pages if given, else what the per-device memory budget holds."""
+    if config.num_pages is not None:
+        return config.num_pages
+    # per device: each holds its KV heads only
+    per_device = page_bytes(model, config, dtype) // config.tensor_parallel
+    budget = config.kv_cache_bytes
+    stats = jax.devices()[0].memory_stats() if budget is None else None
+    if budget is None and stats and "bytes_limit" in stats:
+        budget = int((stats["bytes_limit"] - stats.get("bytes_in_use", 0)) * config.kv_cache_fraction)
+    if budget is None:
+        usable = config.max_num_seqs * math.ceil(max_model_len / config.page_size)
+        return max(1, min(usable, (512 << 20) // per_device))
+    return max(1, budget // per_device)

@@ -1,0 +1,43 @@
+"""What `Engine.stats()` reports: counters, pages by tier, hits by tier, sharing and swaps."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pensieve_jax.engine import Engine
+
+COUNTERS = ("steps", "requests", "finished", "prompt_tokens", "cached_tokens",
+            "cached_host_tokens", "cached_shared_tokens", "prefilled_tokens", "recomputed_tokens",
+            "completion_tokens", "step_tokens", "failed_steps")
+USAGE_COUNTERS = ("prompt_tokens", "cached_tokens", "cached_host_tokens", "cached_shared_tokens",
+                  "prefilled_tokens", "recomputed_tokens", "completion_tokens")
+
+
+def _pages(allocator) -> dict[str, int]:
+    if allocator is None:
+        return {"used": 0, "free": 0, "total": 0}
+    return {"used": allocator.num_pages - allocator.num_free, "free": allocator.num_free,
+            "total": allocator.num_pages}
+
+
+def engine_stats(engine: "Engine") -> dict[str, Any]:
+    """Called on the engine thread."""
+    counts, store, scheduler = engine.counts, engine.store, engine.scheduler
+    return dict(
+        counts, compilations=engine.runner.num_compilations,
+        running=len(scheduler.running), waiting=len(scheduler.waiting),
+        conversations=len(store.conversations), preemptions=scheduler.num_preemptions,
+        **store.counts, cached_tokens_resident=store.cached_tokens(),
+        resident_tokens=store.resident_tokens(),
+        hit_tokens=counts["cached_tokens"],
+        hit_tokens_by_tier={"device": counts["cached_tokens"] - counts["cached_host_tokens"],
+                            "host": counts["cached_host_tokens"]},
+        miss_tokens=counts["prefilled_tokens"] + counts["recomputed_tokens"],
+        pages={"device": _pages(engine.allocator), "host": _pages(store.host)},
+        sharing=dict(store.sharing_stats(), enabled=store.index is not None,
+                     shared_hit_tokens=counts["cached_shared_tokens"],
+                     hit_ratio=counts["cached_tokens"] / max(1, counts["prompt_tokens"])),
+        swap=engine.swapper.stats(), eviction_policy=store.policy.name,
+        cache_policy=engine.config.cache_policy, page_size=engine.config.page_size,
+        max_model_len=engine.max_model_len)

@@ -1,0 +1,74 @@
+"""Page copies between the tiers, run between steps.
+
+    phase      when                         what
+    start      after schedule, before run   device -> host gather + async copy (swap-out),
+                                            device -> device (copy on write),
+                                            host -> device staged (swap-in starts)
+    land       at the start of next step    staged swap-ins scattered into the pools
+
+A swap-in thus overlaps one step's compute; the turn it belongs to runs from the next step on.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+
+from pensieve_jax.conversations import ConversationStore
+from pensieve_jax.host_cache import HostCache
+from pensieve_jax.runner import ModelRunner
+from pensieve_jax.transfer_costs import TransferCosts
+
+
+class Swapper:
+    def __init__(self, runner: ModelRunner, store: ConversationStore, host: HostCache,
+                 rates: TransferCosts):
+        self.runner, self.store, self.host, self.rates = runner, store, host, rates
+        self._landing = None                 # swap-ins started, to land at the next step
+
+    @property
+    def in_flight(self) -> bool:
+        """Swap-ins started that have not landed yet."""
+        return self._landing is not None
+
+    def start(self) -> None:
+        """Run the copies the scheduler planned: device -> host, device -> device, then host ->
+        device (a page freed by one may be the target of a later one)."""
+        self.host.finish_writes()           # last step's device -> host copies land now
+        out, copies, into = self.store.take_transfers()
+        if out:
+            k, v = self.runner.gather_pages([d for d, _ in out])
+            self.host.write_async(k, v, [h for _, h in out])
+        if copies:
+            self.runner.copy_pages(copies)
+        if into:
+            start = time.perf_counter()
+            k, v = self.host.read([s.host_page for s in into])
+            self._landing = (self.runner.stage_pages(k, v), into)
+            self.store.swapped_in([s.host_page for s in into])
+            self.host.stats["in_s"] += time.perf_counter() - start
+
+    def land(self) -> bool:
+        """Scatter the started swap-ins into the pools (pages whose conversation let them go
+        meanwhile are skipped). True if there were any."""
+        if self._landing is None:
+            return False
+        staged, into = self._landing
+        self._landing = None
+        hidden = all(a.is_ready() for a in staged)
+        start = time.perf_counter()
+        jax.block_until_ready(staged)
+        self.host.stats["in_wait_s"] += time.perf_counter() - start
+        self.host.stats["in_hidden_pages"] += len(into) if hidden else 0
+        self.runner.scatter_staged(staged, [
+            s.device_page if s.index < len(s.conversation.pages) and
+            s.conversation.pages[s.index] == s.device_page else -1 for s in into])
+        return True
+
+    def drop(self) -> None:
+        """Forget staged swap-ins (their pools are gone after a failed step)."""
+        self._landing = None
+
+    def stats(self) -> dict:
+        return dict(self.host.stats, **self.rates.stats())
