@@ -135,6 +135,10 @@ def main(argv=None) -> None:
                    device_to_host_pages=stats["device_to_host_pages"],
                    host_dropped_pages=stats["host_dropped_pages"],
                    device_dropped_pages=stats["device_dropped_pages"])
+        swap = stats["swap"]    # copies complete before they were needed: hidden behind compute
+        row["swap_hidden_fraction"] = {
+            "in": swap["in_hidden_pages"] / swap["in_pages"] if swap["in_pages"] else None,
+            "out": swap["out_hidden_pages"] / swap["out_pages"] if swap["out_pages"] else None}
         outputs[name] = row.pop("_outputs")
         engine.shutdown()
         result["setups"][name] = row
