@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from pensieve_jax.engine import Engine
 
 __all__ = ["ConversationBusy", "ExportedKV", "KVLayout", "KVMismatch", "NoSuchConversation",
-           "OutOfPages", "export_kv", "import_kv", "layout_of", "match"]
+           "OutOfPages", "export_kv", "held_tokens", "import_kv", "layout_of", "match"]
 
 
 class KVMismatch(ValueError):
@@ -140,6 +140,18 @@ def _sources(engine: "Engine", conv: Conversation) -> list[tuple[str, int]]:
 
 def _held_tokens(engine: "Engine", conv: Conversation) -> int:
     return min(conv.num_computed, len(_sources(engine, conv)) * engine.config.page_size)
+
+
+def held_tokens(engine: "Engine", conv: Conversation) -> int:
+    """Leading tokens of conv whose KV has a copy on device or host (as `_held_tokens`), without
+    walking the prefix index while conv's own tiers hold every page (the common case)."""
+    ps = engine.config.page_size
+    n_pages = min(-(-conv.num_computed // ps), len(conv.pages))
+    pages, host, cow = conv.pages, conv.host_pages, conv.cow
+    for i in range(n_pages):
+        if pages[i] < 0 and i not in host and (cow is None or cow[0] != i):
+            return _held_tokens(engine, conv)
+    return min(conv.num_computed, n_pages * ps)
 
 
 def _find(engine: "Engine", conversation_id: str | None, token_ids: Sequence[int],

@@ -114,6 +114,10 @@ def _add_router_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-move", choices=("auto", "transfer", "recompute"), default="auto",
                         help="a moved conversation: load its KV through MemPool or recompute "
                              "it (auto: the cheaper by measured bandwidth and prefill speed)")
+    parser.add_argument("--cache-report-interval", type=float, default=1.0,
+                        help="seconds between polls of each replica's MemPool.CacheReport (what "
+                             "its cache holds: the prefix tree learns evictions and imports; "
+                             "0: never, estimate by LRU)")
 
 
 async def _until_signal() -> None:
@@ -134,7 +138,8 @@ async def _cluster(args: argparse.Namespace) -> None:
                            args.dtype, tuple(engine_options(args).items()), args.subprocess,
                            args.gpus, args.health_period,
                            E2Config(rebalance_threshold=args.rebalance_threshold),
-                           prefill=args.prefill, decode=args.decode, kv_move=args.kv_move)
+                           prefill=args.prefill, decode=args.decode, kv_move=args.kv_move,
+                           cache_report_interval_s=args.cache_report_interval)
     cluster = Cluster(config)
     try:
         await cluster.start()
@@ -156,7 +161,8 @@ async def _router(args: argparse.Namespace) -> None:
     router = RouterServer(args.replica, args.policy, tokenizer, args.host, args.port,
                           args.health_period,
                           e2=E2Config(rebalance_threshold=args.rebalance_threshold),
-                          kv_move=args.kv_move)     # replica roles: learned from GetStats
+                          kv_move=args.kv_move,     # replica roles: learned from GetStats
+                          cache_report_interval_s=args.cache_report_interval)
     await router.start()
     print(f"pensieve: routing ({args.policy}) on {router.target} to {', '.join(args.replica)}",
           flush=True)

@@ -46,6 +46,7 @@ class ClusterConfig:
     prefill: int = 0                     # prefill-only replicas (disaggregation)
     decode: int = 0                      # decode-only replicas
     kv_move: str = "auto"                # moved conversations: auto | transfer | recompute
+    cache_report_interval_s: float = 1.0     # the router polls MemPool.CacheReport (0: never)
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -82,7 +83,8 @@ class Cluster:
             tokenizer = await self._start_in_process()
         self.router = RouterServer(self.targets, c.policy, tokenizer, c.host, c.port,
                                    c.health_period_s, e2=c.e2, kv_move=c.kv_move,
-                                   roles=c.roles)
+                                   roles=c.roles,
+                                   cache_report_interval_s=c.cache_report_interval_s)
         await self.router.start()
         return self.router.target
 

@@ -10,6 +10,10 @@ cost model a router uses to move a conversation by KV transfer or by recomputati
               a router can continue it with ChatRequest.conversation_id (+ history_token_ids)
     Transfer  replica -> replica push: Match on the target, then Import there only the pages
               it lacks
+    CacheReport  what the cache holds: per conversation, the leading token ids whose KV is on
+              device or host, versioned so a router polling it gets only the changes (a
+              router's global prefix tree learns evictions and imports from it;
+              pensieve_jax/cache_report.py)
 
 The engine side (pensieve_jax/kv_transfer.py) does one page gather per export and one scatter
 per import; the wire carries chunk_bytes of pages per message.
@@ -110,6 +114,16 @@ async def from_chunks(chunks: AsyncIterator[pb.KVChunk]) -> Received:
     return Received(header, kv, nbytes)
 
 
+def cache_report_to_proto(r) -> pb.CacheReportResponse:
+    """A pensieve_jax.cache_report.CacheReport as its message."""
+    return pb.CacheReportResponse(
+        epoch=r.epoch, version=r.version, full=r.full, removed=r.removed,
+        num_conversations=r.num_conversations, page_size=r.page_size,
+        conversations=[pb.CachedConversation(conversation_id=h.conversation_id,
+                                             cache_salt=h.salt, token_ids=h.token_ids)
+                       for h in r.conversations])
+
+
 def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, NoSuchConversation):
         return grpc.StatusCode.NOT_FOUND, str(exc)
@@ -126,7 +140,8 @@ class MemPoolService(pb_grpc.MemPoolServicer):
         self.engine = service.engine
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.stats = dict.fromkeys(("exports", "imports", "transfers", "sent_bytes",
-                                    "received_bytes"), 0)
+                                    "received_bytes", "cache_reports"), 0)
+        self._tracker = None
 
     async def _fail(self, context, exc: BaseException):
         code, message = _status(exc)
@@ -232,6 +247,22 @@ class MemPoolService(pb_grpc.MemPoolServicer):
                                    num_tokens=reply.num_tokens, sent_tokens=max(sent, 0),
                                    bytes=kv.nbytes, seconds=time.perf_counter() - start)
 
+    @property
+    def tracker(self):
+        """The engine's CacheTracker (made on first use)."""
+        if self._tracker is None:
+            from pensieve_jax.cache_report import CacheTracker
+            self._tracker = CacheTracker(self.engine)
+        return self._tracker
+
+    async def CacheReport(self, request: pb.CacheReportRequest, context) -> pb.CacheReportResponse:
+        try:
+            r = await asyncio.to_thread(self.tracker.report, request.epoch, request.since_version)
+        except Exception as e:
+            await self._fail(context, e)
+        self.stats["cache_reports"] += 1
+        return cache_report_to_proto(r)
+
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()
@@ -289,4 +320,5 @@ class CostModel:
 
 
 __all__ = ["CostModel", "GRPC_OPTIONS", "MEMPOOL_SERVICE", "MemPoolService", "MoveChoice",
-           "Received", "from_chunks", "layout_from_proto", "layout_to_proto", "to_chunks"]
+           "Received", "cache_report_to_proto", "from_chunks", "layout_from_proto",
+           "layout_to_proto", "to_chunks"]

@@ -8,8 +8,19 @@ token prefixes.
 
 A radix tree over token ids: each edge holds a run of tokens, each node the replicas that hold
 the prefix ending there and when each last used it. A replica holding a node holds all of its
-ancestors. The tree only knows what the router routed: replicas do not report evictions, so
-`evict` ages entries out by LRU against an estimate of each replica's capacity.
+ancestors.
+
+Two ways to know what a replica holds:
+
+    tree.hold(ids, replica=0, key="session-1", now=t)   # conversation session-1 there holds ids
+    tree.hold((), 0, "session-1", t)                    # ... and now nothing (evicted, ended)
+
+Keyed holders (a replica's conversations, as its cache reports say, or as the router just
+routed them): each node counts the holders of each replica covering it, and a replica holds a
+node while its count is above 0, so one conversation letting go of a shared prefix leaves it
+to the others. Unkeyed `insert`s are the estimate for replicas that do not report: they stay
+until `evict` ages them out by LRU against the replica's capacity (or `drop_unheld` removes
+them once the replica reports).
 """
 
 from __future__ import annotations
@@ -20,12 +31,13 @@ from typing import Sequence
 
 
 class _Node:
-    __slots__ = ("tokens", "children", "replicas", "parent")
+    __slots__ = ("tokens", "children", "replicas", "counts", "parent")
 
     def __init__(self, tokens: tuple[int, ...], parent: "_Node | None"):
         self.tokens = tokens
         self.children: dict[int, _Node] = {}
         self.replicas: dict[int, float] = {}     # replica -> last use (monotonic seconds)
+        self.counts: dict[int, int] = {}         # replica -> keyed holders covering this node
         self.parent = parent
 
 
@@ -33,26 +45,49 @@ class PrefixTree:
     def __init__(self):
         self.root = _Node((), None)
         self._cached: dict[int, int] = {}        # replica -> tokens it holds in the tree
+        self._holders: dict[int, dict] = {}      # replica -> {key: the tokens it holds}
 
     def cached_tokens(self, replica: int) -> int:
         """Tokens the tree believes `replica` holds."""
         return self._cached.get(replica, 0)
 
     def insert(self, tokens: Sequence[int], replica: int, now: float) -> None:
-        """Record that `replica` holds `tokens` (used at `now`)."""
-        node, i, tokens = self.root, 0, tuple(int(t) for t in tokens)
-        while i < len(tokens):
-            child = node.children.get(tokens[i])
-            if child is None:
-                child = _Node(tokens[i:], node)
-                node.children[tokens[i]] = child
-            else:
-                n = _common(child.tokens, tokens, i)
-                if n < len(child.tokens):
-                    child = self._split(child, n)
-            node = child
-            i += len(node.tokens)
-            self._mark(node, replica, now)
+        """Record that `replica` holds `tokens` (used at `now`), unkeyed (an estimate)."""
+        self._insert(_ints(tokens), replica, now, None)
+
+    def hold(self, tokens: Sequence[int], replica: int, key, now: float) -> int:
+        """Holder `key` of `replica` (one of its conversations) now holds exactly `tokens`
+        (empty: nothing), replacing what it held before. Returns the change in the tokens the
+        tree credits `replica` with (negative: it learnt an eviction)."""
+        tokens = _ints(tokens)
+        holders = self._holders.setdefault(replica, {})
+        old = holders.get(key, ())
+        if old == tokens:
+            return 0
+        before = self.cached_tokens(replica)
+        same = _common(old, tokens, 0)
+        if tokens:
+            self._insert(tokens, replica, now, same)
+            holders[key] = tokens
+        else:
+            holders.pop(key, None)
+        if len(old) > same:
+            self._uncount(old, replica, same)
+        return self.cached_tokens(replica) - before
+
+    def holders(self, replica: int) -> dict:
+        """{key: tokens} of `replica`'s keyed holders."""
+        return dict(self._holders.get(replica, {}))
+
+    def drop_unheld(self, replica: int) -> int:
+        """Forget what `replica` holds only by unkeyed inserts (the estimate), keeping what its
+        keyed holders hold. Returns the tokens forgotten."""
+        freed = 0
+        for node in list(self._nodes()):
+            if replica in node.replicas and not node.counts.get(replica) and \
+                    node.parent is not None:
+                freed += self._unmark(node, replica)
+        return freed
 
     def match(self, tokens: Sequence[int]) -> dict[int, int]:
         """For each replica holding a prefix of `tokens`: the length of the longest one."""
@@ -102,16 +137,58 @@ class PrefixTree:
         return freed
 
     def drop_replica(self, replica: int) -> None:
-        """Forget everything `replica` holds (it died or restarted)."""
+        """Forget everything `replica` holds (it died or restarted), keyed holders too."""
         for node in list(self._nodes()):
+            node.counts.pop(replica, None)
             if replica in node.replicas:
                 self._unmark(node, replica)
         self._cached.pop(replica, None)
+        self._holders.pop(replica, None)
 
     def num_nodes(self) -> int:
         return sum(1 for _ in self._nodes())
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _insert(self, tokens: tuple[int, ...], replica: int, now: float,
+                count_from: int | None) -> None:
+        """Mark the path of tokens for replica; with count_from, also count one more keyed
+        holder on each node of it ending past token count_from."""
+        node, i = self.root, 0
+        while i < len(tokens):
+            child = node.children.get(tokens[i])
+            if child is None:
+                child = _Node(tokens[i:], node)
+                node.children[tokens[i]] = child
+            else:
+                n = _common(child.tokens, tokens, i)
+                if n < len(child.tokens):
+                    child = self._split(child, n)
+            node = child
+            i += len(node.tokens)
+            self._mark(node, replica, now)
+            if count_from is not None and i > count_from:
+                node.counts[replica] = node.counts.get(replica, 0) + 1
+
+    def _uncount(self, tokens: tuple[int, ...], replica: int, keep: int) -> None:
+        """One keyed holder of replica no longer holds tokens past token `keep`: count it off
+        the nodes of their path ending past it; a node left with no holder loses the replica."""
+        node, i, path = self.root, 0, []
+        while i < len(tokens):
+            child = node.children.get(tokens[i])
+            if child is None or _common(child.tokens, tokens, i) < len(child.tokens):
+                break
+            node, i = child, i + len(child.tokens)
+            if i > keep:
+                path.append(node)
+        for node in reversed(path):          # deepest first: pruning climbs from the leaves
+            n = node.counts.get(replica, 0) - 1
+            if n > 0:
+                node.counts[replica] = n
+                continue
+            node.counts.pop(replica, None)
+            if replica in node.replicas:
+                self._unmark(node, replica)
 
     def _mark(self, node: _Node, replica: int, now: float) -> None:
         if replica not in node.replicas:
@@ -120,6 +197,7 @@ class PrefixTree:
 
     def _unmark(self, node: _Node, replica: int) -> int:
         del node.replicas[replica]
+        node.counts.pop(replica, None)
         n = len(node.tokens)
         self._cached[replica] -= n
         while node is not self.root and not node.replicas and not node.children:
@@ -131,6 +209,7 @@ class PrefixTree:
         """Split node's edge after n tokens; returns the new upper node."""
         upper = _Node(node.tokens[:n], node.parent)
         upper.replicas = dict(node.replicas)
+        upper.counts = dict(node.counts)
         node.parent.children[upper.tokens[0]] = upper
         node.tokens = node.tokens[n:]
         node.parent = upper
@@ -149,8 +228,15 @@ class PrefixTree:
                 not any(replica in c.replicas for c in n.children.values())]
 
 
+def _ints(tokens: Sequence[int]) -> tuple[int, ...]:
+    out = tuple(tokens)
+    return out if all(type(t) is int for t in out[:1]) else tuple(map(int, out))
+
+
 def _common(edge: tuple[int, ...], tokens: Sequence[int], start: int) -> int:
     n = min(len(edge), len(tokens) - start)
+    if edge[:n] == tuple(tokens[start:start + n]):     # the usual case, at C speed
+        return n
     for k in range(n):
         if edge[k] != tokens[start + k]:
             return k

@@ -18,6 +18,17 @@ If part of the reply had already been streamed, the replay skips what the client
 for deterministic sampling: temperature 0 or a seed; otherwise the call ends UNAVAILABLE and
 the conversation stays at its previous turn). The health loop marks it up again when it
 answers, and reads each replica's cache size for the tree's LRU capacity estimate.
+
+Cache reports: every cache_report_interval_s the router polls each replica's
+MemPool.CacheReport (pensieve_jax/cache_report.py): per conversation there, the token ids whose
+KV it still holds, versioned so that only changes travel. The tree keeps one keyed holder per
+replica conversation (`PrefixTree.hold`) and each report resets it: prefixes a replica let go
+(evicted, ended, expired) stop counting for it, prefixes it holds that the router did not route
+(KV imports, clients that bypass the router) start counting. Between reports, the turns the
+router routes are credited at once (a holder keyed by the replica's conversation id, which the
+next report confirms or corrects). Replicas that do not implement CacheReport (older servers;
+logged once) keep the estimate: what was routed there, aged out by LRU against capacity. Without
+a tokenizer the tree is keyed on bytes, not token ids, and reports are not used.
 """
 
 from __future__ import annotations
@@ -82,7 +93,8 @@ def _expired(context) -> bool:
 class RouterService(pb_grpc.PensieveServicer):
     def __init__(self, targets: Sequence[str], policy: str = "e2", tokenizer=None,
                  e2: E2Config = E2Config(), window_s: float = 60.0, kv_move: str = "auto",
-                 roles: Sequence[str] | None = None, cost: CostModel | None = None):
+                 roles: Sequence[str] | None = None, cost: CostModel | None = None,
+                 cache_report_interval_s: float = 1.0):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if kv_move not in KV_MOVES:
@@ -111,6 +123,12 @@ class RouterService(pb_grpc.PensieveServicer):
                                      "replica_not_found", "tree_evicted_tokens"), 0)
         self.reasons: dict[str, int] = {}
         self.active_streams = 0
+        self.cache_report_interval_s = cache_report_interval_s
+        self.reports = dict.fromkeys((
+            "received", "changed", "full", "failed", "resyncs",
+            "evictions_learnt", "evicted_tokens_learnt",      # the tree stopped crediting these
+            "inserts_learnt", "inserted_tokens_learnt",       # ... started crediting these
+            "estimate_dropped_tokens"), 0)   # routed estimates a first report did not confirm
 
     def connect(self) -> None:
         for r in self.replicas:
@@ -202,9 +220,21 @@ class RouterService(pb_grpc.PensieveServicer):
         replica.healthy = False
         replica.failures += 1
         self.tree.drop_replica(replica.index)
+        replica.report_epoch, replica.report_version = "", 0    # a full report when it is back
+        replica.reported.clear()
+        replica.learnt.clear()
 
-    def _learn(self, replica: Replica, ids: list[int]) -> None:
-        self.tree.insert(ids, replica.index, time.monotonic())
+    def _learn(self, replica: Replica, ids: list[int], key: str | None) -> None:
+        """Credit replica with ids (a turn it ran, KV pushed to it). A replica that reports its
+        cache gets a holder keyed by its conversation id (its next report confirms or corrects
+        it); others the LRU estimate."""
+        now = time.monotonic()
+        if replica.reports and self.keys.exact:
+            if key:
+                self.tree.hold(ids, replica.index, key, now)
+                replica.learnt[key] = now
+            return
+        self.tree.insert(ids, replica.index, now)
         if replica.capacity:
             self.events["tree_evicted_tokens"] += self.tree.evict(replica.index, replica.capacity)
 
@@ -335,7 +365,7 @@ class RouterService(pb_grpc.PensieveServicer):
                                   final.finish_reason == "stop")
         conv.record(r.index, turn, joined, raw, ids + self.keys.reply_ids(gen))
         self._learn(r, conv.ids if self.keys.exact else
-                    self.keys.prompt_ids(conv.template, [], []))
+                    self.keys.prompt_ids(conv.template, [], []), conv.cids.get(r.index))
         if final is not None:
             self._count(final.usage, decision.matched)
             r.add_load(self.e2.decode_weight * final.usage.completion_tokens)
@@ -384,7 +414,7 @@ class RouterService(pb_grpc.PensieveServicer):
         counters.bytes += reply.bytes
         counters.seconds += reply.seconds
         self.cost.observe_transfer(reply.bytes, reply.seconds)
-        self._learn(dst, tokens[:reply.num_tokens])
+        self._learn(dst, tokens[:reply.num_tokens], reply.target_conversation_id)
         return reply
 
     async def _move(self, conv: Conversation, src: Replica, dst: Replica,
@@ -464,7 +494,7 @@ class RouterService(pb_grpc.PensieveServicer):
         p.routed += 1
         p.add_load(last.usage.prefilled_tokens + last.usage.recomputed_tokens)
         conv.engine_only[p.index] = last.conversation_id
-        self._learn(p, ids)
+        self._learn(p, ids, last.conversation_id)
         reply = await self._transfer(p, last.conversation_id, d, conv.cids.get(d.index, ""),
                                      True, ids, self.disagg["to_decode"], limit=len(ids),
                                      why="prefill to decode", force=True)
@@ -496,7 +526,7 @@ class RouterService(pb_grpc.PensieveServicer):
                         rid = f"gen-{uuid.uuid4().hex[:16]}"
                         self.generated[rid] = (r.index, resp.conversation_id)
                         self._count(resp.usage, decision.matched)
-                        self._learn(r, ids + list(resp.token_ids))
+                        self._learn(r, ids + list(resp.token_ids), resp.conversation_id)
                         resp.conversation_id = rid
                     yield resp
             except grpc.aio.AioRpcError as e:
@@ -549,14 +579,24 @@ class RouterService(pb_grpc.PensieveServicer):
             "by_policy": {p: c.as_dict() for p, c in self.counters.items()},
             "conversations": len(self.conversations),
             "tree": {"nodes": self.tree.num_nodes(),
-                     "eviction": "LRU against each replica's cache capacity (estimated: "
-                                 "replicas do not report evictions)"},
+                     "eviction": "replicas reporting their cache (cache_report 'reporting'): "
+                                 "as their reports say; others: LRU against each replica's "
+                                 "cache capacity (estimated)"},
+            "cache_reports": {"interval_s": self.cache_report_interval_s
+                              if self.keys.exact else 0.0, **self.reports},
             "replicas": [{"target": r.target, "healthy": r.healthy, "routed": r.routed,
                           "role": r.role, "leaving": r.leaving,
                           "in_flight": r.in_flight, "load": r.load(now),
                           "failures": r.failures, "capacity_tokens": r.capacity,
-                          "tree_tokens": self.tree.cached_tokens(r.index)}
+                          "tree_tokens": self.tree.cached_tokens(r.index),
+                          "cache_report": self._report_mode(r),
+                          "reported_conversations": len(r.reported)}
                          for r in self.replicas]}
+
+    def _report_mode(self, r: Replica) -> str:
+        if not self.keys.exact or self.cache_report_interval_s <= 0:
+            return "off"
+        return {None: "pending", True: "reporting", False: "unsupported"}[r.reports]
 
     async def _stats(self) -> pb.GetStatsResponse:
         stats = await asyncio.gather(*(self._replica_stats(r) for r in self.replicas))
@@ -591,6 +631,8 @@ class RouterService(pb_grpc.PensieveServicer):
             return
         if not r.healthy:
             log.info("replica %s (%s) is up", r.index, r.target)
+            if r.reports is False:
+                r.reports = None          # ask again: it may have been upgraded
         r.healthy = True
         s = await self._replica_stats(r)
         if s is not None:
@@ -599,11 +641,100 @@ class RouterService(pb_grpc.PensieveServicer):
             r.capacity = size * (pages["pages"]["device"]["total"] + pages["pages"]["host"]["total"])
             if not r.role_fixed and pages.get("role") in ROLES:
                 r.role = pages["role"]
-            self.events["tree_evicted_tokens"] += self.tree.evict(r.index, r.capacity)
+            if not r.reports:
+                self.events["tree_evicted_tokens"] += self.tree.evict(r.index, r.capacity)
 
     async def health_loop(self, period_s: float) -> None:
         while True:
             await asyncio.gather(*(self.check(r) for r in self.replicas), return_exceptions=True)
+            await asyncio.sleep(period_s)
+
+    # -- cache reports --------------------------------------------------------------------------
+
+    async def poll_cache(self, r: Replica) -> None:
+        """Ask r what its cache holds (what changed since its last report) and reconcile."""
+        if not r.healthy or r.leaving or r.reports is False or not self.keys.exact:
+            return
+        failures, sent_at = r.failures, time.monotonic()
+        request = pb.CacheReportRequest(epoch=r.report_epoch, since_version=r.report_version)
+        try:
+            reply = await r.mempool.CacheReport(
+                request, timeout=max(5.0, 2 * self.cache_report_interval_s))
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                self.reports["failed"] += 1      # down or busy: the health loop decides
+                return
+            log.warning("replica %s (%s) does not report its cache (MemPool.CacheReport: %s): "
+                        "the router estimates it from the turns it routes there",
+                        r.index, r.target, e.code().name)
+            if r.reports:                        # replaced by an older server: estimate anew
+                self.tree.drop_replica(r.index)
+                r.reported.clear()
+                r.learnt.clear()
+            r.reports = False
+            return
+        if r.healthy and r.failures == failures and r.report_epoch == request.epoch and \
+                r.report_version == request.since_version:   # else stale: it went down since
+            self.apply_report(r, reply, sent_at)
+
+    def apply_report(self, r: Replica, reply: pb.CacheReportResponse, sent_at: float) -> None:
+        """Reconcile the tree with a report of r, asked for at sent_at (router clock).
+
+        Each conversation the report names now holds exactly the tokens it lists (none: removed
+        or, in a full report, not listed). Except those the router credited by routing after
+        sent_at: the report may predate their turn, so the next one decides. Those credited
+        before sent_at and absent from the replica's conversations are let go (routed there but
+        not kept: evicted already, or a replica that keeps nothing)."""
+        now, stats = time.monotonic(), self.reports
+        stats["received"] += 1
+        first = not r.reports
+        r.reports = True
+        pending = {key for key, t in r.learnt.items() if t >= sent_at}
+        if reply.full:
+            stats["full"] += 1
+            listed = {c.conversation_id for c in reply.conversations}
+            for key in self.tree.holders(r.index):
+                if key not in listed and key not in pending:
+                    self._reconcile(r, key, (), now)
+            r.reported.clear()
+        for c in reply.conversations:
+            r.reported.add(c.conversation_id)
+            if c.conversation_id not in pending:
+                self._reconcile(r, c.conversation_id, c.token_ids, now)
+        for key in reply.removed:
+            r.reported.discard(key)
+            if key not in pending:
+                self._reconcile(r, key, (), now)
+        for key, t in list(r.learnt.items()):
+            if t < sent_at:
+                del r.learnt[key]
+                if key not in r.reported:
+                    self._reconcile(r, key, (), now)
+        if reply.full:                # what routing credited before reports: the estimate
+            dropped = self.tree.drop_unheld(r.index)
+            stats["estimate_dropped_tokens" if first else "evicted_tokens_learnt"] += dropped
+        stats["changed"] += bool(reply.full or reply.conversations or reply.removed)
+        r.report_epoch, r.report_version = reply.epoch, reply.version
+        if len(r.reported) != reply.num_conversations:      # out of step: start over
+            stats["resyncs"] += 1
+            r.report_epoch, r.report_version = "", 0
+
+    def _reconcile(self, r: Replica, key: str, tokens, now: float) -> None:
+        change = self.tree.hold(tokens, r.index, key, now)
+        if change < 0:
+            self.reports["evictions_learnt"] += 1
+            self.reports["evicted_tokens_learnt"] -= change
+        elif change > 0:
+            self.reports["inserts_learnt"] += 1
+            self.reports["inserted_tokens_learnt"] += change
+
+    async def report_loop(self, period_s: float) -> None:
+        while True:
+            results = await asyncio.gather(*(self.poll_cache(r) for r in self.replicas),
+                                           return_exceptions=True)
+            for r, result in zip(self.replicas, results):
+                if isinstance(result, Exception):
+                    log.error("cache report of replica %s failed", r.target, exc_info=result)
             await asyncio.sleep(period_s)
 
 
@@ -619,6 +750,7 @@ class RouterServer:
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._loop_task: asyncio.Task | None = None
+        self._report_task: asyncio.Task | None = None
 
     @property
     def target(self) -> str:
@@ -637,6 +769,9 @@ class RouterServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._loop_task = asyncio.create_task(self.service.health_loop(self.health_period_s))
+        period = self.service.cache_report_interval_s
+        if period > 0 and self.service.keys.exact:
+            self._report_task = asyncio.create_task(self.service.report_loop(period))
         return self.port
 
     async def shutdown(self, grace: float = 5.0) -> None:
@@ -645,6 +780,8 @@ class RouterServer:
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace)
         self._loop_task.cancel()
+        if self._report_task is not None:
+            self._report_task.cancel()
         await self.service.close()
         self._server = None
 

@@ -93,6 +93,13 @@ class Replica:
     role_fixed: bool = False          # given to the router (else learned from GetStats)
     leaving: bool = False             # evacuated: never marked up again
     mempool: Any = None               # pensieve.v1.MemPool stub
+    # MemPool.CacheReport: None not known yet (the tree estimates), True it reports (the tree
+    # follows its reports), False it does not implement it (an older server: estimated)
+    reports: bool | None = None
+    report_epoch: str = ""            # of the last report applied ("": ask for a full one)
+    report_version: int = 0
+    reported: set = dataclasses.field(default_factory=set)   # conversation ids it reported
+    learnt: dict = dataclasses.field(default_factory=dict)   # id -> when routing credited it
 
     def connect(self) -> None:
         from serving.mempool import GRPC_OPTIONS

@@ -54,6 +54,26 @@ def test_tree_drop_replica_keeps_others():
     assert t.match([1, 2, 3]) == {1: 3} and t.cached_tokens(0) == 0
 
 
+def test_tree_keyed_holders_share_prefixes():
+    """Each replica conversation is a holder: a prefix stays credited while any holder of that
+    replica covers it, and hold() returns the change of what the replica is credited with."""
+    t = PrefixTree()
+    assert t.hold([1, 2, 3, 4], 0, "a", 1.0) == 4
+    assert t.hold([1, 2, 3, 9, 9], 0, "b", 1.0) == 2          # shares [1, 2, 3] with a
+    assert t.hold([1, 2, 3, 4], 1, "a", 1.0) == 4             # same key, another replica
+    assert t.hold([], 0, "a", 2.0) == -1                       # a evicted: [4] goes, not [1, 2, 3]
+    assert t.match([1, 2, 3, 4]) == {0: 3, 1: 4}
+    assert t.hold([1, 2], 0, "b", 2.0) == -3                   # b's tail evicted
+    assert t.hold([1, 2, 7], 0, "b", 3.0) == 1                 # ... and grown another way
+    assert t.match([1, 2, 7]) == {0: 3, 1: 2} and t.cached_tokens(0) == 3
+    assert t.holders(0) == {"b": (1, 2, 7)}
+    t.insert([5, 5], 0, 3.0)                                   # an unkeyed estimate
+    assert t.drop_unheld(0) == 2 and t.match([5, 5]) == {}
+    assert t.hold([], 0, "b", 4.0) == -3 and t.cached_tokens(0) == 0
+    t.drop_replica(1)
+    assert t.num_nodes() == 0 and t.holders(1) == {}
+
+
 # -- policies ---------------------------------------------------------------------------------
 
 def cand(replica, load=0.0, matched=0, cached=0, capacity=0):

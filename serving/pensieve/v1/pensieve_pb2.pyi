@@ -269,3 +269,39 @@ class TransferResponse(_message.Message):
     bytes: int
     seconds: float
     def __init__(self, target_conversation_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., sent_tokens: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class CacheReportRequest(_message.Message):
+    __slots__ = ("epoch", "since_version")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SINCE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    epoch: str
+    since_version: int
+    def __init__(self, epoch: _Optional[str] = ..., since_version: _Optional[int] = ...) -> None: ...
+
+class CachedConversation(_message.Message):
+    __slots__ = ("conversation_id", "cache_salt", "token_ids")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    cache_salt: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, conversation_id: _Optional[str] = ..., cache_salt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class CacheReportResponse(_message.Message):
+    __slots__ = ("epoch", "version", "full", "conversations", "removed", "num_conversations", "page_size")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FULL_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATIONS_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    NUM_CONVERSATIONS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    epoch: str
+    version: int
+    full: bool
+    conversations: _containers.RepeatedCompositeFieldContainer[CachedConversation]
+    removed: _containers.RepeatedScalarFieldContainer[str]
+    num_conversations: int
+    page_size: int
+    def __init__(self, epoch: _Optional[str] = ..., version: _Optional[int] = ..., full: _Optional[bool] = ..., conversations: _Optional[_Iterable[_Union[CachedConversation, _Mapping]]] = ..., removed: _Optional[_Iterable[str]] = ..., num_conversations: _Optional[int] = ..., page_size: _Optional[int] = ...) -> None: ...

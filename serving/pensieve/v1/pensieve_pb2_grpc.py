@@ -264,6 +264,11 @@ class MemPoolStub:
                 request_serializer=pensieve_dot_v1_dot_pensieve__pb2.TransferRequest.SerializeToString,
                 response_deserializer=pensieve_dot_v1_dot_pensieve__pb2.TransferResponse.FromString,
                 _registered_method=True)
+        self.CacheReport = channel.unary_unary(
+                '/pensieve.v1.MemPool/CacheReport',
+                request_serializer=pensieve_dot_v1_dot_pensieve__pb2.CacheReportRequest.SerializeToString,
+                response_deserializer=pensieve_dot_v1_dot_pensieve__pb2.CacheReportResponse.FromString,
+                _registered_method=True)
 
 
 class MemPoolServicer:
@@ -302,6 +307,16 @@ class MemPoolServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CacheReport(self, request, context):
+        """What this replica's cache holds: per conversation, the leading tokens whose KV it keeps on
+        device or host (a dropped prefix is not held). Routers poll it to keep their global prefix
+        tree true to evictions and imports. Versioned: a caller that sends the epoch and version
+        of the last report it applied gets only what changed since (nothing when unchanged).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemPoolServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -324,6 +339,11 @@ def add_MemPoolServicer_to_server(servicer, server):
                     servicer.Transfer,
                     request_deserializer=pensieve_dot_v1_dot_pensieve__pb2.TransferRequest.FromString,
                     response_serializer=pensieve_dot_v1_dot_pensieve__pb2.TransferResponse.SerializeToString,
+            ),
+            'CacheReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.CacheReport,
+                    request_deserializer=pensieve_dot_v1_dot_pensieve__pb2.CacheReportRequest.FromString,
+                    response_serializer=pensieve_dot_v1_dot_pensieve__pb2.CacheReportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -436,6 +456,33 @@ class MemPool:
             '/pensieve.v1.MemPool/Transfer',
             pensieve_dot_v1_dot_pensieve__pb2.TransferRequest.SerializeToString,
             pensieve_dot_v1_dot_pensieve__pb2.TransferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CacheReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pensieve.v1.MemPool/CacheReport',
+            pensieve_dot_v1_dot_pensieve__pb2.CacheReportRequest.SerializeToString,
+            pensieve_dot_v1_dot_pensieve__pb2.CacheReportResponse.FromString,
             options,
             channel_credentials,
             insecure,
