@@ -208,6 +208,8 @@ class ConversationStore(RestoreMixin, EvictionMixin):
     def release(self, conv: Conversation, keep_kv: bool) -> None:
         conv.busy = conv.flushing = False
         conv.last_used = time.monotonic()
+        if conv.cow is not None:     # a turn that never ran: eviction could not take back the
+            self.truncate(conv, conv.cow[0] * self.page_size)   # page it was to copy from
         if keep_kv:
             self.register(conv)
         else:

@@ -117,6 +117,7 @@ class PrefixIndex:
                 self._by_device[page] = child
             child.last_used = now
             node = child
+        self._prune(node)           # pages given as -1 at the end leave no copy-less leaf
 
     def moved_to_host(self, device_page: int, host_page: int) -> None:
         """The device page's contents were copied to host_page (before the device page goes)."""

@@ -158,8 +158,14 @@ class Scheduler:
         self.store.make_writable(conv)
         plan = self.store.plan_restore(conv)
         while not self.store.make_room(plan.new_pages):
-            if not self._drop_waiting_kv(req):
+            if self._drop_waiting_kv(req):
+                continue
+            if conv.cow is None or self.running:
                 return False
+            # nothing else will free a page: the one to copy from is the one too many, so
+            # compute its tokens instead (a sequence as long as the pool would wait forever)
+            self.store.truncate(conv, conv.cow[0] * self.store.page_size)
+            plan = self.store.plan_restore(conv)
         req.loading = self.store.restore(conv) > 0
         req.front_done, req.front_end = plan.front
         req.cached = conv.num_computed - (plan.front[1] - plan.front[0])
