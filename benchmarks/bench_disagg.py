@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import platform
 import random
 import string
 import sys
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import environment, write_json  # noqa: E402
 
 
 def _text(rng: random.Random, n: int) -> str:
@@ -213,7 +213,7 @@ def main(argv=None) -> None:
     options = dict(page_size=args.page_size, num_pages=args.num_pages,
                    max_model_len=args.max_model_len, max_batched_tokens=512, max_num_seqs=16)
     result = {"model": args.model, "engine_options": options, "args": vars(args),
-              "machine": {"platform": platform.platform(), "jax": jax.__version__,
+              "machine": {**environment(argv, __file__),
                           "devices": [str(d) for d in jax.devices()]},
               "note": "CPU, both replicas share the same cores and talk over loopback: "
                       "says little about GPUs (NVLink/RDMA transfers, separate prefill and "
@@ -224,9 +224,7 @@ def main(argv=None) -> None:
         result["disagg"] = bench_disagg(model, args.model, options, args.users, args.turns,
                                         args.prompt_len, args.max_tokens, args.seed)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}", file=sys.stderr)
+        write_json(args.out, result, log=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,14 @@ Timing: median of --iters runs after warm-up, synchronizing on the result (wall 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import environment, write_json
 from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference
 from pensieve_jax.attention import AttentionBatch, KVCache, xla_paged_attention
 
@@ -136,9 +135,8 @@ def main(argv=None) -> None:
         cases = [("decode", 4, 1, 64), ("prefill", 1, 32, 96)]
     else:
         cases = [("decode", 64, 1, 4096), ("prefill", 1, 512, 4608)]
-    result = {"command": " ".join(["python"] + sys.argv), "backend": jax.default_backend(),
-              "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-              "interpret": interpret, "ceilings": ceilings(args.iters, args.smoke), "rows": []}
+    result = {**environment(argv, __file__), "interpret": interpret,
+              "ceilings": ceilings(args.iters, args.smoke), "rows": []}
     for name, batch, q_len, ctx in cases:
         row = run_case(name, batch, q_len, ctx, args, args.iters, interpret)
         result["rows"].append(row)
@@ -150,8 +148,7 @@ def main(argv=None) -> None:
     print(f"ceilings: copy {c['copy_GBps']:.0f} GB/s, bf16 matmul {c['matmul_bf16_TFLOPs']:.1f} "
           f"TFLOP/s on {result['device']} ({result['backend']}, interpret={interpret})")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import workload as wl  # noqa: E402
+from common import environment, write_json  # noqa: E402
 
 POLICIES = ("round-robin", "affinity", "e2")
 
@@ -216,22 +217,12 @@ def main(argv=None) -> dict[str, Any]:
         print(f"warm-up passes: {time.perf_counter() - t0:.1f} s", flush=True)
     results = {p: run_policy(p, workloads, model, args) for p in policies}
     report = {"benchmark": "bench_router", "model": args.model, "replicas": args.replicas,
-              "machine": _machine(), "args": {k: v for k, v in vars(args).items()},
+              "machine": environment(argv, __file__), "args": vars(args),
               "workloads": {n: w.summary() for n, w in workloads.items()},
               "results": results}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
+        write_json(args.out, report, indent=1)
     return report
-
-
-def _machine() -> dict[str, Any]:
-    import os
-    import platform
-
-    import jax
-    return {"platform": platform.platform(), "cpus": os.cpu_count(),
-            "jax": jax.__version__, "backend": jax.default_backend()}
 
 
 if __name__ == "__main__":

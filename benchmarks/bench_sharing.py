@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import sys
 import threading
 import time
 
-import jax
 import numpy as np
 
 import workload as wl
+from common import environment, write_json
 from pensieve_jax.engine import Engine, EngineConfig
 from pensieve_jax.sampling import SamplingParams
 from pensieve_jax.weights import load_model
@@ -123,9 +120,7 @@ def main(argv=None) -> dict:
     max_len = max(c.context_len() for c in convs) + 8
     pages_per_user = -(-max_len // args.page_size)
     num_pages = args.num_pages or pages_per_user * (args.users + 1)
-    result = {"command": " ".join(["python"] + sys.argv), "model": model.source,
-              "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
-              "machine": f"{platform.machine()} {os.cpu_count()} cpus", "jax": jax.__version__,
+    result = {**environment(argv, __file__), "model": model.source,
               "workload": {"users": args.users, "rounds": args.rounds,
                            "system_len": args.system_len, "question_len": args.question_len,
                            "answer_len": args.answer_len, "rate": args.rate,
@@ -168,9 +163,7 @@ def main(argv=None) -> dict:
         print("sharing vs no sharing:", json.dumps(result["sharing_vs_no_sharing"]))
     print("identical outputs across setups:", result["identical_outputs"])
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        print("wrote", args.out)
+        write_json(args.out, result)
     return result
 
 

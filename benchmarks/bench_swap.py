@@ -22,17 +22,14 @@ them) this is what the multi-tier cache's load-or-recompute choice and overlap r
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import environment, write_json
 from pallas_kernels.kv_pages import copy_pages
 from pensieve_jax.config import PRESETS
 
@@ -134,10 +131,8 @@ def main(argv=None) -> None:
     if max(args.batches) > args.pool_pages:
         raise SystemExit(f"--pool-pages {args.pool_pages} < largest batch {max(args.batches)}")
     layers = args.layers or c.num_layers
-    result = {"command": " ".join(["python"] + sys.argv), "preset": args.preset,
-              "layers": layers, "dtype": args.dtype, "page_size": args.page_size,
-              "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
-              "machine": f"{platform.machine()} {os.cpu_count()} cpus", "jax": jax.__version__}
+    result = {**environment(argv, __file__), "preset": args.preset, "layers": layers,
+              "dtype": args.dtype, "page_size": args.page_size}
     result.update(measure(layers, args.page_size, c.num_kv_heads, c.head_dim,
                           jnp.dtype(args.dtype), args.pool_pages, args.batches, args.repeats))
     print(f"{result['device']} ({result['backend']}), page {result['page_bytes'] / 2**20:.2f} MiB, "
@@ -149,9 +144,7 @@ def main(argv=None) -> None:
               f"{r['raw_h2d_GBps']:6.2f} GB/s  gather {r['gather_s'] * 1e3:.2f} ms  scatter "
               f"{r['scatter_s'] * 1e3:.2f} ms{extra}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        print("wrote", args.out)
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

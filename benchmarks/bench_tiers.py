@@ -13,16 +13,12 @@ turn / its output tokens.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import sys
 import threading
 import time
 
-import jax
 import numpy as np
 
+from common import environment, write_json
 from pensieve_jax.engine import Engine, EngineConfig
 from pensieve_jax.sampling import SamplingParams
 from pensieve_jax.weights import load_model
@@ -113,11 +109,8 @@ def main(argv=None) -> None:
     host_bytes = int(args.host_fraction * need_pages * page_bytes)
     turns, think = workload(args, vocab, seed=1)
     warm_turns, warm_think = workload(args, vocab, seed=2)
-    result = {"command": " ".join(["python"] + sys.argv), "model": model.source,
-              "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
-              "machine": f"{platform.machine()} {os.cpu_count()} cpus", "jax": jax.__version__,
-              "device_pages": num_pages, "pages_needed": need_pages, "host_bytes": host_bytes,
-              "setups": {}}
+    result = {**environment(argv, __file__), "model": model.source, "device_pages": num_pages,
+              "pages_needed": need_pages, "host_bytes": host_bytes, "setups": {}}
     outputs = {}
     for name in args.setups:
         policy, host, eviction = SETUPS[name]
@@ -125,8 +118,8 @@ def main(argv=None) -> None:
             page_size=page_size, num_pages=num_pages, max_model_len=max_len,
             max_batched_tokens=256, max_num_seqs=16, cache_policy=policy,
             host_cache_bytes=host_bytes if host else 0, eviction_policy=eviction))
-        replay(engine, argparse.Namespace(**{**vars(args)}), warm_turns,
-               np.zeros_like(warm_think), f"warm-{name}")        # compile the shapes
+        replay(engine, args, warm_turns, np.zeros_like(warm_think),
+               f"warm-{name}")                                   # compile the shapes
         compiled = engine.stats()["compilations"]
         row = replay(engine, args, turns, think, name)
         stats = engine.stats()
@@ -150,9 +143,7 @@ def main(argv=None) -> None:
     result["identical_outputs"] = all(o == first for o in outputs.values())
     print("identical outputs across setups:", result["identical_outputs"])
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        print("wrote", args.out)
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

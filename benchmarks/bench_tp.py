@@ -12,10 +12,8 @@ sampled tokens are checked against tensor_parallel 1 (greedy, float32).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import re
 import sys
 from collections import Counter
@@ -27,6 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 import jax  # noqa: E402
+from common import environment, write_json  # noqa: E402
 from model_step import make_step, time_step  # noqa: E402
 
 from pensieve_jax.config import ModelConfig  # noqa: E402
@@ -101,19 +100,14 @@ def main(argv=None) -> None:
                   f"same={r['same_tokens_as_tp1']}", flush=True)
         print(f"tp={tp} collectives in compiled steps: {ops[tp]}", flush=True)
 
-    device = jax.devices()[0]
-    result = {"command": " ".join(["python"] + sys.argv), "note": NOTE if device.platform == "cpu"
-              else "", "model": model.source, "config": model.config.to_dict(),
-              "dtype": args.dtype, "attention": args.attention,
-              "device": str(device.device_kind), "num_devices": len(jax.devices()),
-              "backend": jax.default_backend(),
-              "machine": f"{platform.machine()} {platform.processor()} {os.cpu_count()} cpus",
-              "jax": jax.__version__, "iters": args.iters, "statistic": "median seconds per step",
-              "rows": rows, "collectives_in_compiled_steps": ops}
+    result = {**environment(argv, __file__),
+              "note": NOTE if jax.devices()[0].platform == "cpu" else "",
+              "model": model.source, "config": model.config.to_dict(), "dtype": args.dtype,
+              "attention": args.attention, "iters": args.iters,
+              "statistic": "median seconds per step", "rows": rows,
+              "collectives_in_compiled_steps": ops}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        print("wrote", args.out)
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,9 @@ import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
+
+from common import progress_bar
 
 ASSISTANT_ROLES = {"assistant", "gpt", "chatgpt", "bard", "model"}
 USER_ROLES = {"user", "human"}
@@ -208,7 +210,7 @@ def run(engine, conversations: Sequence[EvalConversation], out_path: str | Path,
     failures: list[tuple[str, str]] = []
     lock = threading.Lock()
     stop = threading.Event()
-    bar = _progress(len(todo), progress)
+    bar = progress_bar(len(todo), progress, unit="conv")
 
     def worker() -> None:
         while not stop.is_set():
@@ -246,22 +248,6 @@ def run(engine, conversations: Sequence[EvalConversation], out_path: str | Path,
     counts["remaining"] = work.qsize()
     counts["failures"] = failures
     return counts
-
-
-def _progress(total: int, enabled: bool):
-    class NoBar:
-        def update(self, n=1):
-            pass
-
-        def close(self):
-            pass
-    if not enabled:
-        return NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return NoBar()
-    return tqdm(total=total, unit="conv", file=sys.stderr, dynamic_ncols=True)
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -9,16 +9,13 @@ Each configuration is compiled first, then timed over --iters runs (median repor
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import statistics
-import sys
 import time
 
-import jax
 import numpy as np
 
+from common import environment, write_json
 from pensieve_jax.runner import ModelRunner, StepInput
 from pensieve_jax.weights import load_model
 
@@ -75,16 +72,10 @@ def main(argv=None) -> None:
     for r in rows:
         print(f"{r['kind']:8s} seqs={r['seqs']:3d} tokens={r['tokens']:5d} ctx={r['context']:5d} "
               f"{r['seconds'] * 1e3:9.2f} ms  {r['tokens_per_s']:9.1f} tok/s")
-    result = {"command": " ".join(["python"] + sys.argv), "model": model.source,
-              "dtype": args.dtype, "attention": args.attention,
-              "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-              "machine": f"{platform.machine()} {platform.processor()} "
-                         f"{__import__('os').cpu_count()} cpus",
-              "jax": jax.__version__, "rows": rows}
+    result = {**environment(argv, __file__), "model": model.source, "dtype": args.dtype,
+              "attention": args.attention, "rows": rows}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        print("wrote", args.out)
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,33 @@
-"""multiturn: the replay against a random:tiny engine, and the metrics it reports."""
+"""multiturn.py and multiturn_lib/: the replay against a random:tiny engine, and the metrics it
+reports."""
 
+import json
 import math
 
 import pytest
 
-import multiturn as mt
+import multiturn
 import workload as wl
+from multiturn_lib.engine_target import EngineTarget
+from multiturn_lib.grpc_target import GrpcTarget
+from multiturn_lib.hf_peer import strip_out
+from multiturn_lib.measure import measure
+from multiturn_lib.metrics import compare_policies, summarize_pass, throughput_at_latency
+from multiturn_lib.precompile import precompile_grid
+from multiturn_lib.report import merge_results
+from multiturn_lib.runners import engine_options
+from multiturn_lib.turns import TurnRecord
 
 
 def record(conv, turn, submit, e2e, tokens=10, ttft=0.1, **usage):
-    return mt.TurnRecord(conv, turn, submit, ttft, e2e, tokens,
-                         {"prompt_tokens": 5, "completion_tokens": tokens, **usage})
+    return TurnRecord(conv, turn, submit, ttft, e2e, tokens,
+                      {"prompt_tokens": 5, "completion_tokens": tokens, **usage})
 
 
 def test_summarize_pass_window_and_turns():
     recs = [record(i % 3, i // 3, submit=float(i), e2e=1.0, ttft=0.1 * (i // 3),
                    cached_tokens=i // 3, prefilled_tokens=5 - i // 3) for i in range(30)]
-    s = mt.summarize_pass(recs, wall_s=31.0)
+    s = summarize_pass(recs, wall_s=31.0)
     assert s["whole_run"]["requests"] == 30
     assert s["whole_run"]["requests_per_s"] == pytest.approx(30 / 31)
     assert s["steady"]["requests"] < 30                      # ramp and drain left out
@@ -32,11 +43,11 @@ def test_summarize_pass_window_and_turns():
 def test_throughput_at_equal_latency():
     stateless = [(1.0, 0.05), (2.0, 0.10), (3.0, 0.30)]
     stateful = [(1.0, 0.04), (4.0, 0.06), (8.0, 0.20)]
-    assert mt.throughput_at_latency(stateless, 0.20) == (pytest.approx(2.5), True)
-    assert mt.throughput_at_latency(stateful, 0.13) == (pytest.approx(6.0), True)
-    assert mt.throughput_at_latency(stateful, 1.0) == (8.0, False)      # a lower bound
-    assert mt.throughput_at_latency(stateful, 0.01) == (0.0, True)
-    rows = mt.compare_policies({"stateless": stateless, "stateful": stateful})
+    assert throughput_at_latency(stateless, 0.20) == (pytest.approx(2.5), True)
+    assert throughput_at_latency(stateful, 0.13) == (pytest.approx(6.0), True)
+    assert throughput_at_latency(stateful, 1.0) == (8.0, False)      # a lower bound
+    assert throughput_at_latency(stateful, 0.01) == (0.0, True)
+    rows = compare_policies({"stateless": stateless, "stateful": stateful})
     # at 0.05 s/token: stateful 1 + 3 * 0.5 = 2.5 req/s vs 1; at 0.10: 4 + 4 * 0.04 / 0.14 vs 2
     assert [r["ratio"] for r in rows][:2] == [pytest.approx(2.5),
                                               pytest.approx((4.0 + 4.0 * 0.04 / 0.14) / 2.0)]
@@ -44,21 +55,21 @@ def test_throughput_at_equal_latency():
 
 
 def test_engine_options():
-    assert mt.engine_options(["host_cache_bytes=1000", "eviction_policy=lru", "x=0.5"]) == \
+    assert engine_options(["host_cache_bytes=1000", "eviction_policy=lru", "x=0.5"]) == \
         {"host_cache_bytes": 1000, "eviction_policy": "lru", "x": 0.5}
 
 
 def test_parse_rate_and_strip_out():
-    assert mt.parse_rate("inf") == math.inf and mt.parse_rate("0.5") == 0.5
-    assert mt._strip_out(["--out", "x.json", "--rate", "1", "--out=y"]) == ["--rate", "1"]
+    assert multiturn.parse_rate("inf") == math.inf and multiturn.parse_rate("0.5") == 0.5
+    assert strip_out(["--out", "x.json", "--rate", "1", "--out=y"]) == ["--rate", "1"]
 
 
 def test_replay_against_engine(tiny_engine):
     convs = wl.sharegpt(3, seed=4, scale=0.05, max_context=120)
     workload = wl.schedule(convs, rate=math.inf, think_time_s=0.0, seed=0)
-    target = mt.EngineTarget(tiny_engine)
-    p = mt.measure(target, workload, seed=0, users=2, warmup_passes=1, progress=False,
-                   label="test", keep_outputs=True)
+    target = EngineTarget(tiny_engine)
+    p = measure(target, workload, seed=0, users=2, warmup_passes=1, progress=False,
+                label="test", keep_outputs=True)
     assert p["steady"]["requests"] >= 1 and p["whole_run"]["requests"] == workload.num_turns
     assert len(p["turns"]) == workload.num_turns
     assert sum(r["n"] for r in p["ttft_by_turn"]) == workload.num_turns
@@ -78,9 +89,9 @@ def test_replay_through_grpc(tiny_engine):
     convs = wl.sharegpt(2, seed=5, scale=0.05, max_context=100, max_turns=3)
     workload = wl.schedule(convs, rate=math.inf, think_time_s=0.0, seed=0)
     with server_mod.BackgroundServer(tiny_engine) as server:
-        target = mt.GrpcTarget(server.target, tiny_engine.model.config.vocab_size)
-        p = mt.measure(target, workload, seed=0, users=None, warmup_passes=0, progress=False,
-                       label="grpc", max_retries=0)
+        target = GrpcTarget(server.target, tiny_engine.model.config.vocab_size)
+        p = measure(target, workload, seed=0, users=None, warmup_passes=0, progress=False,
+                    label="grpc", max_retries=0)
         target.client.close()
     assert p["whole_run"]["requests"] == workload.num_turns
     answers = [t.answer_len for c in convs for t in c.turns]
@@ -93,11 +104,11 @@ def test_replay_through_grpc(tiny_engine):
 def test_precompile_grid_covers_a_replay(tiny_engine):
     # contexts <= 256 tokens: one page bucket (4 pages of 64); sequences: 1 or 2
     convs = wl.sharegpt(4, seed=9, scale=0.1, max_context=200)
-    pre = mt.precompile_grid(tiny_engine, max_context=256, max_seqs=2)
+    pre = precompile_grid(tiny_engine, max_context=256, max_seqs=2)
     assert "error" not in pre and pre["keys"] == 10
     workload = wl.schedule(convs, rate=math.inf, think_time_s=0.0, seed=0)
-    p = mt.measure(mt.EngineTarget(tiny_engine), workload, seed=0, users=2, warmup_passes=1,
-                   progress=False, label="grid", max_retries=0)
+    p = measure(EngineTarget(tiny_engine), workload, seed=0, users=2, warmup_passes=1,
+                progress=False, label="grid", max_retries=0)
     assert p["warmup_passes"][0]["compilations"] == 0
     assert p["compilations_while_measured"] == 0
     steps = p["model_steps"]
@@ -115,15 +126,15 @@ def test_merge_results(tmp_path):
     b = {"command": "b", "workload": workload, "runs": {"hf": [point(1.2, 0.2)]}}
     paths = []
     for name, r in (("a.json", a), ("b.json", b)):
-        (tmp_path / name).write_text(mt.json.dumps(r))
+        (tmp_path / name).write_text(json.dumps(r))
         paths.append(str(tmp_path / name))
     out = tmp_path / "merged.json"
-    merged = mt.main(["--merge", *paths, "--out", str(out), "--no-plots"])
+    merged = multiturn.main(["--merge", *paths, "--out", str(out), "--no-plots"])
     assert set(merged["runs"]) == {"stateful", "stateless", "hf"}
     assert merged["stateful_vs_stateless_at_equal_p90_latency"][0]["ratio"] == pytest.approx(4.0)
     assert merged["stateful_vs_hf_at_equal_p90_latency"][0]["ratio_is_lower_bound"]
-    assert mt.json.loads(out.read_text())["merged_from"][1]["command"] == "b"
+    assert json.loads(out.read_text())["merged_from"][1]["command"] == "b"
     b["workload"] = {"name": "other"}
-    (tmp_path / "b.json").write_text(mt.json.dumps(b))
+    (tmp_path / "b.json").write_text(json.dumps(b))
     with pytest.raises(SystemExit):
-        mt.merge_results(paths)
+        merge_results(paths)

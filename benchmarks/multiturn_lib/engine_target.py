@@ -1,0 +1,85 @@
+"""The engine in this process as a replay target: token-level turns through engine.submit (or
+chat sessions in text mode), and a timing of every model step it runs."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from .turns import SessionConversation, TurnResult, usage_dict
+
+
+class EngineTarget:
+    """The in-process engine. conversation(key) gives one conversation's turn runner."""
+
+    kind = "engine"
+
+    def __init__(self, engine, text: bool = False, profile_steps: bool = True):
+        self.engine = engine
+        self.text = text
+        self.vocab_size = min(engine.model.config.vocab_size, engine.tokenizer.vocab_size)
+        self.step_log: list[tuple] = []
+        if profile_steps:
+            self._time_steps()
+
+    def _time_steps(self) -> None:
+        """Time every model step (the runner returns host tokens, so the call is synchronous):
+        (tokens, sequences, pages of the widest row, longest query, context tokens, seconds)."""
+        runner = getattr(self.engine, "runner", None)
+        step = getattr(runner, "step", None)
+        if step is None or getattr(step, "_timed", False):
+            self.step_log = getattr(step, "_log", self.step_log)
+            return
+        log = self.step_log
+
+        def timed(s):
+            start = time.perf_counter()
+            out = step(s)
+            q = np.diff(s.cu_q_lens)
+            log.append((len(s.token_ids), len(s.kv_lens), s.page_table.shape[1],
+                        int(q.max(initial=0)), int(np.sum(s.kv_lens)),
+                        time.perf_counter() - start))
+            return out
+        timed._timed, timed._log = True, log
+        runner.step = timed
+
+    def compilations(self) -> int:
+        return int(self.engine.stats()["compilations"])
+
+    def stats(self) -> dict[str, Any]:
+        return self.engine.stats()
+
+    def conversation(self, key: str, system_ids: list[int], system_text: str | None):
+        if self.text:
+            return SessionConversation(self.engine.session(system=system_text))
+        return _EngineTokenConversation(self, key, system_ids)
+
+
+class _EngineTokenConversation:
+    """The conversation's whole token sequence each turn, under its conversation id."""
+
+    def __init__(self, target: EngineTarget, key: str, system_ids: list[int]):
+        self.engine, self.key = target.engine, key
+        self.seq: list[int] = list(system_ids)
+
+    def turn(self, new_ids: list[int], text: str | None, max_tokens: int) -> TurnResult:
+        from pensieve_jax.sampling import SamplingParams
+        self.seq = self.seq + list(new_ids)
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        start = time.perf_counter()
+        handle = self.engine.submit(self.seq, params, conversation_id=self.key)
+        first, out = None, None
+        for event in handle:
+            if first is None and event.token_ids:
+                first = time.perf_counter()
+            if event.output is not None:
+                out = event.output
+        end = time.perf_counter()
+        self.seq = self.seq + list(out.token_ids)
+        return TurnResult(token_ids=list(out.token_ids), usage=usage_dict(out.usage),
+                          ttft_s=(first or end) - start, e2e_s=end - start)
+
+    def close(self) -> None:
+        self.engine.end_conversation(self.key)
