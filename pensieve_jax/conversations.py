@@ -77,6 +77,7 @@ class ConversationStore(RestoreMixin, EvictionMixin):
         # (first token, tokens) -> True if recomputing them beats loading their page from host
         self.recompute_cheaper: Callable[[int, int], bool] | None = None
         self.conversations: dict[str, Conversation] = {}
+        self.closing: set[str] = set()           # ended while busy: removed at release
         self._ids = itertools.count()
         self.swap_out: list[tuple[int, int]] = []     # (device page, host page), to copy
         self.swap_in: list[SwapIn] = []               # host -> device copies to make
@@ -206,6 +207,8 @@ class ConversationStore(RestoreMixin, EvictionMixin):
         return True
 
     def release(self, conv: Conversation, keep_kv: bool) -> None:
+        """The conversation's turn is over (finished, aborted, or its cache flush preempted);
+        one that was ended meanwhile goes now."""
         conv.busy = conv.flushing = False
         conv.last_used = time.monotonic()
         if conv.cow is not None:     # a turn that never ran: eviction could not take back the
@@ -214,6 +217,20 @@ class ConversationStore(RestoreMixin, EvictionMixin):
             self.register(conv)
         else:
             self.truncate(conv, 0)
+        if conv.id in self.closing:
+            self.closing.discard(conv.id)
+            self.remove(conv.id)
+
+    def end(self, conversation_id: str) -> bool:
+        """Forget a conversation and free its cache, after its turn if one is running (see
+        release). False if unknown."""
+        if conversation_id not in self.conversations:
+            return False
+        if self.conversations[conversation_id].busy:
+            self.closing.add(conversation_id)
+        else:
+            self.remove(conversation_id)
+        return True
 
     def remove(self, conversation_id: str) -> bool:
         conv = self.conversations.get(conversation_id)

@@ -70,7 +70,6 @@ class Engine:
         self._inbox: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._closing: set[str] = set()
         self._unfinished = 0                 # submitted, no final event yet (guarded by _lock)
         self.counts = dict.fromkeys(COUNTERS, 0)   # engine thread only; see stats()
 
@@ -144,7 +143,7 @@ class Engine:
 
     def end_conversation(self, conversation_id: str) -> bool:
         """Free a conversation's cache (after its running turn, if any). False if unknown."""
-        return self.call(lambda: self._end(conversation_id))
+        return self.call(lambda: self.store.end(conversation_id))
 
     def stats(self) -> dict[str, Any]:
         return self.call(lambda: engine_stats(self))
@@ -290,7 +289,7 @@ class Engine:
     def _finish(self, req: Request) -> None:
         out = req.make_output()
         self._count(out)
-        if self.config.cache_policy == "stateless" or req.conversation.id in self._closing:
+        if self.config.cache_policy == "stateless" or req.conversation.id in self.store.closing:
             self._release(req)
         else:   # stays running one more step to compute the last token's KV (the cache flush)
             req.conversation.flushing = True
@@ -325,23 +324,10 @@ class Engine:
         if req.front_done < req.front_end:     # stopped while recomputing a dropped range
             self.store.truncate(conv, req.front_done)
         self.store.release(conv, keep_kv=self.config.cache_policy == "stateful")
-        if conv.id in self._closing:
-            self._closing.discard(conv.id)
-            self.store.remove(conv.id)
 
     def _add(self, req: Request) -> None:
         self.counts["requests"] += 1
         self.scheduler.add(req)
-
-    def _end(self, conversation_id: str) -> bool:
-        conv = self.store.conversations.get(conversation_id)
-        if conv is None:
-            return False
-        if conv.busy:
-            self._closing.add(conversation_id)
-        else:
-            self.store.remove(conversation_id)
-        return True
 
     def _fail_all(self, error: Exception, pools_lost: bool = True) -> None:
         """Fail every turn in flight; when the pools may be gone (a failed step donated them)

@@ -209,6 +209,7 @@ class Scheduler:
         self.running.remove(req)
         self.store.drop_kv(req.conversation)
         req.front_done = req.front_end = req.cached_shared = 0
+        req.restored = req.loading = False        # readmitted: reuse what others still hold
         if req.finished:                          # only its cache flush was left: give it up
             self.store.release(req.conversation, keep_kv=False)
         else:

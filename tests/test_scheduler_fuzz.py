@@ -163,7 +163,6 @@ class SimEngine:
         self.device = [[None] * ps for _ in range(cfg.num_pages)]   # simulated KV per slot
         self.host = [[None] * ps for _ in range(max(cfg.host_pages, 1))]
         self.landing = None          # (swap-ins, host contents read), lands at the next step
-        self.closing: set[str] = set()
         self.delivered: dict[str, tuple] = {}      # request id -> ("output" | "error", info)
         self.preempted: set[str] = set()
         preempt = self.scheduler._preempt
@@ -327,7 +326,7 @@ class SimEngine:
 
     def finish(self, req: Request) -> None:
         """Engine._finish."""
-        if self.cfg.stateless or req.conversation.id in self.closing:
+        if self.cfg.stateless or req.conversation.id in self.store.closing:
             self.release(req)
         else:
             req.conversation.flushing = True
@@ -341,9 +340,6 @@ class SimEngine:
         if req.front_done < req.front_end:
             self.store.truncate(conv, req.front_done)
         self.store.release(conv, keep_kv=not self.cfg.stateless)
-        if conv.id in self.closing:
-            self.closing.discard(conv.id)
-            self.store.remove(conv.id)
 
     def deliver(self, req: Request, final: tuple) -> None:
         assert req.id not in self.delivered, f"{req.id} delivered twice"
@@ -366,15 +362,8 @@ class SimEngine:
         self.deliver(req, ("output", "abort"))
 
     def end(self, conversation_id: str) -> bool:
-        """Engine._end."""
-        conv = self.store.conversations.get(conversation_id)
-        if conv is None:
-            return False
-        if conv.busy:
-            self.closing.add(conversation_id)
-        else:
-            self.store.remove(conversation_id)
-        return True
+        """Engine.end_conversation."""
+        return self.store.end(conversation_id)
 
     # -- invariants ---------------------------------------------------------------------------
 
@@ -781,13 +770,11 @@ def test_a_turn_cancelled_before_its_copy_on_write_does_not_pin_the_source_page(
     assert sim.delivered["y"] == ("output", "length")
 
 
-@pytest.mark.xfail(strict=True, reason="engine.py: a preempted cache flush bypasses _release, "
-                   "so end_conversation during the flush is never carried out")
 def test_ending_a_conversation_whose_cache_flush_is_preempted_removes_it(clock):
-    """end_conversation while the turn flushes its cache defers the removal to Engine._release;
-    when the flush is preempted instead, the scheduler releases the conversation itself and
-    the engine never removes it: it stays, and a later turn under the same id is dropped
-    when it finishes. (SimEngine mirrors the engine; fix there, then here.)"""
+    """end_conversation while the turn flushes its cache defers the removal to the store's
+    release; when the flush is preempted instead, the scheduler releases the conversation
+    itself, and the removal must still happen (it used to live in Engine._release only: the
+    conversation stayed, and a later turn under the same id was dropped when it finished)."""
     sim = SimEngine(SimConfig(page_size=4, num_pages=6, max_model_len=24,
                               max_batched_tokens=32))
     x = Request("x", list(range(1, 11)), SamplingParams(max_tokens=8), 0, "x", None)
@@ -799,4 +786,4 @@ def test_ending_a_conversation_whose_cache_flush_is_preempted_removes_it(clock):
     assert sim.end("c")
     run(sim)
     assert sim.scheduler.num_preemptions == 1 and not x.conversation.busy
-    assert "c" not in sim.store.conversations and not sim.closing
+    assert "c" not in sim.store.conversations and not sim.store.closing
