@@ -1,8 +1,9 @@
 """Model runner: pads a step to shape buckets, runs the compiled step, returns sampled tokens.
 
 The host plans, the device computes: a step arrives as small NumPy arrays, is padded to
-power-of-two buckets (tokens, sequences, pages per sequence; the longest query run is 1 for a
-decode-only step, else the token bucket), and each bucket is compiled once (ahead of time, on first use). The KV pools are donated into every step, so
+power-of-two buckets (tokens, sequences, pages per sequence, the XLA attention's query tiles;
+the longest query run is 1 for a decode-only step, else the token bucket), and each bucket is
+compiled once (ahead of time, on first use). The KV pools are donated into every step, so
 they are updated in place. One device-to-host copy per step: the sampled token ids.
 
 With tensor_parallel > 1 the params and pools live on a mesh (pensieve_jax.parallel): the step
@@ -21,7 +22,7 @@ import numpy as np
 
 from pallas_kernels.kv_pages import copy_pages
 from pensieve_jax import parallel
-from pensieve_jax.attention import AttentionBatch, KVCache, init_kv_cache
+from pensieve_jax.attention import AttentionBatch, KVCache, init_kv_cache, q_blocks_needed
 from pensieve_jax.model import Llama
 from pensieve_jax.sampling import sample
 from pensieve_jax.weights import LoadedModel
@@ -32,7 +33,7 @@ class StepInput(NamedTuple):
 
     token_ids: np.ndarray    # int32 [T]
     positions: np.ndarray    # int32 [T]
-    page_table: np.ndarray   # int32 [S, P]
+    page_table: np.ndarray   # int32 [S, P] (P: pages up to the longest kv_len)
     kv_lens: np.ndarray      # int32 [S]
     cu_q_lens: np.ndarray    # int32 [S + 1]
     temperature: np.ndarray  # float32 [S]
@@ -92,7 +93,7 @@ class ModelRunner:
         self.reset_kv()
         self._model = Llama(c, self.dtype, attention, self.mesh)
         self._compiled: dict[tuple[int, ...], Any] = {}
-        self._step = jax.jit(self._step_impl, static_argnums=(11,), donate_argnums=(1,),
+        self._step = jax.jit(self._step_impl, static_argnums=(11, 12), donate_argnums=(1,),
                              **jit_kw)
         self._gather = jax.jit(lambda kv, ids: KVCache(jnp.take(kv.k, ids, axis=1),
                                                        jnp.take(kv.v, ids, axis=1)), **pages_kw)
@@ -154,9 +155,9 @@ class ModelRunner:
         return len(self._compiled)
 
     def _step_impl(self, params, kv, token_ids, positions, batch, logits_indices, temperature, top_k,
-              top_p, seeds, counters, max_q_len):
+              top_p, seeds, counters, max_q_len, num_q_blocks):
         logits, kv = self._model.apply(params, token_ids, positions, kv, batch, logits_indices,
-                                       max_q_len)
+                                       max_q_len, num_q_blocks)
         logits = parallel.constrain(logits, self.mesh, parallel.P())   # vocab-sharded -> whole
         return sample(logits, temperature, top_k, top_p, seeds, counters), kv
 
@@ -168,6 +169,9 @@ class ModelRunner:
         n = bucket(num_seqs, self.buckets.min_seqs)
         p = bucket(s.page_table.shape[1], self.buckets.min_pages)
         q = 1 if q_lens.max(initial=1) <= 1 else t   # decode-only, or room for any prefill
+        # the XLA attention's query tiles for prefill rows (the Pallas kernel needs no bound)
+        blocks = q_blocks_needed(q_lens) if self._model.attention == "xla" else 0
+        b = bucket(blocks, 1) if blocks else 0
         cu = np.concatenate([s.cu_q_lens, np.full(n - num_seqs, s.cu_q_lens[-1])]).astype(np.int32)
         args = (
             _pad(s.token_ids.astype(np.int32), (t,)),
@@ -183,11 +187,11 @@ class ModelRunner:
         )
         mesh = None if self.mesh is None else tuple(d.id for d in self.mesh.devices.flat)
         key = (self.config, self.dtype.name, self._model.attention, self.num_pages,
-               self.page_size, t, n, p, q, mesh)
+               self.page_size, t, n, p, q, b, mesh)
         executable = _EXECUTABLES.get(key)
         if executable is None:          # shared by every runner of the same shapes in-process
             with jax.default_matmul_precision("highest" if self.dtype == jnp.float32 else "default"):
-                executable = self._step.lower(self.params, self.kv, *args, q).compile()
+                executable = self._step.lower(self.params, self.kv, *args, q, b).compile()
             _EXECUTABLES[key] = executable
             self._compiled[key] = executable
         tokens, self.kv = executable(self.params, self.kv, *self._replicate(args))
@@ -196,14 +200,17 @@ class ModelRunner:
 
 def step_input(rows, page_size: int) -> StepInput:
     """Dense step arrays for scheduled rows (scheduler.Row: request, start, end)."""
-    width = max(len(r.request.conversation.pages) for r in rows)
-    table = np.zeros((len(rows), width), np.int32)
-    for i, r in enumerate(rows):
+    # Each row's table holds the pages up to its kv_len only (pages a conversation keeps past
+    # it are neither read nor written), so the width, and every sequence's attention context,
+    # follows the longest kv_len of the step.
+    needed = [-(-r.end // page_size) for r in rows]
+    table = np.zeros((len(rows), max(needed)), np.int32)
+    for i, (r, n) in enumerate(zip(rows, needed)):
         pages = r.request.conversation.pages
-        if -(-r.end // page_size) > len(pages) or min(pages[:-(-r.end // page_size)]) < 0:
+        if n > len(pages) or min(pages[:n], default=0) < 0:
             raise RuntimeError(f"scheduler bug: row {r.start}:{r.end} of conversation "
                                f"{r.request.conversation.id} lacks device pages ({pages})")
-        table[i, :len(pages)] = pages
+        table[i, :n] = pages[:n]
     reqs = [r.request for r in rows]
     p = [r.params for r in reqs]
     return StepInput(
