@@ -5,9 +5,13 @@ import threading
 
 import pytest
 
+from pensieve_jax.cache import PageAllocator
 from pensieve_jax.config import PRESETS
+from pensieve_jax.conversations import ConversationStore
 from pensieve_jax.eviction import LRUPolicy, PensievePolicy, make_policy
+from pensieve_jax.request import Request
 from pensieve_jax.sampling import SamplingParams
+from pensieve_jax.scheduler import Scheduler, SchedulerConfig
 from test_engine import conversation_turns, make, random_turns, settle
 
 P = SamplingParams(max_tokens=8, ignore_eos=True)
@@ -151,22 +155,23 @@ def test_load_or_recompute_host_pages(stateless, restore_policy):
     eng.shutdown()
 
 
-def test_a_turn_whose_pages_are_loading_does_not_block_others():
-    """Swap-ins land one step after they start: the loading turn gets no rows in the step it
-    was admitted, others do; after landing it runs."""
-    from pensieve_jax.cache import PageAllocator
-    from pensieve_jax.conversations import ConversationStore
-    from pensieve_jax.request import Request
-    from pensieve_jax.scheduler import Scheduler, SchedulerConfig
-
+def store_with_idle_on_host():
+    """A store of 16 device pages (page 8) whose only conversation, "idle", holds 24 tokens in
+    3 host pages."""
     store = ConversationStore(PageAllocator(16), 8, PageAllocator(8))
     idle = store.get_or_create("idle", [])
     idle.token_ids = list(range(24))
     store.reserve(idle, 24)
     idle.num_computed = 24
     store.release(idle, keep_kv=True)
-    assert store.make_room(16)                       # all of idle's pages go to host
-    assert len(idle.host_pages) == 3
+    assert store.make_room(16) and len(idle.host_pages) == 3    # all of idle's pages go to host
+    return store
+
+
+def test_a_turn_whose_pages_are_loading_does_not_block_others():
+    """Swap-ins land one step after they start: the loading turn gets no rows in the step it
+    was admitted, others do; after landing it runs."""
+    store = store_with_idle_on_host()
     sched = Scheduler(SchedulerConfig(max_batched_tokens=64), store)
     back = Request("back", list(range(24)) + [1, 2], P, 0, "idle", None)
     other = Request("other", [5, 6, 7], P, 0, "other", None)
@@ -182,18 +187,7 @@ def test_a_turn_whose_pages_are_loading_does_not_block_others():
 def test_a_restored_turn_sent_back_to_wait_runs_once_its_pages_land():
     """A returning turn whose pages were staged but that found no room this step waits; when
     its pages land it must not stay 'loading' forever (the engine used to spin, no rows)."""
-    from pensieve_jax.cache import PageAllocator
-    from pensieve_jax.conversations import ConversationStore
-    from pensieve_jax.request import Request
-    from pensieve_jax.scheduler import Scheduler, SchedulerConfig
-
-    store = ConversationStore(PageAllocator(16), 8, PageAllocator(8))
-    idle = store.get_or_create("idle", [])
-    idle.token_ids = list(range(24))
-    store.reserve(idle, 24)
-    idle.num_computed = 24
-    store.release(idle, keep_kv=True)
-    assert store.make_room(16)
+    store = store_with_idle_on_host()
     sched = Scheduler(SchedulerConfig(max_batched_tokens=64, reserve_pages=12), store)
     other = Request("other", [5, 6, 7], P, 0, "other", None)
     sched.add(other)
