@@ -185,6 +185,20 @@ class ModelRunner:
             _pad(s.seeds.astype(np.uint32), (n,)),
             _pad(s.counters.astype(np.int32), (n,)),
         )
+        executable = self._executable(args, t, n, p, q, b)
+        tokens, self.kv = executable(self.params, self.kv, *self._replicate(args))
+        return parallel.to_host(tokens)[:num_seqs]
+
+    def compile_step(self, t: int, n: int, p: int, q: int, b: int) -> None:
+        """Compile the step of one bucket (tokens t, sequences n, pages p, longest query q,
+        query tiles b: 0 for decode-only steps and the Pallas path) before it is needed."""
+        i32 = lambda *shape: np.zeros(shape, np.int32)     # noqa: E731
+        args = (i32(t), i32(t), AttentionBatch(i32(n, p), i32(n), i32(n + 1)), i32(n),
+                np.zeros(n, np.float32), i32(n), np.ones(n, np.float32), np.zeros(n, np.uint32),
+                i32(n))
+        self._executable(args, t, n, p, q, b if self._model.attention == "xla" else 0)
+
+    def _executable(self, args, t: int, n: int, p: int, q: int, b: int):
         mesh = None if self.mesh is None else tuple(d.id for d in self.mesh.devices.flat)
         key = (self.config, self.dtype.name, self._model.attention, self.num_pages,
                self.page_size, t, n, p, q, b, mesh)
@@ -194,8 +208,7 @@ class ModelRunner:
                 executable = self._step.lower(self.params, self.kv, *args, q, b).compile()
             _EXECUTABLES[key] = executable
             self._compiled[key] = executable
-        tokens, self.kv = executable(self.params, self.kv, *self._replicate(args))
-        return parallel.to_host(tokens)[:num_seqs]
+        return executable
 
 
 def step_input(rows, page_size: int) -> StepInput:

@@ -1,3 +1,5 @@
+import gc
+
 import jax
 import numpy as np
 import pytest
@@ -67,3 +69,16 @@ def hf_reference():
     ref = json.loads((FIXTURES / "smollm2_reference.json").read_text())
     ref["logits"] = np.load(FIXTURES / ref["logits_file"])["logits"]
     return ref
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module, drop the step programs the runners share process-wide
+    (runner._EXECUTABLES) and JAX's caches. XLA's CPU executables keep their code mapped;
+    the whole suite in one process segfaulted inside the XLA compiler late in the run (twice,
+    at the same test, which passes alone), which points at this growth."""
+    yield
+    from pensieve_jax import runner
+    runner._EXECUTABLES.clear()
+    jax.clear_caches()
+    gc.collect()

@@ -66,7 +66,18 @@ def precompile_grid(engine, max_context: int, max_seqs: int) -> dict[str, Any]:
                 np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32),
                 np.zeros(rows, np.float32), np.zeros(rows, np.int32), ones.astype(np.float32),
                 ones.astype(np.uint32), np.zeros(rows, np.int32)))
-        return {"keys": len(keys), "compiled": runner.num_compilations - before,
+        # the XLA attention's query-tile bucket: every count a mixed step of this key can need
+        from pensieve_jax.attention import Q_BLOCK
+        tile_keys = 0
+        for t, n, p, q, rows in keys:
+            if q > 1:
+                ctx = p * page
+                most = min(n * -(-(min(t, ctx) - 1) // Q_BLOCK), -(-t // Q_BLOCK) + n)
+                for tiles in pow2s(1, most):
+                    runner.compile_step(t, n, p, q, tiles)
+                    tile_keys += 1
+        return {"keys": len(keys), "tile_keys": tile_keys,
+                "compiled": runner.num_compilations - before,
                 "seconds": time.perf_counter() - start}
     except Exception as e:  # an engine whose runner changed: rely on the warm-up passes
         return {"error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - start}
