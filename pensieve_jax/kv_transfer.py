@@ -138,19 +138,15 @@ def _sources(engine: "Engine", conv: Conversation) -> list[tuple[str, int]]:
     return out
 
 
-def _held_tokens(engine: "Engine", conv: Conversation) -> int:
-    return min(conv.num_computed, len(_sources(engine, conv)) * engine.config.page_size)
-
-
 def held_tokens(engine: "Engine", conv: Conversation) -> int:
-    """Leading tokens of conv whose KV has a copy on device or host (as `_held_tokens`), without
-    walking the prefix index while conv's own tiers hold every page (the common case)."""
+    """Leading tokens of conv whose KV has a copy on device or host (its own pages, else the
+    prefix index's: `_sources`); the index is walked only if conv's own tiers miss a page."""
     ps = engine.config.page_size
     n_pages = min(-(-conv.num_computed // ps), len(conv.pages))
     pages, host, cow = conv.pages, conv.host_pages, conv.cow
-    for i in range(n_pages):
-        if pages[i] < 0 and i not in host and (cow is None or cow[0] != i):
-            return _held_tokens(engine, conv)
+    if any(pages[i] < 0 and i not in host and (cow is None or cow[0] != i)
+           for i in range(n_pages)):
+        n_pages = len(_sources(engine, conv))
     return min(conv.num_computed, n_pages * ps)
 
 
@@ -175,7 +171,7 @@ def match(engine: "Engine", conversation_id: str | None, token_ids: Sequence[int
     conv = _find(engine, conversation_id, token_ids, salt)
     own = 0
     if conv is not None and conv.salt == salt:
-        own = min(common_prefix(conv.token_ids, token_ids), _held_tokens(engine, conv))
+        own = min(common_prefix(conv.token_ids, token_ids), held_tokens(engine, conv))
     shared = 0
     if engine.store.index is not None and token_ids:
         nodes, partial = engine.store.index.match(salt, list(token_ids), len(token_ids))
@@ -244,7 +240,7 @@ def import_kv(engine: "Engine", conversation_id: str | None, token_ids: Sequence
     start = first_page * ps
     if start:
         held = 0 if conv is None or conv.salt != salt else \
-            min(common_prefix(conv.token_ids, tokens), _held_tokens(engine, conv))
+            min(common_prefix(conv.token_ids, tokens), held_tokens(engine, conv))
         if held < start:
             raise KVMismatch(f"the import starts at token {start} but the conversation holds "
                              f"only {held} of them")
