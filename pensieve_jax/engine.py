@@ -198,8 +198,7 @@ class Engine:
         """One engine step (called by the loop thread); returns the number of rows run:
         land last step's swap-ins, schedule, start this step's copies, run, postprocess."""
         try:
-            if self.swapper.land():
-                self.scheduler.landed()
+            self._land()
             rows = self.scheduler.schedule()
         except Exception as e:  # a scheduler bug must not kill the loop silently
             self._fail_all(RuntimeError(f"engine scheduling failed: {type(e).__name__}: {e}"))
@@ -231,9 +230,13 @@ class Engine:
     def settle_copies(self) -> None:
         """Land the swap-ins started at the last step and start the copies planned since
         (engine thread; KV export/import use it to read every page where it will be)."""
+        self._land()
+        self.swapper.start()
+
+    def _land(self) -> None:
+        """Last step's swap-ins go into the pools; their turns may run from now on."""
         if self.swapper.land():
             self.scheduler.landed()
-        self.swapper.start()
 
     def _check_stall(self) -> None:
         """Work queued, nothing runnable and no copy in flight that would change that: a
