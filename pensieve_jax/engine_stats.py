@@ -7,11 +7,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pensieve_jax.engine import Engine
 
-COUNTERS = ("steps", "requests", "finished", "prompt_tokens", "cached_tokens",
-            "cached_host_tokens", "cached_shared_tokens", "prefilled_tokens", "recomputed_tokens",
-            "completion_tokens", "step_tokens", "failed_steps")
 USAGE_COUNTERS = ("prompt_tokens", "cached_tokens", "cached_host_tokens", "cached_shared_tokens",
-                  "prefilled_tokens", "recomputed_tokens", "completion_tokens")
+                  "prefilled_tokens", "recomputed_tokens", "completion_tokens")   # sums of Usage
+COUNTERS = ("steps", "requests", "finished", *USAGE_COUNTERS, "step_tokens", "failed_steps")
 
 
 def _pages(allocator) -> dict[str, int]:
