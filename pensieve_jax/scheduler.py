@@ -198,18 +198,14 @@ class Scheduler:
         """Free the pages of admitted turns still waiting (newest first); False if none."""
         for other in reversed(self.waiting):
             if other is not keep and other.conversation is not None and other.conversation.pages:
-                self.store.drop_kv(other.conversation)
-                other.front_done = other.front_end = other.cached_shared = 0   # all recomputed
-                other.restored = False
+                self._drop_kv(other)
                 return True
         return False
 
     def _preempt(self, req: Request) -> None:
         self.num_preemptions += 1
         self.running.remove(req)
-        self.store.drop_kv(req.conversation)
-        req.front_done = req.front_end = req.cached_shared = 0
-        req.restored = req.loading = False        # readmitted: reuse what others still hold
+        self._drop_kv(req)
         if req.finished:                          # only its cache flush was left: give it up
             self.store.release(req.conversation, keep_kv=False)
         else:
@@ -238,6 +234,14 @@ class Scheduler:
         reqs = self.running + [r for r in self.waiting]
         self.running, self.waiting = [], collections.deque()
         return reqs
+
+
+    def _drop_kv(self, req: Request) -> None:
+        """Free req's pages: its tokens are recomputed, after it is restored again on admission
+        (reusing what others still hold)."""
+        self.store.drop_kv(req.conversation)
+        req.front_done = req.front_end = req.cached_shared = 0
+        req.restored = req.loading = False
 
 
 class ConversationBusy(RuntimeError):
