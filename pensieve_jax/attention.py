@@ -82,6 +82,15 @@ def q_blocks_needed(q_lens) -> int:
     return sum(-(-max(int(n) - 1, 0) // Q_BLOCK) for n in q_lens)
 
 
+def max_q_blocks(num_tokens: int, num_seqs: int, max_q_len: int) -> int:
+    """A bound on `q_blocks_needed` for any step of num_tokens tokens over num_seqs sequences
+    whose q_lens are all <= max_q_len."""
+    if max_q_len <= 1:
+        return 0
+    return min(num_seqs * -(-(max_q_len - 1) // Q_BLOCK),
+               -(-num_tokens // Q_BLOCK) + min(num_seqs, num_tokens // 2))
+
+
 class AttentionFn(Protocol):
     def __call__(self, q: jax.Array, kv: KVCache, layer: jax.Array, batch: AttentionBatch, *,
                  sm_scale: float, max_q_len: int, num_q_blocks: int | None = None,
@@ -138,9 +147,7 @@ def xla_paged_attention(q: jax.Array, kv: KVCache, layer: jax.Array, batch: Atte
     group = num_heads // num_kv_heads
     ctx = pages_per_seq * page_size
     if num_q_blocks is None:
-        num_q_blocks = 0 if max_q_len <= 1 else min(
-            num_seqs * -(-(max_q_len - 1) // Q_BLOCK),
-            -(-num_tokens // Q_BLOCK) + min(num_seqs, num_tokens // 2))
+        num_q_blocks = max_q_blocks(num_tokens, num_seqs, max_q_len)
 
     cu = batch.cu_q_lens
     q_lens = cu[1:] - cu[:-1]                                                  # [S]

@@ -67,13 +67,11 @@ def precompile_grid(engine, max_context: int, max_seqs: int) -> dict[str, Any]:
                 np.zeros(rows, np.float32), np.zeros(rows, np.int32), ones.astype(np.float32),
                 ones.astype(np.uint32), np.zeros(rows, np.int32)))
         # the XLA attention's query-tile bucket: every count a mixed step of this key can need
-        from pensieve_jax.attention import Q_BLOCK
+        from pensieve_jax.attention import max_q_blocks
         tile_keys = 0
         for t, n, p, q, rows in keys:
-            if q > 1:
-                ctx = p * page
-                most = min(n * -(-(min(t, ctx) - 1) // Q_BLOCK), -(-t // Q_BLOCK) + n)
-                for tiles in pow2s(1, most):
+            if q > 1:               # a sequence's q_len is at most its context, p pages
+                for tiles in pow2s(1, max_q_blocks(t, n, min(t, p * page))):
                     runner.compile_step(t, n, p, q, tiles)
                     tile_keys += 1
         return {"keys": len(keys), "tile_keys": tile_keys,
