@@ -32,6 +32,14 @@ class KVCache(NamedTuple):
         return self.k.shape[2]
 
 
+class Incoming(NamedTuple):
+    """Pages arriving from host memory during a step, loaded into the pools layer by layer."""
+
+    k: jax.Array         # [num_layers, n, page_size, num_kv_heads, head_dim] (host memory)
+    v: jax.Array         # [num_layers, n, page_size, num_kv_heads, head_dim] (host memory)
+    page_ids: jax.Array  # int32 [n], the device pages they go to (>= num_pages: padding)
+
+
 class AttentionBatch(NamedTuple):
     page_table: jax.Array  # int32 [num_seqs, max_pages_per_seq]
     kv_lens: jax.Array     # int32 [num_seqs], context length including this step's new tokens
@@ -69,6 +77,17 @@ def write_kv(kv: KVCache, layer: jax.Array, k: jax.Array, v: jax.Array,
     return KVCache(
         kv.k.at[layer_idx, page, offset].set(k.astype(kv.k.dtype), mode="drop"),
         kv.v.at[layer_idx, page, offset].set(v.astype(kv.v.dtype), mode="drop"),
+    )
+
+
+def load_pages(kv: KVCache, layer: jax.Array, k: jax.Array, v: jax.Array,
+               page_ids: jax.Array) -> KVCache:
+    """Write whole pages k, v [n, page_size, num_kv_heads, head_dim] into `layer` of the pools at
+    page_ids [n] (in place; ids >= num_pages are padding and dropped)."""
+    layer_idx = jnp.full_like(page_ids, layer)
+    return KVCache(
+        kv.k.at[layer_idx, page_ids].set(k.astype(kv.k.dtype), mode="drop"),
+        kv.v.at[layer_idx, page_ids].set(v.astype(kv.v.dtype), mode="drop"),
     )
 
 

@@ -56,7 +56,8 @@ class Engine:
             sharing=config.prefix_sharing and config.cache_policy == "stateful")
         self.scheduler = Scheduler(SchedulerConfig(
             config.max_batched_tokens, config.max_num_seqs,
-            int(config.reserve_fraction * num_pages), config.fairness_steps), self.store)
+            int(config.reserve_fraction * num_pages), config.fairness_steps,
+            swap_in_same_step=config.swap_in == "layered"), self.store)
         self.runner = ModelRunner(model, num_pages, config.page_size, config.attention, dtype,
                                   tensor_parallel=config.tensor_parallel)
         self._rates = TransferCosts(nbytes, config.restore_policy)
@@ -65,7 +66,8 @@ class Engine:
                 self._rates.calibrate(self.runner, shape, self.host.k.dtype)
             if config.restore_policy != "load":
                 self.store.recompute_cheaper = self._rates.recompute_cheaper
-        self.swapper = Swapper(self.runner, self.store, self.host, self._rates)
+        self.swapper = Swapper(self.runner, self.store, self.host, self._rates,
+                               layered=config.swap_in == "layered")
         self._stalled_steps = 0              # steps in a row with work but nothing to run
         self._inbox: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
@@ -209,10 +211,12 @@ class Engine:
         try:
             self.swapper.start()
             if not rows:
+                self.swapper.flush()
                 self._check_stall()
                 return 0
             start = time.perf_counter()
-            tokens = self.runner.step(step_input(rows, self.config.page_size))
+            tokens = self.runner.step(step_input(rows, self.config.page_size),
+                                      self.swapper.take_incoming())
         except Exception as e:  # fail what is in flight; the pools may be gone (donated)
             self._fail_all(RuntimeError(f"engine step failed: {type(e).__name__}: {e}"))
             return 0
@@ -232,6 +236,7 @@ class Engine:
         (engine thread; KV export/import use it to read every page where it will be)."""
         self._land()
         self.swapper.start()
+        self.swapper.flush()
 
     def _land(self) -> None:
         """Last step's swap-ins go into the pools; their turns may run from now on."""

@@ -12,6 +12,7 @@ from pensieve_jax.transfer_costs import RESTORE_POLICIES
 from pensieve_jax.weights import LoadedModel
 
 CACHE_POLICIES = ("stateful", "stateless")
+SWAP_IN_MODES = ("next_step", "layered")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,10 @@ class EngineConfig:
     fairness_steps: int = 16             # a waiting turn is passed over for better-cached ones
                                          # for at most this many steps
     tensor_parallel: int = 1             # devices the weights and KV heads are split over
+    swap_in: str = "next_step"           # host -> device page loads: "next_step" (copied while
+                                         # one step runs; the turn runs from the next step) or
+                                         # "layered" (loaded inside the turn's own step, layer by
+                                         # layer, each copy overlapping the layer before)
 
     def __post_init__(self):
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -55,6 +60,8 @@ class EngineConfig:
         if self.restore_policy not in RESTORE_POLICIES:
             raise ValueError(f"restore_policy must be one of {RESTORE_POLICIES}, "
                              f"got {self.restore_policy!r}")
+        if self.swap_in not in SWAP_IN_MODES:
+            raise ValueError(f"swap_in must be one of {SWAP_IN_MODES}, got {self.swap_in!r}")
         if not 0 < self.kv_cache_fraction <= 1:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
 

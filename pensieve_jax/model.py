@@ -17,7 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pensieve_jax.attention import AttentionBatch, KVCache, get_attention, token_slots, write_kv
+from pensieve_jax.attention import (AttentionBatch, Incoming, KVCache, get_attention, load_pages,
+                                    token_slots, write_kv)
 from pensieve_jax.config import ModelConfig
 from pensieve_jax.parallel import HEADS_SPEC, VOCAB_SPEC, constrain
 
@@ -49,6 +50,11 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (xf * cos[:, None, :] + rotated * sin[:, None, :]).astype(x.dtype)
 
 
+def fetch_layer(incoming: Incoming, layer) -> tuple[jax.Array, jax.Array]:
+    """Start copying one layer of the incoming pages from host to device memory."""
+    return tuple(jax.device_put(a[layer], jax.memory.Space.Device) for a in incoming[:2])
+
+
 class DecoderLayer(nn.Module):
     config: ModelConfig
     dtype: Any
@@ -58,9 +64,13 @@ class DecoderLayer(nn.Module):
     mesh: Any = None         # a jax.sharding.Mesh with axis "tp": heads are split over it
 
     @nn.compact
-    def __call__(self, carry, layer, rope, slots, batch: AttentionBatch):
-        h, kv = carry
+    def __call__(self, carry, layer, rope, slots, batch: AttentionBatch,
+                 incoming: Incoming | None):
+        h, kv, arrived = carry
         c = self.config
+        if incoming is not None:    # this layer's pages are in; the next layer's start coming
+            kv = load_pages(kv, layer, *arrived, incoming.page_ids)
+            arrived = fetch_layer(incoming, jnp.minimum(layer + 1, c.num_layers - 1))
         dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype,  # noqa: E731
                                          param_dtype=self.dtype, name=name)
         num_tokens = h.shape[0]
@@ -86,7 +96,7 @@ class DecoderLayer(nn.Module):
         mlp = nn.silu(dense(c.intermediate_size, "gate_proj")(x)) * dense(
             c.intermediate_size, "up_proj")(x)
         h = h + dense(c.hidden_size, "down_proj")(mlp)
-        return (h, kv), None
+        return (h, kv, arrived), None
 
 
 class Llama(nn.Module):
@@ -100,6 +110,10 @@ class Llama(nn.Module):
     one that holds for any batch of T tokens).
     mesh: None, or a Mesh with axis "tp" (pensieve_jax.parallel) that params and pools are
     sharded over; attention then runs per shard of heads.
+    incoming: None, or pages in host memory to load into the pools during the step. Layer l's
+    pages are written just before layer l writes and reads the pools, and the copy of layer
+    l + 1's pages is started then, so it runs while layer l computes (double buffering; the
+    last layer's pages are fetched twice, a 1/num_layers overhead).
     """
 
     config: ModelConfig
@@ -110,7 +124,7 @@ class Llama(nn.Module):
     @nn.compact
     def __call__(self, token_ids, positions, kv: KVCache, batch: AttentionBatch,
                  logits_indices=None, max_q_len: int | None = None,
-                 num_q_blocks: int | None = None):
+                 num_q_blocks: int | None = None, incoming: Incoming | None = None):
         c = self.config
         batch = AttentionBatch(*(jnp.asarray(a, jnp.int32) for a in batch))
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
@@ -120,11 +134,13 @@ class Llama(nn.Module):
         slots = token_slots(positions, batch, kv.num_pages, kv.page_size)
 
         layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                          length=c.num_layers)
-        (h, kv), _ = layers(c, self.dtype, self.attention, max_q_len or token_ids.shape[0],
-                            num_q_blocks, self.mesh, name="layers")(
-            (h, kv), jnp.arange(c.num_layers, dtype=jnp.int32), rope, slots, batch)
+        arrived = None if incoming is None else fetch_layer(incoming, 0)
+        (h, kv, _), _ = layers(c, self.dtype, self.attention, max_q_len or token_ids.shape[0],
+                               num_q_blocks, self.mesh, name="layers")(
+            (h, kv, arrived), jnp.arange(c.num_layers, dtype=jnp.int32), rope, slots, batch,
+            incoming)
 
         if logits_indices is not None:
             h = h[logits_indices]

@@ -22,7 +22,8 @@ import numpy as np
 
 from pallas_kernels.kv_pages import copy_pages
 from pensieve_jax import parallel
-from pensieve_jax.attention import AttentionBatch, KVCache, init_kv_cache, q_blocks_needed
+from pensieve_jax.attention import (AttentionBatch, Incoming, KVCache, init_kv_cache,
+                                    q_blocks_needed)
 from pensieve_jax.model import Llama
 from pensieve_jax.sampling import sample
 from pensieve_jax.weights import LoadedModel
@@ -41,6 +42,14 @@ class StepInput(NamedTuple):
     top_p: np.ndarray        # float32 [S]
     seeds: np.ndarray        # uint32 [S]
     counters: np.ndarray     # int32 [S], index of the token each row samples
+
+
+class HostPages(NamedTuple):
+    """Pages in host memory bound for device pages."""
+
+    k: np.ndarray            # [layers, n, page_size, kv_heads, head_dim]
+    v: np.ndarray            # [layers, n, page_size, kv_heads, head_dim]
+    page_ids: list[int]      # [n] device pages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,23 +87,35 @@ class ModelRunner:
         self.num_pages = num_pages
         self.tensor_parallel = tensor_parallel
         self.mesh = parallel.make_mesh(tensor_parallel) if tensor_parallel > 1 else None
-        jit_kw: dict[str, Any] = {}
         pages_kw: dict[str, Any] = {}
+        # where swap-ins wait for a step that loads them layer by layer: pinned host memory
+        # (the device copies it asynchronously) where the backend has it, else device memory
+        kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
+        host_kind = "pinned_host" if "pinned_host" in kinds else None
         if self.mesh is None:
             self.params = model.params
+            self._incoming_sharding = jax.sharding.SingleDeviceSharding(
+                jax.devices()[0], memory_kind=host_kind)
         else:
             rep, kv_sh = parallel.replicated(self.mesh), parallel.kv_sharding(self.mesh)
             param_sh = parallel.param_shardings(model.params, self.mesh)
             self.params = parallel.put(model.params, param_sh)
             kv2 = KVCache(kv_sh, kv_sh)
-            jit_kw = dict(in_shardings=(param_sh, kv2) + (rep,) * 9, out_shardings=(rep, kv2))
             pages_kw = dict(out_shardings=kv2)
             self._kv_sharding = kv_sh
+            self._incoming_sharding = kv_sh.with_memory_kind(host_kind) if host_kind else kv_sh
+            in_sh = (param_sh, kv2) + (rep,) * 9
+            host_sh = Incoming(self._incoming_sharding, self._incoming_sharding, rep)
         self.reset_kv()
         self._model = Llama(c, self.dtype, attention, self.mesh)
         self._compiled: dict[tuple[int, ...], Any] = {}
-        self._step = jax.jit(self._step_impl, static_argnums=(11, 12), donate_argnums=(1,),
-                             **jit_kw)
+        # two programs: plain steps, and steps that also load swapped-in pages layer by layer
+        self._step, self._step_loading = (
+            jax.jit(fn, static_argnums=(11, 12), donate_argnums=(1,),
+                    **({} if self.mesh is None else
+                       dict(in_shardings=in_sh + extra, out_shardings=(rep, kv2))))
+            for fn, extra in ((self._step_impl, ()),
+                              (self._step_loading_impl, (host_sh,) if self.mesh else ())))
         self._gather = jax.jit(lambda kv, ids: KVCache(jnp.take(kv.k, ids, axis=1),
                                                        jnp.take(kv.v, ids, axis=1)), **pages_kw)
         self._copy = jax.jit(lambda kv, src, dst: KVCache(
@@ -155,14 +176,23 @@ class ModelRunner:
         return len(self._compiled)
 
     def _step_impl(self, params, kv, token_ids, positions, batch, logits_indices, temperature, top_k,
-              top_p, seeds, counters, max_q_len, num_q_blocks):
+                   top_p, seeds, counters, max_q_len, num_q_blocks, incoming=None):
         logits, kv = self._model.apply(params, token_ids, positions, kv, batch, logits_indices,
-                                       max_q_len, num_q_blocks)
+                                       max_q_len, num_q_blocks, incoming)
         logits = parallel.constrain(logits, self.mesh, parallel.P())   # vocab-sharded -> whole
         return sample(logits, temperature, top_k, top_p, seeds, counters), kv
 
-    def step(self, s: StepInput) -> np.ndarray:
-        """Run one step; returns the sampled token of each sequence, int32 [S]."""
+    def _step_loading_impl(self, params, kv, token_ids, positions, batch, logits_indices,
+                           temperature, top_k, top_p, seeds, counters, max_q_len, num_q_blocks,
+                           incoming):
+        return self._step_impl(params, kv, token_ids, positions, batch, logits_indices,
+                               temperature, top_k, top_p, seeds, counters, max_q_len,
+                               num_q_blocks, incoming)
+
+    def step(self, s: StepInput, incoming: HostPages | None = None) -> np.ndarray:
+        """Run one step; returns the sampled token of each sequence, int32 [S]. incoming: host
+        pages to write into device pages during the step, layer by layer, each before that
+        layer reads the pools (the step's rows may read them)."""
         num_seqs = len(s.kv_lens)
         q_lens = np.diff(s.cu_q_lens)
         t = bucket(len(s.token_ids), self.buckets.min_tokens)
@@ -185,27 +215,47 @@ class ModelRunner:
             _pad(s.seeds.astype(np.uint32), (n,)),
             _pad(s.counters.astype(np.int32), (n,)),
         )
+        if incoming is not None:
+            args += (self._stage_incoming(incoming),)
         executable = self._executable(args, t, n, p, q, b)
-        tokens, self.kv = executable(self.params, self.kv, *self._replicate(args))
+        tokens, self.kv = executable(self.params, self.kv, *self._replicate(args[:9]), *args[9:])
         return parallel.to_host(tokens)[:num_seqs]
 
-    def compile_step(self, t: int, n: int, p: int, q: int, b: int) -> None:
+    def _stage_incoming(self, incoming: HostPages) -> Incoming:
+        """Host pages, padded to a bucket of pages, in the step's host memory; ids replicated."""
+        m = bucket(len(incoming.page_ids), 8)
+        ids = np.full(m, self.num_pages, np.int32)          # padding pages are dropped
+        ids[:len(incoming.page_ids)] = incoming.page_ids
+        pad = ((0, 0), (0, m - incoming.k.shape[1])) + ((0, 0),) * (incoming.k.ndim - 2)
+        k, v = (parallel.put(np.pad(a, pad), self._incoming_sharding)
+                for a in (incoming.k, incoming.v))
+        return Incoming(k, v, self._replicate(ids))
+
+    def compile_step(self, t: int, n: int, p: int, q: int, b: int, m: int = 0) -> None:
         """Compile the step of one bucket (tokens t, sequences n, pages p, longest query q,
-        query tiles b: 0 for decode-only steps and the Pallas path) before it is needed."""
+        query tiles b: 0 for decode-only steps and the Pallas path; m incoming pages, a bucket
+        of 8 or more, or 0) before it is needed."""
         i32 = lambda *shape: np.zeros(shape, np.int32)     # noqa: E731
         args = (i32(t), i32(t), AttentionBatch(i32(n, p), i32(n), i32(n + 1)), i32(n),
                 np.zeros(n, np.float32), i32(n), np.ones(n, np.float32), np.zeros(n, np.uint32),
                 i32(n))
+        if m:
+            pages = jax.ShapeDtypeStruct((self.config.num_layers, m) + self.kv.k.shape[2:],
+                                         self.dtype, sharding=self._incoming_sharding)
+            args += (Incoming(pages, pages, self._replicate(i32(m))),)
         self._executable(args, t, n, p, q, b if self._model.attention == "xla" else 0)
 
     def _executable(self, args, t: int, n: int, p: int, q: int, b: int):
         mesh = None if self.mesh is None else tuple(d.id for d in self.mesh.devices.flat)
+        m = args[9].page_ids.shape[0] if len(args) > 9 else 0
         key = (self.config, self.dtype.name, self._model.attention, self.num_pages,
-               self.page_size, t, n, p, q, b, mesh)
+               self.page_size, t, n, p, q, b, m, mesh)
         executable = _EXECUTABLES.get(key)
         if executable is None:          # shared by every runner of the same shapes in-process
+            step = self._step_loading if m else self._step
             with jax.default_matmul_precision("highest" if self.dtype == jnp.float32 else "default"):
-                executable = self._step.lower(self.params, self.kv, *args, q, b).compile()
+                executable = step.lower(self.params, self.kv, *args[:9], q, b,
+                                        *args[9:]).compile()
             _EXECUTABLES[key] = executable
             self._compiled[key] = executable
         return executable

@@ -32,6 +32,7 @@ class SchedulerConfig:
     reserve_pages: int = 0      # new turns leave this many pages free for running ones
     fairness_steps: int = 16    # better-cached waiting turns may pass one for this many steps
     order_window: int = 128     # waiting turns considered for cache-aware ordering
+    swap_in_same_step: bool = False   # swap-ins land inside the step that runs their turn
 
 
 class Row(NamedTuple):
@@ -166,7 +167,8 @@ class Scheduler:
             # compute its tokens instead (a sequence as long as the pool would wait forever)
             self.store.truncate(conv, conv.cow[0] * self.store.page_size)
             plan = self.store.plan_restore(conv)
-        req.loading = self.store.restore(conv) > 0
+        loads = self.store.restore(conv)
+        req.loading = loads > 0 and not self.config.swap_in_same_step
         req.front_done, req.front_end = plan.front
         req.cached = conv.num_computed - (plan.front[1] - plan.front[0])
         req.cached_host = min(plan.host_tokens, req.cached)

@@ -3,10 +3,16 @@
     phase      when                         what
     start      after schedule, before run   device -> host gather + async copy (swap-out),
                                             device -> device (copy on write),
-                                            host -> device staged (swap-in starts)
-    land       at the start of next step    staged swap-ins scattered into the pools
+                                            host -> device staged (swap-in starts; "next_step")
+                                            or handed to this step ("layered")
+    run        the step                     "layered": each layer's pages are written just
+                                            before that layer runs, the next layer's copy
+                                            overlapping it (model.Llama, incoming)
+    land       at the start of next step    "next_step": staged swap-ins scattered into pools
+    flush      no step to carry them        "layered": written into the pools at once
 
-A swap-in thus overlaps one step's compute; the turn it belongs to runs from the next step on.
+"next_step": a swap-in overlaps one whole step's compute and its turn runs from the next step
+on. "layered": its turn runs in the same step, and the copy overlaps that step's layers.
 """
 
 from __future__ import annotations
@@ -17,15 +23,17 @@ import jax
 
 from pensieve_jax.conversations import ConversationStore
 from pensieve_jax.host_cache import HostCache
-from pensieve_jax.runner import ModelRunner
+from pensieve_jax.runner import HostPages, ModelRunner
 from pensieve_jax.transfer_costs import TransferCosts
 
 
 class Swapper:
     def __init__(self, runner: ModelRunner, store: ConversationStore, host: HostCache,
-                 rates: TransferCosts):
+                 rates: TransferCosts, layered: bool = False):
         self.runner, self.store, self.host, self.rates = runner, store, host, rates
+        self.layered = layered
         self._landing = None                 # swap-ins started, to land at the next step
+        self._incoming: HostPages | None = None    # "layered": for the step about to run
 
     @property
     def in_flight(self) -> bool:
@@ -45,9 +53,23 @@ class Swapper:
         if into:
             start = time.perf_counter()
             k, v = self.host.read([s.host_page for s in into])
-            self._landing = (self.runner.stage_pages(k, v), into)
+            if self.layered:
+                self._incoming = HostPages(k, v, [s.device_page for s in into])
+                self.host.stats["in_layered_pages"] += len(into)
+            else:
+                self._landing = (self.runner.stage_pages(k, v), into)
             self.store.swapped_in([s.host_page for s in into])
             self.host.stats["in_s"] += time.perf_counter() - start
+
+    def take_incoming(self) -> HostPages | None:
+        """"layered": the swap-ins the step about to run must load (it then owns them)."""
+        incoming, self._incoming = self._incoming, None
+        return incoming
+
+    def flush(self) -> None:
+        """"layered" swap-ins that no step will carry: into the pools now."""
+        if self._incoming is not None:
+            self.runner.scatter_pages(*self.take_incoming())
 
     def land(self) -> bool:
         """Scatter the started swap-ins into the pools (pages whose conversation let them go
@@ -68,7 +90,7 @@ class Swapper:
 
     def drop(self) -> None:
         """Forget staged swap-ins (their pools are gone after a failed step)."""
-        self._landing = None
+        self._landing = self._incoming = None
 
     def stats(self) -> dict:
         return dict(self.host.stats, **self.rates.stats())

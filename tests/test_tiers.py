@@ -8,6 +8,7 @@ import pytest
 from pensieve_jax.cache import PageAllocator
 from pensieve_jax.config import PRESETS
 from pensieve_jax.conversations import ConversationStore
+from pensieve_jax.engine_config import SWAP_IN_MODES
 from pensieve_jax.eviction import LRUPolicy, PensievePolicy, make_policy
 from pensieve_jax.request import Request
 from pensieve_jax.sampling import SamplingParams
@@ -38,8 +39,10 @@ def second_turn(engine, stateless, name, first_turn, new_tokens):
     return got
 
 
-def test_host_tier_round_trip(stateless):
-    eng = make(num_pages=20, host_cache_bytes=40 * PAGE_BYTES, swap_out_threshold=0.0)
+@pytest.mark.parametrize("swap_in", SWAP_IN_MODES)
+def test_host_tier_round_trip(stateless, swap_in):
+    eng = make(num_pages=20, host_cache_bytes=40 * PAGE_BYTES, swap_out_threshold=0.0,
+               swap_in=swap_in)
     a = random_turns(1, 2, 30, 31)
     first = conversation_turns(eng, a[:1], "A", P)[0]
     history = a[0] + list(first.token_ids)
@@ -54,14 +57,17 @@ def test_host_tier_round_trip(stateless):
     stats = eng.stats()
     assert stats["swap"]["out_pages"] > 0 and stats["swap"]["in_pages"] > 0
     assert stats["hit_tokens_by_tier"]["host"] > 0
+    layered = stats["swap"]["in_layered_pages"]
+    assert layered == (stats["swap"]["in_pages"] if swap_in == "layered" else 0)
     eng.shutdown()
 
 
-@pytest.mark.parametrize("host_pages", [0, 3])
-def test_dropped_front_is_recomputed_with_the_new_prompt(stateless, host_pages):
+@pytest.mark.parametrize("host_pages,swap_in", [(0, "next_step"), (3, "next_step"),
+                                               (3, "layered")])
+def test_dropped_front_is_recomputed_with_the_new_prompt(stateless, host_pages, swap_in):
     """host 0: front dropped, rest on device; host 3: front dropped, middle on host."""
     eng = make(num_pages=16, host_cache_bytes=host_pages * PAGE_BYTES, swap_out_threshold=0.0,
-               chunk_tokens=16, reserve_fraction=0.0)
+               chunk_tokens=16, reserve_fraction=0.0, swap_in=swap_in)
     a = random_turns(2, 2, 40, 41)
     first = conversation_turns(eng, a[:1], "A", P)[0]
     history = a[0] + list(first.token_ids)
@@ -79,13 +85,15 @@ def test_dropped_front_is_recomputed_with_the_new_prompt(stateless, host_pages):
     eng.shutdown()
 
 
-@pytest.mark.parametrize("policy,host_pages", [("pensieve", 200), ("lru", 200), ("pensieve", 24)])
-def test_ten_times_oversubscribed_all_paths_in_one_batch(stateless, policy, host_pages):
+@pytest.mark.parametrize("policy,host_pages,swap_in", [
+    ("pensieve", 200, "next_step"), ("lru", 200, "next_step"), ("pensieve", 24, "next_step"),
+    ("pensieve", 200, "layered")])
+def test_ten_times_oversubscribed_all_paths_in_one_batch(stateless, policy, host_pages, swap_in):
     """20 conversations, device room for ~2: every conversation finishes with the baseline's
     tokens. With a roomy host tier turns come back from host memory; with a small one the
     host tier overflows into recomputation, never an error."""
     eng = make(num_pages=24, host_cache_bytes=host_pages * PAGE_BYTES, eviction_policy=policy,
-               max_num_seqs=6)
+               max_num_seqs=6, swap_in=swap_in)
     want, got = {}, {}
 
     def run(engine, store, i):
@@ -182,6 +190,20 @@ def test_a_turn_whose_pages_are_loading_does_not_block_others():
     assert len(store.take_transfers()[2]) == 3
     sched.landed()
     assert "back" in [r.request.id for r in sched.schedule()]
+
+
+def test_a_turn_whose_pages_load_within_the_step_runs_in_that_step():
+    """swap_in="layered": the pages are written into the pools inside the step, before any
+    layer reads them, so the returning turn runs in the step that restores it."""
+    store = store_with_idle_on_host()
+    sched = Scheduler(SchedulerConfig(max_batched_tokens=64, swap_in_same_step=True), store)
+    back = Request("back", list(range(24)) + [1, 2], P, 0, "idle", None)
+    other = Request("other", [5, 6, 7], P, 0, "other", None)
+    sched.add(back)
+    sched.add(other)
+    rows = sched.schedule()
+    assert [r.request.id for r in rows] == ["back", "other"] and not back.loading
+    assert len(store.take_transfers()[2]) == 3
 
 
 def test_a_restored_turn_sent_back_to_wait_runs_once_its_pages_land():

@@ -1,0 +1,73 @@
+"""ModelRunner: swap-ins loaded inside a step ("layered") equal pages scattered before it."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pensieve_jax.runner import HostPages, ModelRunner, StepInput
+from pensieve_jax.weights import load_model
+
+PAGE = 8
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("random:tiny", "float32")
+
+
+def one_sequence_step(pages, context, new):
+    """A step of `new` tokens for one sequence with `context` tokens before them in pages."""
+    return StepInput(
+        token_ids=np.arange(1, new + 1, dtype=np.int32),
+        positions=np.arange(context, context + new, dtype=np.int32),
+        page_table=np.asarray([pages], np.int32), kv_lens=np.asarray([context + new], np.int32),
+        cu_q_lens=np.asarray([0, new], np.int32), temperature=np.zeros(1, np.float32),
+        top_k=np.zeros(1, np.int32), top_p=np.ones(1, np.float32), seeds=np.zeros(1, np.uint32),
+        counters=np.zeros(1, np.int32))
+
+
+def random_pages(model, n, seed):
+    c = model.config
+    rng = np.random.default_rng(seed)
+    shape = (c.num_layers, n, PAGE, c.num_kv_heads, c.head_dim)
+    return rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(
+        np.float32)
+
+
+@pytest.mark.parametrize("attention", ["xla", "pallas"])
+@pytest.mark.parametrize("new", [1, 5])
+def test_pages_loaded_in_the_step_equal_pages_scattered_before_it(model, attention, new):
+    k, v = random_pages(model, 3, seed=new)
+    ids = [5, 2, 9]                                # not in order; page 11 takes the new tokens
+    step = one_sequence_step(ids + [11], 3 * PAGE, new)
+    before = ModelRunner(model, 16, PAGE, attention)
+    before.scatter_pages(k, v, ids)
+    inside = ModelRunner(model, 16, PAGE, attention)
+    want, got = before.step(step), inside.step(step, HostPages(k, v, ids))
+    assert list(got) == list(want)
+    np.testing.assert_array_equal(np.asarray(inside.kv.k), np.asarray(before.kv.k))
+    np.testing.assert_array_equal(np.asarray(inside.kv.v), np.asarray(before.kv.v))
+
+
+def test_loading_pages_leaves_other_pages_alone(model):
+    """Padding rows of the page bucket are dropped, not written to page 0."""
+    runner = ModelRunner(model, 16, PAGE)
+    k, v = random_pages(model, 1, seed=7)
+    runner.scatter_pages(k, v, [0])
+    kept = np.asarray(runner.kv.k[:, 0])
+    k2, v2 = random_pages(model, 2, seed=8)
+    runner.step(one_sequence_step([0, 3, 4, 12], 3 * PAGE, 1), HostPages(k2, v2, [3, 4]))
+    np.testing.assert_array_equal(np.asarray(runner.kv.k[:, 0]), kept)
+    np.testing.assert_array_equal(np.asarray(runner.kv.k[:, 3:5]), k2)
+    assert float(jnp.abs(runner.kv.k[:, 5:12]).max()) == 0.0
+
+
+def test_compile_step_covers_loading_steps(model):
+    runner = ModelRunner(model, 17, PAGE)     # a pool size no other test compiles for
+    runner.compile_step(8, 1, 4, 8, 1, m=8)   # 4 tokens, 1 sequence, 3 pages, 1 query tile
+    assert runner.num_compilations == 1
+    k, v = random_pages(model, 2, seed=1)
+    runner.step(one_sequence_step([1, 2, 6], 2 * PAGE, 4), HostPages(k, v, [1, 2]))
+    assert runner.num_compilations == 1
+    runner.step(one_sequence_step([1, 2, 6], 2 * PAGE, 4))   # no pages to load: another program
+    assert runner.num_compilations == 2
