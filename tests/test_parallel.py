@@ -22,7 +22,8 @@ from pensieve_jax.engine import EngineConfig
 from pensieve_jax.model import param_shapes
 
 WORKER = Path(__file__).with_name("tp_worker.py")
-RUNS = ["swaps:xla:1,2,4", "short:pallas:1,2,4", "tiny:xla:1,2", "errors:xla:0"]
+RUNS = ["swaps:xla:1,2,4", "layered:xla:1,2", "short:pallas:1,2,4", "tiny:xla:1,2",
+        "errors:xla:0"]
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,18 @@ def test_multiturn_with_host_swaps_equal_across_tp_xla(runs):
         assert result["layout"]["kv_shard"][3] == kv_heads
         assert result["layout"]["kv_devices"] == int(tp)
         assert result["layout"]["q_proj_shard"][-1] == q_cols
+
+
+def test_swap_ins_loaded_inside_the_step_on_shards(runs):
+    """swap_in="layered" at tensor_parallel 1 and 2: each device loads its KV heads' slice of
+    the pages from host memory; outputs equal the next-step swap-ins' at one device."""
+    by_tp = runs["layered:xla"]
+    assert_same_as_one_device(by_tp)
+    assert by_tp["1"]["outputs"] == runs["swaps:xla"]["1"]["outputs"]
+    for tp, result in by_tp.items():
+        stats = result["stats"]
+        assert stats["swap_in_pages"] > 0 and stats["layered_pages"] == stats["swap_in_pages"], tp
+        assert result["layout"]["kv_shard"][3] == 4 // int(tp)
 
 
 def test_pallas_kernel_per_shard_equal_across_tp(runs):

@@ -58,7 +58,7 @@ def layout(engine: Engine) -> dict:
             "q_proj_shard": list(q.addressable_shards[0].data.shape)}
 
 
-def swaps(attention: str, tp: int) -> dict:
+def swaps(attention: str, tp: int, swap_in: str = "next_step") -> dict:
     """Conversation A is pushed to the host tier by three others, then comes back for two more
     turns; then two conversations share a system prompt that ends inside a page (copy on
     write). All turns one after another."""
@@ -66,7 +66,7 @@ def swaps(attention: str, tp: int) -> dict:
     engine = Engine(small_model(), "float32", EngineConfig(
         page_size=8, num_pages=20, max_model_len=128, max_batched_tokens=32, max_num_seqs=4,
         host_cache_bytes=40 * page_bytes, swap_out_threshold=0.0, attention=attention,
-        tensor_parallel=tp))
+        tensor_parallel=tp, swap_in=swap_in))
     a = turns(1, 3, 24)
     outputs = {"A": converse(engine, "A", a[:1])}
     for i in range(3):
@@ -80,6 +80,7 @@ def swaps(attention: str, tp: int) -> dict:
               "stats": {k: stats.get(k) for k in ("device_to_host_pages", "hit_tokens",
                                                   "recomputed_tokens", "copied_on_write_pages")} |
               {"swap_in_pages": stats["swap"]["in_pages"],
+               "layered_pages": stats["swap"]["in_layered_pages"],
                "host_hit_tokens": stats["hit_tokens_by_tier"]["host"]}}
     engine.shutdown()
     return result
@@ -170,7 +171,13 @@ def errors(attention: str, tp: int) -> dict:
     return {"outputs": out, "layout": {}, "stats": {}}
 
 
-SCENARIOS = {"swaps": swaps, "short": short, "tiny": tiny_preset, "errors": errors}
+def layered(attention: str, tp: int) -> dict:
+    """swaps, with swap-ins loaded layer by layer inside the step (pinned host -> shards)."""
+    return swaps(attention, tp, swap_in="layered")
+
+
+SCENARIOS = {"swaps": swaps, "layered": layered, "short": short, "tiny": tiny_preset,
+             "errors": errors}
 
 if __name__ == "__main__":
     _probe_kernel()
