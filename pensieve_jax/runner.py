@@ -111,11 +111,10 @@ class ModelRunner:
         self._compiled: dict[tuple[int, ...], Any] = {}
         # two programs: plain steps, and steps that also load swapped-in pages layer by layer
         self._step, self._step_loading = (
-            jax.jit(fn, static_argnums=(11, 12), donate_argnums=(1,),
+            jax.jit(self._step_impl, static_argnums=(11, 12), donate_argnums=(1,),
                     **({} if self.mesh is None else
                        dict(in_shardings=in_sh + extra, out_shardings=(rep, kv2))))
-            for fn, extra in ((self._step_impl, ()),
-                              (self._step_loading_impl, (host_sh,) if self.mesh else ())))
+            for extra in ((), (host_sh,) if self.mesh else ()))
         self._gather = jax.jit(lambda kv, ids: KVCache(jnp.take(kv.k, ids, axis=1),
                                                        jnp.take(kv.v, ids, axis=1)), **pages_kw)
         self._copy = jax.jit(lambda kv, src, dst: KVCache(
@@ -181,13 +180,6 @@ class ModelRunner:
                                        max_q_len, num_q_blocks, incoming)
         logits = parallel.constrain(logits, self.mesh, parallel.P())   # vocab-sharded -> whole
         return sample(logits, temperature, top_k, top_p, seeds, counters), kv
-
-    def _step_loading_impl(self, params, kv, token_ids, positions, batch, logits_indices,
-                           temperature, top_k, top_p, seeds, counters, max_q_len, num_q_blocks,
-                           incoming):
-        return self._step_impl(params, kv, token_ids, positions, batch, logits_indices,
-                               temperature, top_k, top_p, seeds, counters, max_q_len,
-                               num_q_blocks, incoming)
 
     def step(self, s: StepInput, incoming: HostPages | None = None) -> np.ndarray:
         """Run one step; returns the sampled token of each sequence, int32 [S]. incoming: host
