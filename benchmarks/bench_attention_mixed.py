@@ -19,12 +19,9 @@ greedy tokens of a whole engine run with chunked prefills mixed into decodes.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -32,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import environment, write_json
 from pensieve_jax import attention
 from pensieve_jax.attention import AttentionBatch, KVCache
 from pensieve_jax.runner import ModelRunner, StepInput, bucket
@@ -233,21 +231,14 @@ def main(argv=None) -> dict:
               f"before {ms['before']:9.1f} ms  after {ms['after']:8.1f} ms  "
               f"x{row['speedup']:6.2f}  tokens equal {row['tokens_identical']}  "
               f"max|dlogit| {row['max_abs_logit_diff']:.2e}", flush=True)
-    result = {"command": " ".join(["python"] + sys.argv) if argv is None else
-              " ".join(["python", "benchmarks/bench_attention_mixed.py"] + list(argv)),
-              "model": model.source, "dtype": args.dtype, "page_size": args.page_size,
-              "q_block": attention.Q_BLOCK,
-              "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-              "machine": f"{platform.machine()} {platform.processor()} {os.cpu_count()} cpus",
-              "jax": jax.__version__,
+    result = {**environment(argv, __file__), "model": model.source, "dtype": args.dtype,
+              "page_size": args.page_size, "q_block": attention.Q_BLOCK,
               "loadavg_1_5_15min": {"start": load_before, "end": os.getloadavg()}, "rows": rows}
     if args.engine_check:
         result["engine_check"] = engine_check(args)
         print("engine check:", {k: v for k, v in result["engine_check"].items()}, flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        print("wrote", args.out)
+        write_json(args.out, result)
     return result
 
 

@@ -12,16 +12,12 @@ adds `--new-tokens` random token ids (drawn around the ShareGPT mean of ~38) and
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import sys
 import threading
 import time
 
-import jax
 import numpy as np
 
+from common import environment, write_json
 from pensieve_jax.engine import Engine, EngineConfig
 from pensieve_jax.sampling import SamplingParams
 from pensieve_jax.weights import load_model
@@ -100,10 +96,7 @@ def main(argv=None) -> None:
 
     model = load_model(args.model, args.dtype)
     vocab = min(model.config.vocab_size, model.tokenizer.vocab_size)
-    result = {"command": " ".join(["python"] + sys.argv), "model": model.source,
-              "dtype": args.dtype, "backend": jax.default_backend(),
-              "device": str(jax.devices()[0].device_kind),
-              "machine": f"{platform.machine()} {os.cpu_count()} cpus", "jax": jax.__version__,
+    result = {**environment(argv, __file__), "model": model.source, "dtype": args.dtype,
               "workload": {k: getattr(args, k) for k in ("conversations", "turns", "new_tokens",
                                                          "max_tokens")}}
     outputs = {}
@@ -148,9 +141,7 @@ def main(argv=None) -> None:
     print(f"stateful / stateless multi-turn throughput: {ratio:.2f}x; "
           f"identical outputs: {result['same_outputs']}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        print("wrote", args.out)
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":
