@@ -22,26 +22,14 @@ them) this is what the multi-tier cache's load-or-recompute choice and overlap r
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import environment, write_json
+from common import environment, median_s, write_json
 from pallas_kernels.kv_pages import copy_pages
 from pensieve_jax.config import PRESETS
-
-
-def _median_s(fn, repeats: int) -> float:
-    fn()                                  # compile / first-touch
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def memory_kinds() -> list[str]:
@@ -85,17 +73,17 @@ def measure(layers: int, page_size: int, kv_heads: int, head_dim: int, dtype, po
             jax.block_until_ready([gather(pool, ids) for _ in range(2)])
 
         row = {"pages": n, "bytes": nbytes,
-               "gather_s": _median_s(gather_only, repeats),
-               "d2h_s": _median_s(d2h, repeats),
-               "h2d_s": _median_s(h2d, repeats),
-               "raw_h2d_s": _median_s(raw_h2d, repeats)}
+               "gather_s": median_s(gather_only, repeats),
+               "d2h_s": median_s(d2h, repeats),
+               "h2d_s": median_s(h2d, repeats),
+               "raw_h2d_s": median_s(raw_h2d, repeats)}
         staged = jax.device_put(host, dev)
 
         def scatter_only():
             for _ in range(2):
                 target[0] = scatter(target[0], staged, ids)     # donated: in place
             jax.block_until_ready(target[0])
-        row["scatter_s"] = _median_s(scatter_only, repeats)
+        row["scatter_s"] = median_s(scatter_only, repeats)
         if pinned:
             def d2h_pinned():
                 for _ in range(2):
@@ -107,8 +95,8 @@ def measure(layers: int, page_size: int, kv_heads: int, head_dim: int, dtype, po
 
             def h2d_pinned():
                 jax.block_until_ready([jax.device_put(a, to_device) for a in held])
-            row.update(d2h_pinned_s=_median_s(d2h_pinned, repeats),
-                       pin_s=_median_s(pin, repeats), h2d_pinned_s=_median_s(h2d_pinned, repeats))
+            row.update(d2h_pinned_s=median_s(d2h_pinned, repeats),
+                       pin_s=median_s(pin, repeats), h2d_pinned_s=median_s(h2d_pinned, repeats))
         for key in [k for k in row if k.endswith("_s") and k not in ("gather_s", "scatter_s")]:
             row[key[:-2] + "_GBps"] = round(nbytes / row[key] / 1e9, 3)
         rows.append(row)

@@ -25,28 +25,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import environment, write_json
+from common import environment, median_s, write_json
 from pensieve_jax.config import PRESETS
 from pensieve_jax.runner import HostPages, ModelRunner, StepInput
 from pensieve_jax.tokenizer import Tokenizer
 from pensieve_jax.weights import LoadedModel, random_params
-
-
-def _median_s(fn, repeats: int) -> float:
-    fn()                                  # compile / first touch
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def step_input(seqs: int, context: int, new: int, page_size: int, vocab: int) -> StepInput:
@@ -71,7 +59,7 @@ def measure(runner: ModelRunner, s: StepInput, first_free: int, batches: list[in
             repeats: int) -> list[dict]:
     c, ps = runner.config, runner.page_size
     rows = []
-    step_s = _median_s(lambda: runner.step(s), repeats)
+    step_s = median_s(lambda: runner.step(s), repeats)
     for n in batches:
         rng = np.random.default_rng(n)
         shape = (c.num_layers, n, ps, c.num_kv_heads, c.head_dim)
@@ -89,9 +77,9 @@ def measure(runner: ModelRunner, s: StepInput, first_free: int, batches: list[in
             jax.block_until_ready(runner.kv)
 
         row = {"pages": n, "bytes": 2 * k.nbytes, "step_s": step_s,
-               "copy_s": _median_s(copy, repeats),
-               "layered_s": _median_s(lambda: runner.step(s, HostPages(k, v, ids)), repeats),
-               "next_step_s": _median_s(next_step, repeats)}
+               "copy_s": median_s(copy, repeats),
+               "layered_s": median_s(lambda: runner.step(s, HostPages(k, v, ids)), repeats),
+               "next_step_s": median_s(next_step, repeats)}
         row["copy_GBps"] = round(row["bytes"] / row["copy_s"] / 1e9, 3)
         for path in ("layered", "next_step"):
             row[f"{path}_hidden"] = hidden(row[f"{path}_s"], step_s, row["copy_s"])

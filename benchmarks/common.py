@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: the environment header of a results JSON, writing it, and
-an optional progress bar.
+"""What the benchmark scripts share: the environment header of a results JSON, writing it, a
+median timer and an optional progress bar.
 
     result = {**environment(argv, __file__), "model": model.source, "rows": rows}
     write_json(args.out, result)
@@ -17,8 +17,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -106,6 +108,18 @@ def write_json(path: str | Path, result: dict, *, indent: int = 2, log=sys.stdou
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=indent, default=_json_default) + "\n")
     print("wrote", path, file=log, flush=True)
+
+
+def median_s(fn, repeats: int) -> float:
+    """Median wall seconds of fn() over `repeats` calls, after one untimed call (compile, first
+    touch). fn must block until its work is done."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 class _NoBar:
