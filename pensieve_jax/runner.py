@@ -14,6 +14,7 @@ scatters for the host tier keep every device's KV heads on that device.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -106,6 +107,7 @@ class ModelRunner:
             self._incoming_sharding = kv_sh.with_memory_kind(host_kind) if host_kind else kv_sh
             in_sh = (param_sh, kv2) + (rep,) * 9
             host_sh = Incoming(self._incoming_sharding, self._incoming_sharding, rep)
+        self.in_step_load_error: str | None = None   # why `step` cannot load pages inside
         self.reset_kv()
         self._model = Llama(c, self.dtype, attention, self.mesh)
         self._compiled: dict[tuple[int, ...], Any] = {}
@@ -184,7 +186,8 @@ class ModelRunner:
     def step(self, s: StepInput, incoming: HostPages | None = None) -> np.ndarray:
         """Run one step; returns the sampled token of each sequence, int32 [S]. incoming: host
         pages to write into device pages during the step, layer by layer, each before that
-        layer reads the pools (the step's rows may read them)."""
+        layer reads the pools (the step's rows may read them). Where the backend cannot
+        compile that (in_step_load_error says why), they are written before the step."""
         num_seqs = len(s.kv_lens)
         q_lens = np.diff(s.cu_q_lens)
         t = bucket(len(s.token_ids), self.buckets.min_tokens)
@@ -207,8 +210,17 @@ class ModelRunner:
             _pad(s.seeds.astype(np.uint32), (n,)),
             _pad(s.counters.astype(np.int32), (n,)),
         )
+        if incoming is not None and self.in_step_load_error is None:
+            staged = args + (self._stage_incoming(incoming),)
+            try:
+                self._executable(staged, t, n, p, q, b)
+                args, incoming = staged, None
+            except Exception as e:  # noqa: BLE001 - a backend that cannot compile the load
+                self.in_step_load_error = f"{type(e).__name__}: {e}"[:500]
+                warnings.warn("pages cannot be loaded inside a step on this backend; they are "
+                              f"loaded before it instead ({self.in_step_load_error})")
         if incoming is not None:
-            args += (self._stage_incoming(incoming),)
+            self.scatter_pages(*incoming)
         executable = self._executable(args, t, n, p, q, b)
         tokens, self.kv = executable(self.params, self.kv, *self._replicate(args[:9]), *args[9:])
         return parallel.to_host(tokens)[:num_seqs]

@@ -93,4 +93,5 @@ class Swapper:
         self._landing = self._incoming = None
 
     def stats(self) -> dict:
-        return dict(self.host.stats, **self.rates.stats())
+        return dict(self.host.stats, **self.rates.stats(),
+                    in_step_load_error=self.runner.in_step_load_error)

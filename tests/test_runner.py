@@ -71,3 +71,21 @@ def test_compile_step_covers_loading_steps(model):
     assert runner.num_compilations == 1
     runner.step(one_sequence_step([1, 2, 6], 2 * PAGE, 4))   # no pages to load: another program
     assert runner.num_compilations == 2
+
+
+def test_a_backend_that_cannot_compile_the_load_gets_the_pages_before_the_step(model,
+                                                                               monkeypatch):
+    k, v = random_pages(model, 3, seed=3)
+    ids = [5, 2, 9]
+    step = one_sequence_step(ids + [11], 3 * PAGE, 2)
+    runner = ModelRunner(model, 18, PAGE)     # a pool size no other test compiles for
+
+    def cannot(*args, **kw):
+        raise NotImplementedError("no host offloading here")
+    monkeypatch.setattr(runner._step_loading, "lower", cannot)
+    with pytest.warns(UserWarning, match="loaded before it instead"):
+        got = runner.step(step, HostPages(k, v, ids))
+    assert "no host offloading" in runner.in_step_load_error
+    want = ModelRunner(model, 16, PAGE).step(step, HostPages(k, v, ids))
+    assert list(got) == list(want)
+    np.testing.assert_array_equal(np.asarray(runner.kv.k[:, ids]), k)
