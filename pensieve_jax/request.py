@@ -3,12 +3,7 @@
 A request is one turn of one conversation: the conversation's whole token sequence so far
 (`token_ids`, the cached prefix included) plus what the turn generates.
 
-Token accounting of one turn (prompt_tokens = cached + recomputed + prefilled):
-
-    | cached_tokens     | prompt tokens whose KV was reused from the cache              |
-    | recomputed_tokens | prompt tokens computed again: known to the conversation before |
-    |                   | (earlier turns, or before a preemption) but no longer cached   |
-    | prefilled_tokens  | prompt tokens computed for the first time                      |
+Token accounting of one turn: see `Usage`.
 """
 
 from __future__ import annotations
@@ -23,6 +18,22 @@ from pensieve_jax.sampling import SamplingParams
 
 @dataclasses.dataclass(frozen=True)
 class Usage:
+    """Token accounting of one turn. Every prompt token is counted once, in one of three fields:
+    prompt_tokens == cached_tokens + prefilled_tokens + recomputed_tokens.
+
+    | cached_tokens     | prompt tokens whose KV the turn reused (not computed for them)    |
+    | recomputed_tokens | prompt tokens computed although their KV had existed: the         |
+    |                   | conversation's earlier sequence (history it lost or never kept),  |
+    |                   | or KV found cached when the turn was restored but then dropped or |
+    |                   | recomputed instead of loaded                                      |
+    | prefilled_tokens  | the rest: prompt tokens new to the conversation, computed         |
+
+    cached_host_tokens and cached_shared_tokens are parts of cached_tokens. A preempted turn
+    loses its KV, is restored again and recomputes what is missing: all the fields describe
+    the run that finished (from the turn's last restore), so work lost to a preemption is in
+    none of them (Engine.stats(): "preemptions", "step_tokens"), a token the turn prefilled
+    before a preemption is still a prefilled token when computed again, and cached_* is what
+    the turn finally reused. (Aborted turns report the run that was cut short.)"""
     prompt_tokens: int
     cached_tokens: int
     prefilled_tokens: int
@@ -101,11 +112,12 @@ class Request:
         self.output: list[int] = []
         self.finish_reason: str | None = None
         self.stop_text_index: int | None = None
-        self.known_len = 0                # tokens the conversation had computed at some point
+        self.known_len = 0                # prompt prefix whose KV had existed before this turn
+                                          # computed it (history, or cached at a restore)
         self.restored = False             # its pages are all on the device (or being copied)
         self.loading = False              # ... and some are still being copied from host
         self.front_done = self.front_end = 0   # a dropped prefix being recomputed
-        self.cached = self.cached_host = self.prefilled = self.recomputed = 0
+        self.cached = self.cached_host = self.prefilled = self.recomputed = 0  # Usage, this run
         self.cached_shared = 0            # cached tokens on pages shared with other conversations
         self.waited = 0                   # scheduling steps spent waiting (fairness bound)
         self.arrival = time.perf_counter()
@@ -130,13 +142,19 @@ class Request:
         return (self.front_end - self.front_done) + len(self.token_ids) - self.num_computed
 
     def count_computed(self, start: int, end: int) -> None:
-        """Account tokens [start, end) of the sequence just computed."""
+        """Account tokens [start, end) of the sequence just computed (each prompt token is
+        computed once per run: a preemption starts the count again, see reset_usage)."""
         prompt_end = len(self.prompt)
         for lo, hi, field in ((0, self.known_len, "recomputed"), (self.known_len, prompt_end,
                                                                    "prefilled")):
             n = max(0, min(end, hi, prompt_end) - max(start, lo))
             setattr(self, field, getattr(self, field) + n)
-        self.known_len = max(self.known_len, min(end, prompt_end))
+
+    def reset_usage(self) -> None:
+        """The turn's KV is gone (preempted, or dropped while it waited): what it reused and
+        computed so far no longer counts; its next restore and run are accounted afresh."""
+        self.cached = self.cached_host = self.cached_shared = 0
+        self.prefilled = self.recomputed = 0
 
     def make_output(self) -> RequestOutput:
         now = time.perf_counter()

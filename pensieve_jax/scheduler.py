@@ -167,11 +167,15 @@ class Scheduler:
             # compute its tokens instead (a sequence as long as the pool would wait forever)
             self.store.truncate(conv, conv.cow[0] * self.store.page_size)
             plan = self.store.plan_restore(conv)
+        # Usage counts prompt tokens only: after a preemption the sequence (and what is found
+        # cached of it) can reach past the prompt into the turn's own output
+        ps, reused = self.store.page_size, min(conv.num_computed, len(req.prompt))
+        lo, hi = plan.front
+        req.cached = reused - max(0, min(hi, reused) - lo)
+        req.cached_host = sum(max(0, min(ps, reused - i * ps)) for i in conv.host_pages)
         loads = self.store.restore(conv)
         req.loading = loads > 0 and not self.config.swap_in_same_step
         req.front_done, req.front_end = plan.front
-        req.cached = conv.num_computed - (plan.front[1] - plan.front[0])
-        req.cached_host = min(plan.host_tokens, req.cached)
         req.cached_shared += plan.shared_tokens
         req.restored = True
         return True
@@ -242,8 +246,9 @@ class Scheduler:
         """Free req's pages: its tokens are recomputed, after it is restored again on admission
         (reusing what others still hold)."""
         self.store.drop_kv(req.conversation)
-        req.front_done = req.front_end = req.cached_shared = 0
+        req.front_done = req.front_end = 0
         req.restored = req.loading = False
+        req.reset_usage()
 
 
 class ConversationBusy(RuntimeError):

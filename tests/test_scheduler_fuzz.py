@@ -164,6 +164,7 @@ class SimEngine:
         self.host = [[None] * ps for _ in range(max(cfg.host_pages, 1))]
         self.landing = None          # (swap-ins, host contents read), lands at the next step
         self.delivered: dict[str, tuple] = {}      # request id -> ("output" | "error", info)
+        self.usage: dict = {}                      # request id -> Usage of a finished turn
         self.preempted: set[str] = set()
         preempt = self.scheduler._preempt
 
@@ -326,6 +327,7 @@ class SimEngine:
 
     def finish(self, req: Request) -> None:
         """Engine._finish."""
+        self.usage[req.id] = req.make_output().usage
         if self.cfg.stateless or req.conversation.id in self.store.closing:
             self.release(req)
         else:
@@ -535,6 +537,7 @@ class Workload:
         self.in_flight: dict[str, tuple[Client, Request]] = {}
         self.recent: list[str] = []          # finished requests a late cancel may race with
         self.finished_turns = self.aborted = self.rejected = 0
+        self.usage_checked = self.preempted_checked = 0     # finished turns (preempted ones)
 
     def params(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.rng.choice([1, 2, 3, 5, 8]),
@@ -613,11 +616,8 @@ class Workload:
                 else:
                     self.finished_turns += 1
                     assert req.output == want, f"{rid}: {req.output} != {want} (recompute)"
-                if info != "abort" and rid not in self.sim.preempted:
-                    # (after a preemption, recomputed counts the work done again)
-                    assert req.cached + req.prefilled + req.recomputed == len(req.prompt), (
-                        f"{rid}: usage {req.cached}+{req.prefilled}+{req.recomputed} "
-                        f"!= {len(req.prompt)} prompt tokens")
+                if info != "abort":     # preempted or not: the run that finished counts
+                    self.check_usage(rid, req)
                 assert req.cached_host <= req.cached
             if c is not None and c.request is req:
                 c.request = None
@@ -625,6 +625,19 @@ class Workload:
                     c.history = req.prompt + req.output
                     c.last_conversation = req.conversation and req.conversation.id
             self.recent = (self.recent + [rid])[-4:]
+
+    def check_usage(self, rid: str, req: Request) -> None:
+        """Usage of a finished turn: each prompt token once, cached or computed; prefilled is
+        the prompt past what the conversation had known, also when a preemption made the turn
+        compute it twice."""
+        u, n = self.sim.usage[rid], len(req.prompt)
+        assert u.cached_tokens + u.prefilled_tokens + u.recomputed_tokens == n, (
+            f"{rid}: usage {u.cached_tokens}+{u.prefilled_tokens}+{u.recomputed_tokens} != {n} "
+            f"prompt tokens ({'' if rid in self.sim.preempted else 'not '}preempted)")
+        assert u.prefilled_tokens == n - min(req.known_len, n), (rid, u, req.known_len)
+        assert u.cached_host_tokens <= u.cached_tokens and u.cached_shared_tokens <= u.cached_tokens
+        self.usage_checked += 1
+        self.preempted_checked += rid in self.sim.preempted
 
 
 def run_fuzz(seed: int, steps: int = 300) -> dict:
@@ -654,6 +667,7 @@ def run_fuzz(seed: int, steps: int = 300) -> dict:
         assert sim.store.index.stats() == {"nodes": 0, "device_pages": 0, "host_pages": 0}
     return dict(cfg=cfg, steps=sim.steps, rows=sim.rows_run, finished=work.finished_turns,
                 aborted=work.aborted, rejected=work.rejected,
+                preempted_finished=work.preempted_checked,
                 preemptions=sim.scheduler.num_preemptions, **sim.store.counts)
 
 
@@ -768,6 +782,25 @@ def test_a_turn_cancelled_before_its_copy_on_write_does_not_pin_the_source_page(
     sim.submit(y)
     run(sim)
     assert sim.delivered["y"] == ("output", "length")
+
+
+def test_a_preempted_turn_counts_each_prompt_token_once(clock):
+    """y prefills its 8 prompt tokens and samples 2, is preempted for x's pages, then computes
+    them all again: its usage is that of the run that finished (8 prefilled), not 8 prefilled +
+    8 recomputed, more than its prompt, as it used to be."""
+    sim = SimEngine(SimConfig(page_size=4, num_pages=6, max_model_len=24,
+                              max_batched_tokens=16))
+    x = Request("x", list(range(1, 11)), SamplingParams(max_tokens=8), 0, "x", None)
+    y = Request("y", list(range(11, 19)), SamplingParams(max_tokens=4), 0, "y", None)
+    sim.submit(x)
+    sim.submit(y)
+    run(sim, 3)
+    assert y.prefilled == 8 and len(y.output) == 2 and not sim.preempted
+    run(sim)
+    assert sim.preempted == {"y"} and sim.delivered["y"] == ("output", "length")
+    u = sim.usage["y"]
+    assert (u.prompt_tokens, u.cached_tokens, u.prefilled_tokens, u.recomputed_tokens) == \
+        (8, 0, 8, 0)
 
 
 def test_ending_a_conversation_whose_cache_flush_is_preempted_removes_it(clock):

@@ -116,6 +116,38 @@ def test_ten_times_oversubscribed_all_paths_in_one_batch(stateless, policy, host
     eng.shutdown()
 
 
+def test_usage_adds_up_for_every_turn_with_preemptions_and_every_tier(stateless):
+    """Each prompt token of a finished turn is counted once: cached (device, host or shared) +
+    prefilled (new to the conversation) + recomputed (history whose KV it lost), also when the
+    turn was preempted and restored again: work lost to a preemption is counted nowhere (it
+    used to be counted again as recomputed, past prompt_tokens). 8 conversations of 3 turns in
+    16 pages and a 6-page host tier: preemptions, swaps out and back, dropped prefixes."""
+    eng = make(num_pages=16, max_num_seqs=8, host_cache_bytes=6 * PAGE_BYTES,
+               swap_out_threshold=0.0)
+    turns = {f"u{i}": random_turns(500 + i, 3, 12, 30) for i in range(8)}
+    history, prompt_tokens = {c: [] for c in turns}, 0
+    for k in range(3):
+        handles = {c: eng.submit(history[c] + new[k], P, conversation_id=c)
+                   for c, new in turns.items()}
+        for c, handle in handles.items():
+            out, seq = handle.result(), history[c] + turns[c][k]
+            assert list(out.token_ids) == stateless.generate(seq, P), (c, k)
+            u = out.usage
+            assert u.prompt_tokens == len(seq)
+            prompt_tokens += len(seq)
+            assert u.cached_tokens + u.prefilled_tokens + u.recomputed_tokens == len(seq), (c, k, u)
+            assert u.prefilled_tokens == len(turns[c][k]), (c, k, u)
+            assert u.cached_host_tokens <= u.cached_tokens, (c, k, u)
+            assert u.cached_shared_tokens <= u.cached_tokens, (c, k, u)
+            history[c] = seq + list(out.token_ids)
+    stats = settle(eng)
+    assert stats["preemptions"] > 0 and stats["swap"]["in_pages"] > 0
+    assert stats["host_dropped_pages"] > 0 and stats["recomputed_tokens"] > 0
+    assert stats["finished"] == 24 and stats["prompt_tokens"] == prompt_tokens
+    assert stats["prompt_tokens"] == stats["hit_tokens"] + stats["miss_tokens"]
+    eng.shutdown()
+
+
 def test_ahead_of_time_swap_out_keeps_free_pages():
     eng = make(num_pages=32, host_cache_bytes=64 * PAGE_BYTES, swap_out_threshold=0.5)
     for i in range(3):
