@@ -121,6 +121,7 @@ class SimConfig:
     restore: str = "none"          # recompute_cheaper: none, load, recompute, random
     max_model_len: int = 64
     ttl: float | None = None
+    layered: bool = False          # swap_in="layered": swap-ins land inside the step
 
     @classmethod
     def random(cls, rng: random.Random) -> "SimConfig":
@@ -159,7 +160,7 @@ class SimEngine:
                 "random": lambda first, n: pick.random() < 0.5}[cfg.restore]
         self.scheduler = Scheduler(SchedulerConfig(
             cfg.max_batched_tokens, cfg.max_num_seqs, cfg.reserve_pages, cfg.fairness_steps,
-            cfg.order_window), self.store)
+            cfg.order_window, swap_in_same_step=cfg.layered), self.store)
         self.device = [[None] * ps for _ in range(cfg.num_pages)]   # simulated KV per slot
         self.host = [[None] * ps for _ in range(max(cfg.host_pages, 1))]
         self.landing = None          # (swap-ins, host contents read), lands at the next step
@@ -220,8 +221,8 @@ class SimEngine:
         self.scheduler.landed()
 
     def transfer(self) -> None:
-        """Engine._transfer: device -> host, device -> device (sources read before any
-        write), then host -> device staged to land at the next step."""
+        """Swapper.start: device -> host, device -> device (sources read before any write),
+        then host -> device staged to land at the next step (or, layered, in this one)."""
         out, copies, into = self.store.take_transfers()
         for d, h in out:
             self.host[h] = list(self.device[d])
@@ -231,6 +232,8 @@ class SimEngine:
         if into:
             self.landing = (into, [list(self.host[s.host_page]) for s in into])
             self.store.swapped_in([s.host_page for s in into])
+            if self.cfg.layered:     # written before any layer of this step reads the pools
+                self.land()
 
     def check_stall(self) -> None:
         if not self.scheduler.has_work() or self.landing is not None:
@@ -642,7 +645,7 @@ class Workload:
 
 def run_fuzz(seed: int, steps: int = 300) -> dict:
     rng = random.Random(seed)
-    cfg = SimConfig.random(rng)
+    cfg = dataclasses.replace(SimConfig.random(rng), layered=seed % 3 == 2)
     sim = SimEngine(cfg, seed)
     work = Workload(sim, rng, rng.choice([2, 4, 6, 10]), chaos=rng.choice([1, 1, 3]))
     for _ in range(steps):
