@@ -21,7 +21,6 @@ class SwapIn(NamedTuple):
 class RestorePlan(NamedTuple):
     new_pages: int         # device pages to allocate
     front: tuple[int, int]  # token range [start, end) to recompute
-    host_tokens: int       # cached tokens coming back from host pages
     shared_tokens: int     # cached tokens taken from other conversations' pages
 
 
@@ -104,9 +103,8 @@ class RestoreMixin:
                 self.host.share([node.host])
                 conv.host_pages[i] = node.host
                 shared += ps
-        host = sum(min(ps, conv.num_computed - i * ps) for i in conv.host_pages)
         front = (lo * ps, min(hi * ps, conv.num_computed)) if lo < hi else (0, 0)
-        return RestorePlan(sum(1 for p in conv.pages if p < 0), front, host, shared)
+        return RestorePlan(sum(1 for p in conv.pages if p < 0), front, shared)
 
     def _recompute_instead_of_load(self, conv: Conversation, path, lo: int, hi: int):
         """Grow the recompute range [lo, hi) over neighbouring pages that would come from host
