@@ -4,6 +4,7 @@
     pensieve chat --target 127.0.0.1:50051 [--system "Be brief."]
     pensieve cluster --replicas 3 --model random:tiny --port 50051 [--policy e2] [engine options]
     pensieve router --replica HOST:PORT --replica HOST:PORT [--model M] --port 50051
+        [--conversation-ttl-s S] [--max-conversations N]
 
 Also `python -m serving ...`. The server binds to 127.0.0.1 unless --host says otherwise.
 """
@@ -88,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--model", default=None,
                         help="the replicas' model, for its tokenizer (exact token ids in the "
                              "prefix tree and on failover); unset: key on UTF-8 bytes")
+    router.add_argument("--conversation-ttl-s", "--conversation-ttl", dest="conversation_ttl_s",
+                        type=float, default=None, metavar="SECONDS",
+                        help="forget a conversation idle this long (and end it on the "
+                             "replicas), as `pensieve serve --conversation-ttl-s` does; default: "
+                             "never (`pensieve cluster` uses the replicas' --conversation-ttl-s)")
     _add_router_options(router)
     chat = sub.add_parser("chat", help="chat with a server, replies streamed")
     chat.add_argument("--target", default=f"127.0.0.1:{DEFAULT_PORT}", help="host:port")
@@ -102,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_router_options(parser: argparse.ArgumentParser) -> None:
+    from serving.router import MAX_CONVERSATIONS
     from serving.routing import POLICIES
     parser.add_argument("--policy", choices=POLICIES, default="e2")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -118,6 +125,10 @@ def _add_router_options(parser: argparse.ArgumentParser) -> None:
                         help="seconds between polls of each replica's MemPool.CacheReport (what "
                              "its cache holds: the prefix tree learns evictions and imports; "
                              "0: never, estimate by LRU)")
+    parser.add_argument("--max-conversations", type=int, default=MAX_CONVERSATIONS,
+                        help="conversations the router remembers; beyond it the least recently "
+                             f"used idle one is forgotten and ended (default {MAX_CONVERSATIONS}; "
+                             "0: no cap)")
 
 
 async def _until_signal() -> None:
@@ -139,7 +150,8 @@ async def _cluster(args: argparse.Namespace) -> None:
                            args.gpus, args.health_period,
                            E2Config(rebalance_threshold=args.rebalance_threshold),
                            prefill=args.prefill, decode=args.decode, kv_move=args.kv_move,
-                           cache_report_interval_s=args.cache_report_interval)
+                           cache_report_interval_s=args.cache_report_interval,
+                           max_conversations=args.max_conversations)
     cluster = Cluster(config)
     try:
         await cluster.start()
@@ -162,7 +174,9 @@ async def _router(args: argparse.Namespace) -> None:
                           args.health_period,
                           e2=E2Config(rebalance_threshold=args.rebalance_threshold),
                           kv_move=args.kv_move,     # replica roles: learned from GetStats
-                          cache_report_interval_s=args.cache_report_interval)
+                          cache_report_interval_s=args.cache_report_interval,
+                          conversation_ttl_s=args.conversation_ttl_s,
+                          max_conversations=args.max_conversations)
     await router.start()
     print(f"pensieve: routing ({args.policy}) on {router.target} to {', '.join(args.replica)}",
           flush=True)

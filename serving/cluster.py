@@ -23,7 +23,7 @@ import sys
 import threading
 from typing import Any, Callable
 
-from serving.router import RouterServer
+from serving.router import MAX_CONVERSATIONS, RouterServer
 from serving.router_state import load_router_tokenizer
 from serving.routing import E2Config
 
@@ -47,6 +47,16 @@ class ClusterConfig:
     decode: int = 0                      # decode-only replicas
     kv_move: str = "auto"                # moved conversations: auto | transfer | recompute
     cache_report_interval_s: float = 1.0     # the router polls MemPool.CacheReport (0: never)
+    # the router forgets conversations idle this long (None: the replicas' conversation_ttl_s
+    # from engine_options, if any) and beyond this many (0: no cap)
+    conversation_ttl_s: float | None = None
+    max_conversations: int = MAX_CONVERSATIONS
+
+    @property
+    def router_ttl_s(self) -> float | None:
+        if self.conversation_ttl_s is not None:
+            return self.conversation_ttl_s
+        return dict(self.engine_options).get("conversation_ttl_s")
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -84,7 +94,9 @@ class Cluster:
         self.router = RouterServer(self.targets, c.policy, tokenizer, c.host, c.port,
                                    c.health_period_s, e2=c.e2, kv_move=c.kv_move,
                                    roles=c.roles,
-                                   cache_report_interval_s=c.cache_report_interval_s)
+                                   cache_report_interval_s=c.cache_report_interval_s,
+                                   conversation_ttl_s=c.router_ttl_s,
+                                   max_conversations=c.max_conversations)
         await self.router.start()
         return self.router.target
 

@@ -29,6 +29,18 @@ router routes are credited at once (a holder keyed by the replica's conversation
 next report confirms or corrects). Replicas that do not implement CacheReport (older servers;
 logged once) keep the estimate: what was routed there, aged out by LRU against capacity. Without
 a tokenizer the tree is keyed on bytes, not token ids, and reports are not used.
+
+Forgetting: the router's conversations live in a `ConversationTable`. EndConversation forwards
+the end to every replica holding a copy and forgets it (a turn in flight finishes first, as on a
+replica). An idle conversation is forgotten after conversation_ttl_s (None: never) and, beyond
+max_conversations, the least recently used idle one is; either way the router ends its copies
+on the replicas (in the background) and drops their holders from the prefix tree, as it does
+for EndConversation. A conversation with a turn in flight is never forgotten. Its id is then
+unknown (NOT_FOUND, as from a replica whose TTL passed): a client that sends the whole history
+again (no conversation_id) starts a new conversation, routed like any other. Generate ids follow
+the same TTL and cap, but forgetting one only drops the router's mapping: the engine
+conversation that ran it is the replica's anonymous one (later prompts may share its prefix),
+left to the replica's own TTL and cache.
 """
 
 from __future__ import annotations
@@ -38,7 +50,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -51,7 +63,8 @@ from serving.pensieve.v1 import pensieve_pb2_grpc as pb_grpc
 from serving.prefix_tree import PrefixTree
 from serving.protocol import messages_from_proto, messages_to_proto, sampling_from_proto
 from serving.mempool import CostModel
-from serving.router_state import ChatKeys, Conversation, Counters, MoveCounters, Replica
+from serving.router_state import ChatKeys, Conversation, ConversationTable, Counters, \
+    Generated, MoveCounters, Replica
 from serving.routing import POLICIES, Candidate, Decision, E2Config, RoundRobin, \
     affinity_choose, e2_choose
 
@@ -60,6 +73,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Pensieve"].full_name
 _RETRY = (grpc.StatusCode.UNAVAILABLE,)
 KV_MOVES = ("auto", "transfer", "recompute")
 ROLES = ("prefill", "decode", "both")
+MAX_CONVERSATIONS = 10_000     # default cap on the conversations the router remembers
 
 
 class NoReplica(RuntimeError):
@@ -94,7 +108,9 @@ class RouterService(pb_grpc.PensieveServicer):
     def __init__(self, targets: Sequence[str], policy: str = "e2", tokenizer=None,
                  e2: E2Config = E2Config(), window_s: float = 60.0, kv_move: str = "auto",
                  roles: Sequence[str] | None = None, cost: CostModel | None = None,
-                 cache_report_interval_s: float = 1.0):
+                 cache_report_interval_s: float = 1.0, conversation_ttl_s: float | None = None,
+                 max_conversations: int | None = MAX_CONVERSATIONS,
+                 clock: Callable[[], float] = time.monotonic):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if kv_move not in KV_MOVES:
@@ -116,8 +132,12 @@ class RouterService(pb_grpc.PensieveServicer):
                        "to_prefill": MoveCounters()}
         self.tree = PrefixTree()
         self.rr = RoundRobin()
-        self.conversations: dict[str, Conversation] = {}
-        self.generated: dict[str, tuple[int, str]] = {}     # router id -> (replica, its id)
+        # router conversation id -> Conversation; Generate result id -> Generated
+        self.conversations = ConversationTable(conversation_ttl_s, max_conversations, clock)
+        self.generated = ConversationTable(conversation_ttl_s, max_conversations, clock)
+        self.forgotten = {"conversations": dict.fromkeys(("ended", "expired", "evicted"), 0),
+                          "generations": dict.fromkeys(("ended", "expired", "evicted"), 0)}
+        self._ending: set[asyncio.Task] = set()      # ends of forgotten copies on replicas
         self.counters: dict[str, Counters] = {}
         self.events = dict.fromkeys(("failovers", "replays", "rebalances", "moves",
                                      "replica_not_found", "tree_evicted_tokens"), 0)
@@ -135,6 +155,10 @@ class RouterService(pb_grpc.PensieveServicer):
             r.connect()
 
     async def close(self) -> None:
+        if self._ending:          # ends of forgotten conversations still on their way
+            await asyncio.wait(list(self._ending), timeout=5)
+            for task in list(self._ending):
+                task.cancel()
         for r in self.replicas:
             if r.channel is not None:
                 await r.channel.close()
@@ -258,14 +282,17 @@ class RouterService(pb_grpc.PensieveServicer):
             raise ValueError("history_token_ids is for servers behind a router; the router "
                              "keeps conversation histories itself")
         if request.conversation_id:
-            conv = self.conversations.get(request.conversation_id)
+            conv = self._lookup(request.conversation_id)
             if conv is None:
-                raise ConversationNotFound(f"no conversation {request.conversation_id!r}: it was "
-                                           "never started or was ended")
+                raise ConversationNotFound(
+                    f"no conversation {request.conversation_id!r}: it was never started, was "
+                    "ended, or was forgotten (idle too long, or too many conversations); send "
+                    "the whole history without a conversation_id to start it again")
             if conv.busy:
                 raise TurnInProgress(f"conversation {conv.id!r} has a turn in progress; send the "
                                      "next turn after it finished")
             turn = turn_messages(messages)
+            self.conversations.touch(conv.id, conv)
         else:
             messages = check_messages(messages)
             turn = turn_messages(messages[-1:])
@@ -276,6 +303,10 @@ class RouterService(pb_grpc.PensieveServicer):
                 yield response
         finally:
             conv.busy = False
+            if conv.dropped:          # ended while its turn ran: end its copies now
+                self._end_later(conv.replica_ids())
+            elif conv.id in self.conversations:
+                self.conversations.touch(conv.id, conv)
 
     def _replica_request(self, conv: Conversation, r: Replica, turn, sampling) -> pb.ChatRequest:
         cid = conv.cids.get(r.index)
@@ -311,7 +342,7 @@ class RouterService(pb_grpc.PensieveServicer):
                         conv.cids[r.index] = resp.conversation_id
                     if not accepted:
                         accepted = True
-                        self.conversations.setdefault(conv.id, conv)
+                        self._remember(conv)
                         yield pb.ChatResponse(conversation_id=conv.id)
                     if resp.finish_reason == "abort" and not _expired(context):
                         # not our cancel: the replica stopped the turn (it is shutting down)
@@ -452,6 +483,8 @@ class RouterService(pb_grpc.PensieveServicer):
             if await self._move(conv, src, dst, self.moves):
                 conv.home = dst.index
                 moved += 1
+                if conv.dropped:      # forgotten while it moved: end the new copy too
+                    self._end_later(conv.replica_ids())
         return moved
 
     # -- prefill/decode disaggregation ----------------------------------------------------------
@@ -524,7 +557,9 @@ class RouterService(pb_grpc.PensieveServicer):
                     sent += len(resp.token_ids)
                     if resp.finish_reason:
                         rid = f"gen-{uuid.uuid4().hex[:16]}"
-                        self.generated[rid] = (r.index, resp.conversation_id)
+                        self.generated.touch(rid, Generated(r.index, resp.conversation_id))
+                        for _ in self.generated.trim():
+                            self.forgotten["generations"]["evicted"] += 1
                         self._count(resp.usage, decision.matched)
                         self._learn(r, ids + list(resp.token_ids), resp.conversation_id)
                         resp.conversation_id = rid
@@ -542,21 +577,99 @@ class RouterService(pb_grpc.PensieveServicer):
     async def _end(self, cid: str) -> pb.EndConversationResponse:
         if not cid:
             raise ValueError("conversation_id is empty")
-        if cid in self.generated:
-            where = [self.generated.pop(cid)]
-        elif cid in self.conversations:
-            conv = self.conversations.pop(cid)
-            where = list(conv.cids.items()) + list(conv.engine_only.items())
-        else:
+        gen = self._lookup_generated(cid)
+        if gen is not None:
+            self.generated.pop(cid)
+            self.forgotten["generations"]["ended"] += 1
+            await self._end_on_replicas([(gen.replica, gen.conversation_id)])
+            return pb.EndConversationResponse()
+        conv = self._lookup(cid)
+        if conv is None:
             raise ConversationNotFound(f"no conversation {cid!r}")
-        for index, replica_cid in where:
+        self._forget(conv, "ended", end=False)
+        if not conv.busy:            # else _chat ends the copies when the turn is over
+            await self._end_on_replicas(conv.replica_ids())
+        return pb.EndConversationResponse()
+
+    # -- forgetting conversations -----------------------------------------------------------
+
+    def _lookup(self, cid: str) -> Conversation | None:
+        """The conversation `cid`, or None: unknown, or idle past the TTL (forgotten now, in
+        case the expiry loop did not come by yet)."""
+        conv = self.conversations.get(cid)
+        if conv is not None and self.conversations.is_expired(conv):
+            self._forget(conv, "expired")
+            return None
+        return conv
+
+    def _lookup_generated(self, rid: str) -> Generated | None:
+        gen = self.generated.get(rid)
+        if gen is not None and self.generated.is_expired(gen):
+            self.generated.pop(rid)
+            self.forgotten["generations"]["expired"] += 1
+            return None
+        return gen
+
+    def _remember(self, conv: Conversation) -> None:
+        """A conversation accepted a turn: it is (still) known, as the most recently used;
+        beyond the cap the least recently used idle ones are forgotten."""
+        if conv.dropped:
+            return
+        self.conversations.touch(conv.id, conv)
+        for old in self.conversations.trim():
+            self._forget(old, "evicted")
+
+    def _forget(self, conv: Conversation, why: str, end: bool = True) -> None:
+        """Forget conv (why: ended, expired, evicted). end: end its copies on the replicas in
+        the background (a busy one's after its turn)."""
+        self.conversations.pop(conv.id)
+        if conv.dropped:
+            return
+        conv.dropped = True
+        self.forgotten["conversations"][why] += 1
+        if end and not conv.busy:
+            self._end_later(conv.replica_ids())
+
+    def expire(self) -> int:
+        """Forget the conversations and Generate ids idle for longer than the TTL. Returns how
+        many conversations it forgot."""
+        expired = self.conversations.expire()
+        for conv in expired:
+            self._forget(conv, "expired")
+        self.forgotten["generations"]["expired"] += len(self.generated.expire())
+        return len(expired)
+
+    async def expiry_loop(self) -> None:
+        period = min(max(self.conversations.ttl_s / 4, 0.05), 5.0)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                self.expire()
+            except Exception:     # keep expiring
+                log.exception("forgetting expired conversations failed")
+
+    def _end_later(self, where: list[tuple[int, str]]) -> None:
+        if not where:
+            return
+        task = asyncio.get_running_loop().create_task(self._end_on_replicas(where))
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+
+    async def _end_on_replicas(self, where: list[tuple[int, str]]) -> None:
+        """End each (replica, its conversation id) there; once it is gone there, its holder
+        leaves the prefix tree (the replica's next cache report would say the same)."""
+        async def end(index: int, replica_cid: str) -> None:
             r = self.replicas[index]
             try:
                 await r.stub.EndConversation(
                     pb.EndConversationRequest(conversation_id=replica_cid), timeout=10)
-            except grpc.aio.AioRpcError:
-                pass     # gone there already (expired, or the replica is down)
-        return pb.EndConversationResponse()
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.NOT_FOUND:     # down, or busy: it still holds
+                    log.debug("ending %s on %s failed: %s", replica_cid, r.target, e.code().name)
+                    return                                   # it (its reports will say)
+            self.tree.hold((), index, replica_cid, time.monotonic())
+            r.learnt.pop(replica_cid, None)
+        await asyncio.gather(*(end(i, c) for i, c in where))
 
     async def _replica_stats(self, r: Replica):
         if not r.healthy:
@@ -578,6 +691,12 @@ class RouterService(pb_grpc.PensieveServicer):
                                "to_prefill": self.disagg["to_prefill"].as_dict()},
             "by_policy": {p: c.as_dict() for p, c in self.counters.items()},
             "conversations": len(self.conversations),
+            "conversation_table": {
+                "held": len(self.conversations), "in_flight": self.conversations.busy(),
+                "ttl_s": self.conversations.ttl_s,
+                "max_conversations": self.conversations.max_entries or 0,
+                **self.forgotten["conversations"],
+                "generations": {"held": len(self.generated), **self.forgotten["generations"]}},
             "tree": {"nodes": self.tree.num_nodes(),
                      "eviction": "replicas reporting their cache (cache_report 'reporting'): "
                                  "as their reports say; others: LRU against each replica's "
@@ -751,6 +870,7 @@ class RouterServer:
         self._server: grpc.aio.Server | None = None
         self._loop_task: asyncio.Task | None = None
         self._report_task: asyncio.Task | None = None
+        self._expiry_task: asyncio.Task | None = None
 
     @property
     def target(self) -> str:
@@ -772,6 +892,8 @@ class RouterServer:
         period = self.service.cache_report_interval_s
         if period > 0 and self.service.keys.exact:
             self._report_task = asyncio.create_task(self.service.report_loop(period))
+        if self.service.conversations.ttl_s is not None:
+            self._expiry_task = asyncio.create_task(self.service.expiry_loop())
         return self.port
 
     async def shutdown(self, grace: float = 5.0) -> None:
@@ -780,8 +902,9 @@ class RouterServer:
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace)
         self._loop_task.cancel()
-        if self._report_task is not None:
-            self._report_task.cancel()
+        for task in (self._report_task, self._expiry_task):
+            if task is not None:
+                task.cancel()
         await self.service.close()
         self._server = None
 
@@ -790,4 +913,4 @@ class RouterServer:
             await self._server.wait_for_termination()
 
 
-__all__ = ["NoReplica", "RouterServer", "RouterService", "SERVICE_NAME"]
+__all__ = ["MAX_CONVERSATIONS", "NoReplica", "RouterServer", "RouterService", "SERVICE_NAME"]

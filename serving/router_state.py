@@ -8,15 +8,20 @@ conversation moved to another replica is sent with its exact ids (ChatRequest.hi
 and continues on the identical token sequence. Without a tokenizer the tree is keyed on the
 UTF-8 bytes of a plain rendering of the messages: prefixes still line up, lengths are in bytes
 rather than tokens, and a moved conversation is re-encoded from its text by the replica.
+
+Forgetting. `ConversationTable` holds the conversations (and Generate ids) in least recently
+used order and bounds them: an entry idle for ttl_s is forgotten, and beyond max_entries the
+least recently used idle one is. An entry with a turn in flight (busy) is never forgotten.
 """
 
 from __future__ import annotations
 
 import collections
+import collections.abc
 import dataclasses
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
@@ -131,9 +136,14 @@ class Conversation:
     home: int | None = None
     cids: dict[int, str] = dataclasses.field(default_factory=dict)
     covered: dict[int, int] = dataclasses.field(default_factory=dict)
-    busy: bool = False
-    last_used: float = dataclasses.field(default_factory=time.monotonic)
+    busy: bool = False                # a turn in flight: never forgotten
+    last_used: float = dataclasses.field(default_factory=time.monotonic)   # set by the table
     engine_only: dict[int, str] = dataclasses.field(default_factory=dict)   # prefill copies
+    dropped: bool = False             # forgotten (ended, expired, evicted): not to come back
+
+    def replica_ids(self) -> list[tuple[int, str]]:
+        """(replica, its conversation id) of every copy the replicas hold."""
+        return list(self.cids.items()) + list(self.engine_only.items())
 
     @classmethod
     def new(cls, history: list[dict[str, str]]) -> "Conversation":
@@ -147,7 +157,6 @@ class Conversation:
         self.ids = ids
         self.home = replica
         self.covered[replica] = len(self.template)
-        self.last_used = time.monotonic()
 
     def forget_replica(self, replica: int) -> None:
         self.engine_only.pop(replica, None)
@@ -155,6 +164,87 @@ class Conversation:
         self.covered.pop(replica, None)
         if self.home == replica:
             self.home = None
+
+
+@dataclasses.dataclass(eq=False)
+class Generated:
+    """A Generate call's result id: the replica and its conversation there (for
+    EndConversation)."""
+    replica: int
+    conversation_id: str
+    last_used: float = 0.0
+    busy: bool = False                # recorded when its call finished: never in flight
+
+
+class ConversationTable(collections.abc.Mapping):
+    """id -> Conversation (or Generated), least recently used first, bounded.
+
+    touch() adds an entry or marks it used now. An entry is expired when it is idle (not busy)
+    and was last used more than ttl_s ago (None: never); `expire()` takes those out, `trim()`
+    the least recently used idle ones beyond max_entries (None or 0: no cap). Busy entries are
+    skipped by both, so with turns in flight the table may hold more than max_entries for a
+    while. clock: seconds, monotonic (tests pass a fake one)."""
+
+    def __init__(self, ttl_s: float | None = None, max_entries: int | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        if ttl_s is not None and not ttl_s > 0:
+            raise ValueError(f"ttl_s must be > 0 or None, got {ttl_s!r}")
+        if max_entries is not None and max_entries < 0:
+            raise ValueError(f"max_entries must be >= 0 or None, got {max_entries!r}")
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries or None
+        self.clock = clock
+        self._items: collections.OrderedDict[str, Any] = collections.OrderedDict()
+
+    def __getitem__(self, key: str):
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def touch(self, key: str, entry) -> None:
+        """Add `entry` as `key`, or mark it used now (the most recently used)."""
+        entry.last_used = self.clock()
+        self._items[key] = entry
+        self._items.move_to_end(key)
+
+    def pop(self, key: str, default=None):
+        return self._items.pop(key, default)
+
+    def is_expired(self, entry, now: float | None = None) -> bool:
+        if self.ttl_s is None or entry.busy:
+            return False
+        return (self.clock() if now is None else now) - entry.last_used > self.ttl_s
+
+    def expire(self) -> list:
+        """Take out and return the idle entries unused for longer than ttl_s."""
+        if self.ttl_s is None:
+            return []
+        now, out = self.clock(), []
+        for key, entry in list(self._items.items()):      # oldest first
+            if now - entry.last_used <= self.ttl_s:
+                break                                      # the rest were used since
+            if not entry.busy:
+                out.append(self._items.pop(key))
+        return out
+
+    def trim(self) -> list:
+        """Take out and return the least recently used idle entries beyond max_entries."""
+        if self.max_entries is None or len(self._items) <= self.max_entries:
+            return []
+        out = []
+        for key, entry in list(self._items.items()):
+            if len(self._items) <= self.max_entries:
+                break
+            if not entry.busy:
+                out.append(self._items.pop(key))
+        return out
+
+    def busy(self) -> int:
+        return sum(1 for e in self._items.values() if e.busy)
 
 
 @dataclasses.dataclass
@@ -186,5 +276,5 @@ class Counters:
         return d
 
 
-__all__ = ["ChatKeys", "Conversation", "Counters", "MoveCounters", "Replica",
-           "load_router_tokenizer"]
+__all__ = ["ChatKeys", "Conversation", "ConversationTable", "Counters", "Generated",
+           "MoveCounters", "Replica", "load_router_tokenizer"]
