@@ -21,6 +21,15 @@ node while its count is above 0, so one conversation letting go of a shared pref
 to the others. Unkeyed `insert`s are the estimate for replicas that do not report: they stay
 until `evict` ages them out by LRU against the replica's capacity (or `drop_unheld` removes
 them once the replica reports).
+
+Cache salts (tenant isolation): a replica shares cached pages only between requests of the same
+`cache_salt`, so the tree keeps one radix tree per salt, and `insert`, `hold`, `match` and
+`touch` take the salt (default "": unsalted, the tree above). A prefix held under one salt is no
+match for the same tokens under another. What a replica is credited with (`cached_tokens`),
+`evict`, `drop_replica` and `drop_unheld` count every salt: they are one cache.
+
+    tree.hold(ids, replica=0, key="session-2", now=t, salt="tenant-a")
+    tree.match(ids, salt="tenant-a")       # {0: len(ids)}; tree.match(ids) is {} (unsalted)
 """
 
 from __future__ import annotations
@@ -41,43 +50,68 @@ class _Node:
         self.parent = parent
 
 
+class _Root(_Node):
+    """The root of one salt's tree (parent None)."""
+    __slots__ = ("salt",)
+
+    def __init__(self, salt: str):
+        super().__init__((), None)
+        self.salt = salt
+
+
 class PrefixTree:
     def __init__(self):
-        self.root = _Node((), None)
+        self.root = _Root("")                    # the unsalted tree
+        self._roots: dict[str, _Root] = {"": self.root}   # salt -> its tree (salted: while used)
         self._cached: dict[int, int] = {}        # replica -> tokens it holds in the tree
-        self._holders: dict[int, dict] = {}      # replica -> {key: the tokens it holds}
+        self._holders: dict[int, dict] = {}      # replica -> {key: (salt, the tokens it holds)}
 
     def cached_tokens(self, replica: int) -> int:
         """Tokens the tree believes `replica` holds."""
         return self._cached.get(replica, 0)
 
-    def insert(self, tokens: Sequence[int], replica: int, now: float) -> None:
-        """Record that `replica` holds `tokens` (used at `now`), unkeyed (an estimate)."""
-        self._insert(_ints(tokens), replica, now, None)
+    def salts(self) -> list[str]:
+        """The salts the tree holds prefixes under ("" always listed)."""
+        return list(self._roots)
 
-    def hold(self, tokens: Sequence[int], replica: int, key, now: float) -> int:
+    def insert(self, tokens: Sequence[int], replica: int, now: float, salt: str = "") -> None:
+        """Record that `replica` holds `tokens` under `salt` (used at `now`), unkeyed (an
+        estimate)."""
+        tokens = _ints(tokens)
+        if tokens:
+            self._insert(tokens, replica, now, None, self._root(salt))
+
+    def hold(self, tokens: Sequence[int], replica: int, key, now: float, salt: str = "") -> int:
         """Holder `key` of `replica` (one of its conversations) now holds exactly `tokens`
-        (empty: nothing), replacing what it held before. Returns the change in the tokens the
-        tree credits `replica` with (negative: it learnt an eviction)."""
+        under `salt` (empty tokens: nothing, whatever the salt), replacing what it held before.
+        Returns the change in the tokens the tree credits `replica` with (negative: it learnt
+        an eviction)."""
         tokens = _ints(tokens)
         holders = self._holders.setdefault(replica, {})
-        old = holders.get(key, ())
-        if old == tokens:
+        old_salt, old = holders.get(key, (salt, ()))
+        if not tokens:
+            salt = old_salt
+        if old == tokens and old_salt == salt:
             return 0
         before = self.cached_tokens(replica)
-        same = _common(old, tokens, 0)
+        same = _common(old, tokens, 0) if old_salt == salt else 0
         if tokens:
-            self._insert(tokens, replica, now, same)
-            holders[key] = tokens
+            self._insert(tokens, replica, now, same, self._root(salt))
+            holders[key] = (salt, tokens)
         else:
             holders.pop(key, None)
-        if len(old) > same:
-            self._uncount(old, replica, same)
+        if len(old) > same and old_salt in self._roots:
+            self._uncount(old, replica, same, self._roots[old_salt])
         return self.cached_tokens(replica) - before
 
     def holders(self, replica: int) -> dict:
-        """{key: tokens} of `replica`'s keyed holders."""
-        return dict(self._holders.get(replica, {}))
+        """{key: tokens} of `replica`'s keyed holders (any salt)."""
+        return {key: tokens for key, (_, tokens) in self._holders.get(replica, {}).items()}
+
+    def holder_salt(self, replica: int, key) -> str | None:
+        """The salt holder `key` of `replica` holds its tokens under (None: no such holder)."""
+        held = self._holders.get(replica, {}).get(key)
+        return held[0] if held is not None else None
 
     def drop_unheld(self, replica: int) -> int:
         """Forget what `replica` holds only by unkeyed inserts (the estimate), keeping what its
@@ -89,10 +123,13 @@ class PrefixTree:
                 freed += self._unmark(node, replica)
         return freed
 
-    def match(self, tokens: Sequence[int]) -> dict[int, int]:
-        """For each replica holding a prefix of `tokens`: the length of the longest one."""
+    def match(self, tokens: Sequence[int], salt: str = "") -> dict[int, int]:
+        """For each replica holding a prefix of `tokens` under `salt`: the length of the
+        longest one."""
         out: dict[int, int] = {}
-        node, i = self.root, 0
+        node, i = self._roots.get(salt), 0
+        if node is None:
+            return out
         while i < len(tokens):
             child = node.children.get(int(tokens[i]))
             if child is None:
@@ -105,10 +142,10 @@ class PrefixTree:
             node, i = child, i + n
         return out
 
-    def touch(self, tokens: Sequence[int], replica: int, now: float) -> None:
-        """Mark the part of `tokens` that `replica` holds as used at `now`."""
-        node, i = self.root, 0
-        while i < len(tokens):
+    def touch(self, tokens: Sequence[int], replica: int, now: float, salt: str = "") -> None:
+        """Mark the part of `tokens` that `replica` holds under `salt` as used at `now`."""
+        node, i = self._roots.get(salt), 0
+        while node is not None and i < len(tokens):
             child = node.children.get(int(tokens[i]))
             if child is None or replica not in child.replicas:
                 return
@@ -131,7 +168,7 @@ class PrefixTree:
             _, _, node = heapq.heappop(heap)
             freed += self._unmark(node, replica)
             parent = node.parent
-            if parent is not self.root and replica in parent.replicas and \
+            if parent.parent is not None and replica in parent.replicas and \
                     not any(replica in c.replicas for c in parent.children.values()):
                 heapq.heappush(heap, (parent.replicas[replica], next(order), parent))
         return freed
@@ -150,11 +187,17 @@ class PrefixTree:
 
     # -- internals ------------------------------------------------------------------------------
 
+    def _root(self, salt: str) -> _Root:
+        root = self._roots.get(salt)
+        if root is None:
+            root = self._roots[salt] = _Root(salt)
+        return root
+
     def _insert(self, tokens: tuple[int, ...], replica: int, now: float,
-                count_from: int | None) -> None:
-        """Mark the path of tokens for replica; with count_from, also count one more keyed
-        holder on each node of it ending past token count_from."""
-        node, i = self.root, 0
+                count_from: int | None, root: _Root) -> None:
+        """Mark the path of tokens (from `root`: a salt's tree) for replica; with count_from,
+        also count one more keyed holder on each node of it ending past token count_from."""
+        node, i = root, 0
         while i < len(tokens):
             child = node.children.get(tokens[i])
             if child is None:
@@ -170,10 +213,11 @@ class PrefixTree:
             if count_from is not None and i > count_from:
                 node.counts[replica] = node.counts.get(replica, 0) + 1
 
-    def _uncount(self, tokens: tuple[int, ...], replica: int, keep: int) -> None:
-        """One keyed holder of replica no longer holds tokens past token `keep`: count it off
-        the nodes of their path ending past it; a node left with no holder loses the replica."""
-        node, i, path = self.root, 0, []
+    def _uncount(self, tokens: tuple[int, ...], replica: int, keep: int, root: _Root) -> None:
+        """One keyed holder of replica no longer holds tokens (under root's salt) past token
+        `keep`: count it off the nodes of their path ending past it; a node left with no holder
+        loses the replica."""
+        node, i, path = root, 0, []
         while i < len(tokens):
             child = node.children.get(tokens[i])
             if child is None or _common(child.tokens, tokens, i) < len(child.tokens):
@@ -200,9 +244,11 @@ class PrefixTree:
         node.counts.pop(replica, None)
         n = len(node.tokens)
         self._cached[replica] -= n
-        while node is not self.root and not node.replicas and not node.children:
+        while node.parent is not None and not node.replicas and not node.children:
             del node.parent.children[node.tokens[0]]
             node = node.parent
+        if node.parent is None and not node.children and node is not self.root:
+            self._roots.pop(node.salt, None)          # a salt's tree left empty
         return n
 
     def _split(self, node: _Node, n: int) -> _Node:
@@ -217,7 +263,7 @@ class PrefixTree:
         return upper
 
     def _nodes(self):
-        stack = list(self.root.children.values())
+        stack = [n for root in list(self._roots.values()) for n in root.children.values()]
         while stack:
             node = stack.pop()
             yield node

@@ -41,6 +41,16 @@ again (no conversation_id) starts a new conversation, routed like any other. Gen
 the same TTL and cap, but forgetting one only drops the router's mapping: the engine
 conversation that ran it is the replica's anonymous one (later prompts may share its prefix),
 left to the replica's own TTL and cache.
+
+Cache salts (tenant isolation): replicas share cached pages only between requests of the same
+cache_salt. A conversation keeps the salt of its first turn (`Conversation.salt`): every
+ChatRequest for it carries that salt (on whichever replica, recomputed there or not), prefills
+for it run under it, and the KV moved for it is matched under it. A later turn may leave
+cache_salt empty (the conversation's own) or repeat it; another salt is INVALID_ARGUMENT (a
+replica keeps a continued conversation's salt whatever the turn says, so the router refuses
+rather than have the turn run under a salt it did not ask for). The prefix tree keeps each
+salt's prefixes apart (chat turns, Generate prompts, the salts in cache reports), so routing
+never counts another tenant's identical prefix as cached.
 """
 
 from __future__ import annotations
@@ -212,18 +222,19 @@ class RouterService(pb_grpc.PensieveServicer):
 
     # -- routing --------------------------------------------------------------------------------
 
-    def _candidates(self, ids: list[int], roles: tuple[str, ...] = ROLES) -> list[Candidate]:
-        match = self.tree.match(ids)
+    def _candidates(self, ids: list[int], roles: tuple[str, ...] = ROLES,
+                    salt: str = "") -> list[Candidate]:
+        match = self.tree.match(ids, salt)
         now = time.monotonic()
         return [Candidate(r.index, r.load(now), match.get(r.index, 0),
                           self.tree.cached_tokens(r.index), r.capacity)
                 for r in self.replicas if r.healthy and r.role in roles]
 
     def route(self, ids: list[int], home: int | None,
-              roles: tuple[str, ...] = ROLES) -> Decision:
-        """The replica for a request of `ids` (home: the conversation's replica, if any),
-        among healthy replicas of the given roles."""
-        candidates = self._candidates(ids, roles)
+              roles: tuple[str, ...] = ROLES, salt: str = "") -> Decision:
+        """The replica for a request of `ids` under cache salt `salt` (home: the
+        conversation's replica, if any), among healthy replicas of the given roles."""
+        candidates = self._candidates(ids, roles, salt)
         if not candidates:
             raise NoReplica("no replica is available (all failed their health checks)")
         if self.policy == "round-robin":
@@ -248,17 +259,17 @@ class RouterService(pb_grpc.PensieveServicer):
         replica.reported.clear()
         replica.learnt.clear()
 
-    def _learn(self, replica: Replica, ids: list[int], key: str | None) -> None:
-        """Credit replica with ids (a turn it ran, KV pushed to it). A replica that reports its
-        cache gets a holder keyed by its conversation id (its next report confirms or corrects
-        it); others the LRU estimate."""
+    def _learn(self, replica: Replica, ids: list[int], key: str | None, salt: str = "") -> None:
+        """Credit replica with ids under cache salt `salt` (a turn it ran, KV pushed to it). A
+        replica that reports its cache gets a holder keyed by its conversation id (its next
+        report confirms or corrects it); others the LRU estimate."""
         now = time.monotonic()
         if replica.reports and self.keys.exact:
             if key:
-                self.tree.hold(ids, replica.index, key, now)
+                self.tree.hold(ids, replica.index, key, now, salt)
                 replica.learnt[key] = now
             return
-        self.tree.insert(ids, replica.index, now)
+        self.tree.insert(ids, replica.index, now, salt)
         if replica.capacity:
             self.events["tree_evicted_tokens"] += self.tree.evict(replica.index, replica.capacity)
 
@@ -288,6 +299,10 @@ class RouterService(pb_grpc.PensieveServicer):
                     f"no conversation {request.conversation_id!r}: it was never started, was "
                     "ended, or was forgotten (idle too long, or too many conversations); send "
                     "the whole history without a conversation_id to start it again")
+            if request.cache_salt and request.cache_salt != conv.salt:
+                raise ValueError(
+                    f"cache_salt does not match conversation {conv.id!r}: a conversation keeps "
+                    "the cache_salt it began with; send that salt, or none, with its turns")
             if conv.busy:
                 raise TurnInProgress(f"conversation {conv.id!r} has a turn in progress; send the "
                                      "next turn after it finished")
@@ -296,7 +311,7 @@ class RouterService(pb_grpc.PensieveServicer):
         else:
             messages = check_messages(messages)
             turn = turn_messages(messages[-1:])
-            conv = Conversation.new(messages[:-1])
+            conv = Conversation.new(messages[:-1], request.cache_salt)
         conv.busy = True
         try:
             async for response in self._run_turn(conv, turn, request.sampling, context):
@@ -314,7 +329,8 @@ class RouterService(pb_grpc.PensieveServicer):
         messages = conv.template[start:] + turn
         exact = self.keys.exact and conv.ids and start < len(conv.template)
         return pb.ChatRequest(conversation_id=cid or "", messages=messages_to_proto(messages),
-                              sampling=sampling, history_token_ids=conv.ids if exact else [])
+                              sampling=sampling, history_token_ids=conv.ids if exact else [],
+                              cache_salt=conv.salt)
 
     async def _run_turn(self, conv: Conversation, turn, sampling: pb.SamplingParams, context):
         ids = self.keys.prompt_ids(conv.template, conv.ids, turn)
@@ -323,7 +339,7 @@ class RouterService(pb_grpc.PensieveServicer):
         moved_from = conv.home
         forced = await self._disaggregate(conv, ids) if self.disaggregated() else None
         while True:
-            decision, forced = forced or self.route(ids, conv.home), None
+            decision, forced = forced or self.route(ids, conv.home, salt=conv.salt), None
             r = self.replicas[decision.replica]
             home = self.replicas[conv.home] if conv.home is not None else None
             if home is not None and home is not r and home.healthy and \
@@ -396,7 +412,8 @@ class RouterService(pb_grpc.PensieveServicer):
                                   final.finish_reason == "stop")
         conv.record(r.index, turn, joined, raw, ids + self.keys.reply_ids(gen))
         self._learn(r, conv.ids if self.keys.exact else
-                    self.keys.prompt_ids(conv.template, [], []), conv.cids.get(r.index))
+                    self.keys.prompt_ids(conv.template, [], []), conv.cids.get(r.index),
+                    conv.salt)
         if final is not None:
             self._count(final.usage, decision.matched)
             r.add_load(self.e2.decode_weight * final.usage.completion_tokens)
@@ -407,18 +424,20 @@ class RouterService(pb_grpc.PensieveServicer):
 
     async def _transfer(self, src: Replica, src_cid: str, dst: Replica, dst_cid: str,
                         adopt: bool, tokens: list[int], counters: MoveCounters,
-                        limit: int | None = None, why: str = "move", force: bool = False):
-        """Push src's KV of a conversation to dst when the cost model (or kv_move) says loading
-        it beats recomputing it. Returns the TransferResponse, or None (dst recomputes)."""
+                        limit: int | None = None, why: str = "move", force: bool = False,
+                        salt: str = ""):
+        """Push src's KV of a conversation (of cache salt `salt`) to dst when the cost model (or
+        kv_move) says loading it beats recomputing it. Returns the TransferResponse, or None
+        (dst recomputes). The KV keeps its salt on dst (the chunks carry the source's)."""
         if self.kv_move == "recompute" and not force:
             counters.recomputes += 1
             return None
         try:
             have, lack = await asyncio.gather(
-                src.mempool.Match(pb.MatchRequest(conversation_id=src_cid, token_ids=tokens),
-                                  timeout=10),
-                dst.mempool.Match(pb.MatchRequest(conversation_id=dst_cid, token_ids=tokens),
-                                  timeout=10))
+                src.mempool.Match(pb.MatchRequest(conversation_id=src_cid, token_ids=tokens,
+                                                  cache_salt=salt), timeout=10),
+                dst.mempool.Match(pb.MatchRequest(conversation_id=dst_cid, token_ids=tokens,
+                                                  cache_salt=salt), timeout=10))
             own = lack.conversation_tokens if dst_cid or not adopt else 0
             held = max(own, lack.shared_tokens)
             size = have.layout.page_size or 1
@@ -445,7 +464,7 @@ class RouterService(pb_grpc.PensieveServicer):
         counters.bytes += reply.bytes
         counters.seconds += reply.seconds
         self.cost.observe_transfer(reply.bytes, reply.seconds)
-        self._learn(dst, tokens[:reply.num_tokens], reply.target_conversation_id)
+        self._learn(dst, tokens[:reply.num_tokens], reply.target_conversation_id, salt)
         return reply
 
     async def _move(self, conv: Conversation, src: Replica, dst: Replica,
@@ -456,7 +475,8 @@ class RouterService(pb_grpc.PensieveServicer):
         if src_cid is None or not conv.ids:
             return False
         dst_cid = conv.cids.get(dst.index, "")
-        reply = await self._transfer(src, src_cid, dst, dst_cid, True, conv.ids, counters)
+        reply = await self._transfer(src, src_cid, dst, dst_cid, True, conv.ids, counters,
+                                     salt=conv.salt)
         if reply is None:
             return False
         if reply.target_conversation_id != dst_cid:
@@ -477,7 +497,7 @@ class RouterService(pb_grpc.PensieveServicer):
                 continue
             roles = ("decode", "both") if self.disaggregated() else ROLES
             try:
-                dst = self.replicas[self.route(conv.ids, None, roles).replica]
+                dst = self.replicas[self.route(conv.ids, None, roles, conv.salt).replica]
             except (LookupError, NoReplica):
                 break
             if await self._move(conv, src, dst, self.moves):
@@ -500,8 +520,8 @@ class RouterService(pb_grpc.PensieveServicer):
         its decode replica to the prefill replica (MemServe), so only the new turn is
         prefilled. On any failure the decode replica computes what it lacks itself."""
         try:
-            p = self.replicas[self.route(ids, None, ("prefill", "both")).replica]
-            decode = self.route(ids, conv.home, ("decode", "both"))
+            p = self.replicas[self.route(ids, None, ("prefill", "both"), conv.salt).replica]
+            decode = self.route(ids, conv.home, ("decode", "both"), conv.salt)
         except NoReplica:
             return None
         d = self.replicas[decode.replica]
@@ -510,9 +530,10 @@ class RouterService(pb_grpc.PensieveServicer):
         home = self.replicas[conv.home] if conv.home is not None else None
         if home is not None and home.healthy and conv.ids and home.index in conv.cids:
             await self._transfer(home, conv.cids[home.index], p, "", False, conv.ids,
-                                 self.disagg["to_prefill"], why="KV back to prefill")
+                                 self.disagg["to_prefill"], why="KV back to prefill",
+                                 salt=conv.salt)
         prefill = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParams(
-            max_tokens=1, temperature=0.0, ignore_eos=True))
+            max_tokens=1, temperature=0.0, ignore_eos=True), cache_salt=conv.salt)
         try:
             last = None
             async for resp in p.stub.Generate(prefill, timeout=60):
@@ -527,10 +548,10 @@ class RouterService(pb_grpc.PensieveServicer):
         p.routed += 1
         p.add_load(last.usage.prefilled_tokens + last.usage.recomputed_tokens)
         conv.engine_only[p.index] = last.conversation_id
-        self._learn(p, ids, last.conversation_id)
+        self._learn(p, ids, last.conversation_id, conv.salt)
         reply = await self._transfer(p, last.conversation_id, d, conv.cids.get(d.index, ""),
                                      True, ids, self.disagg["to_decode"], limit=len(ids),
-                                     why="prefill to decode", force=True)
+                                     why="prefill to decode", force=True, salt=conv.salt)
         if reply is not None and reply.target_conversation_id != conv.cids.get(d.index):
             conv.cids[d.index] = reply.target_conversation_id
             conv.covered[d.index] = 0
@@ -545,8 +566,9 @@ class RouterService(pb_grpc.PensieveServicer):
             raise ValueError("no prompt: set text or token_ids")
         ids = list(request.token_ids.ids) if which == "token_ids" else \
             self.keys.generate_ids(request.text)
+        salt = request.cache_salt          # forwarded as is (the request goes on unchanged)
         while True:
-            decision = self.route(ids, None)
+            decision = self.route(ids, None, salt=salt)
             r = self.replicas[decision.replica]
             r.routed += 1
             r.in_flight += 1
@@ -561,7 +583,8 @@ class RouterService(pb_grpc.PensieveServicer):
                         for _ in self.generated.trim():
                             self.forgotten["generations"]["evicted"] += 1
                         self._count(resp.usage, decision.matched)
-                        self._learn(r, ids + list(resp.token_ids), resp.conversation_id)
+                        self._learn(r, ids + list(resp.token_ids), resp.conversation_id,
+                                    salt)
                         resp.conversation_id = rid
                     yield resp
             except grpc.aio.AioRpcError as e:
@@ -698,6 +721,7 @@ class RouterService(pb_grpc.PensieveServicer):
                 **self.forgotten["conversations"],
                 "generations": {"held": len(self.generated), **self.forgotten["generations"]}},
             "tree": {"nodes": self.tree.num_nodes(),
+                     "salts": len(self.tree.salts()) - 1,     # salted trees held
                      "eviction": "replicas reporting their cache (cache_report 'reporting'): "
                                  "as their reports say; others: LRU against each replica's "
                                  "cache capacity (estimated)"},
@@ -819,7 +843,7 @@ class RouterService(pb_grpc.PensieveServicer):
         for c in reply.conversations:
             r.reported.add(c.conversation_id)
             if c.conversation_id not in pending:
-                self._reconcile(r, c.conversation_id, c.token_ids, now)
+                self._reconcile(r, c.conversation_id, c.token_ids, now, c.cache_salt)
         for key in reply.removed:
             r.reported.discard(key)
             if key not in pending:
@@ -838,8 +862,8 @@ class RouterService(pb_grpc.PensieveServicer):
             stats["resyncs"] += 1
             r.report_epoch, r.report_version = "", 0
 
-    def _reconcile(self, r: Replica, key: str, tokens, now: float) -> None:
-        change = self.tree.hold(tokens, r.index, key, now)
+    def _reconcile(self, r: Replica, key: str, tokens, now: float, salt: str = "") -> None:
+        change = self.tree.hold(tokens, r.index, key, now, salt)
         if change < 0:
             self.reports["evictions_learnt"] += 1
             self.reports["evicted_tokens_learnt"] -= change

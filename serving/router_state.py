@@ -128,7 +128,9 @@ class Replica:
 class Conversation:
     """A conversation the router serves. history: the client's messages; template: the same
     with assistant messages as the replicas' templates saw them; ids: its exact token ids.
-    cids[r] is its conversation id on replica r, covering template[:covered[r]]."""
+    cids[r] is its conversation id on replica r, covering template[:covered[r]]. salt: the
+    cache_salt it began with (tenant isolation), sent with every request for it to a replica
+    and keying its prefixes in the router's tree."""
     id: str
     history: list[dict[str, str]]
     template: list[dict[str, str]]
@@ -140,14 +142,15 @@ class Conversation:
     last_used: float = dataclasses.field(default_factory=time.monotonic)   # set by the table
     engine_only: dict[int, str] = dataclasses.field(default_factory=dict)   # prefill copies
     dropped: bool = False             # forgotten (ended, expired, evicted): not to come back
+    salt: str = ""                    # ChatRequest.cache_salt of its first turn ("": none)
 
     def replica_ids(self) -> list[tuple[int, str]]:
         """(replica, its conversation id) of every copy the replicas hold."""
         return list(self.cids.items()) + list(self.engine_only.items())
 
     @classmethod
-    def new(cls, history: list[dict[str, str]]) -> "Conversation":
-        return cls(f"conv-{uuid.uuid4().hex[:16]}", list(history), list(history))
+    def new(cls, history: list[dict[str, str]], salt: str = "") -> "Conversation":
+        return cls(f"conv-{uuid.uuid4().hex[:16]}", list(history), list(history), salt=salt)
 
     def record(self, replica: int, turn: list[dict[str, str]], text: str, raw: str,
                ids: list[int]) -> None:
