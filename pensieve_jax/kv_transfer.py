@@ -167,8 +167,12 @@ def _find(engine: "Engine", conversation_id: str | None, token_ids: Sequence[int
 def match(engine: "Engine", conversation_id: str | None, token_ids: Sequence[int],
           salt: str = "") -> tuple[int, int]:
     """(tokens of token_ids the conversation holds in a tier, tokens the prefix index can
-    serve). Without an id, the anonymous conversation sharing the longest prefix counts."""
+    serve). Without an id, the anonymous conversation sharing the longest prefix counts.
+    Raises _Flushing while its last turn's cache flush is still to run (call_settled waits
+    for it): a turn whose reply has arrived then counts whole."""
     conv = _find(engine, conversation_id, token_ids, salt)
+    if conv is not None and conv.flushing:
+        raise _Flushing(f"conversation {conv.id!r} is flushing its last turn")
     own = 0
     if conv is not None and conv.salt == salt:
         own = min(common_prefix(conv.token_ids, token_ids), held_tokens(engine, conv))

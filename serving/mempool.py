@@ -152,7 +152,8 @@ class MemPoolService(pb_grpc.MemPoolServicer):
     async def Match(self, request: pb.MatchRequest, context) -> pb.MatchResponse:
         from pensieve_jax import kv_transfer
         try:
-            own, shared = await asyncio.to_thread(self.engine.call, lambda: kv_transfer.match(
+            own, shared = await asyncio.to_thread(kv_transfer.call_settled, self.engine,
+                                                  lambda: kv_transfer.match(
                 self.engine, request.conversation_id or None, list(request.token_ids),
                 request.cache_salt))
             layout = kv_transfer.layout_of(self.engine)
