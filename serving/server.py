@@ -287,6 +287,11 @@ class PensieveService(pb_grpc.PensieveServicer):
                              "or the whole history (without one)")
         if request.conversation_id:
             conv = await self._acquire(request.conversation_id)
+            if request.cache_salt and request.cache_salt != (conv.session.cache_salt or ""):
+                raise ValueError(
+                    f"cache_salt does not match conversation {request.conversation_id!r}: a "
+                    "conversation keeps the cache_salt it began with; send that salt, or none, "
+                    "with its turns")
             turn_messages = messages
         else:        # a new conversation: its history, then the turn (the last message)
             conv = _Conversation(Session(self.engine, history=messages[:-1],

@@ -80,6 +80,24 @@ def test_a_bad_turn_in_a_conversation_keeps_it_usable(stub):
     assert last.usage.cached_tokens > 0
 
 
+def test_a_turn_naming_another_cache_salt_is_invalid_and_the_conversation_goes_on(stub):
+    """A conversation keeps the salt it began with (as through the router): the same salt or
+    none continues it, another is refused without touching its cache."""
+    first = collect(stub.Chat(pb.ChatRequest(messages=[user("hello")], sampling=sampling(GREEDY),
+                                             cache_salt="tenant-a")))
+    cid = first[0]
+    for salt in ("tenant-b", "tenant-zz"):
+        code, details = status_of(lambda: list(stub.Chat(pb.ChatRequest(
+            conversation_id=cid, messages=[user("next")], sampling=sampling(GREEDY),
+            cache_salt=salt))))
+        assert code == INVALID and "cache_salt does not match" in details and salt not in details
+    for salt in ("tenant-a", ""):
+        *_, last, _ = collect(stub.Chat(pb.ChatRequest(
+            conversation_id=cid, messages=[user("more")], sampling=sampling(GREEDY),
+            cache_salt=salt)))
+        assert last.usage.cached_tokens > 0
+
+
 def test_unknown_and_ended_conversations_are_not_found(stub):
     code, details = status_of(lambda: chat(stub, [user("hi")], "no-such-conversation"))
     assert code == grpc.StatusCode.NOT_FOUND and "no-such-conversation" in details
