@@ -12,35 +12,18 @@ that does not hold the conversation's latest turns (round-robin, a rebalance, a 
 the missing messages with the conversation's exact token ids (history_token_ids), so the
 replica recomputes them and the reply is the one the old replica would have given.
 
+The service is put together from mixins, one concern each: serving/router_kv.py (moving KV
+between replicas through MemPool; prefill/decode disaggregation), serving/router_forget.py
+(EndConversation; forgetting idle conversations), serving/router_reports.py (health checks,
+cache reports, GetStats). What it keeps is in serving/router_state.py, its errors in
+serving/router_errors.py.
+
 Failures: a replica whose call fails with UNAVAILABLE (or whose gRPC health check fails) is
 marked down; its prefix-tree entries are dropped and the turn runs again on another replica.
 If part of the reply had already been streamed, the replay skips what the client has (only
 for deterministic sampling: temperature 0 or a seed; otherwise the call ends UNAVAILABLE and
 the conversation stays at its previous turn). The health loop marks it up again when it
 answers, and reads each replica's cache size for the tree's LRU capacity estimate.
-
-Cache reports: every cache_report_interval_s the router polls each replica's
-MemPool.CacheReport (pensieve_jax/cache_report.py): per conversation there, the token ids whose
-KV it still holds, versioned so that only changes travel. The tree keeps one keyed holder per
-replica conversation (`PrefixTree.hold`) and each report resets it: prefixes a replica let go
-(evicted, ended, expired) stop counting for it, prefixes it holds that the router did not route
-(KV imports, clients that bypass the router) start counting. Between reports, the turns the
-router routes are credited at once (a holder keyed by the replica's conversation id, which the
-next report confirms or corrects). Replicas that do not implement CacheReport (older servers;
-logged once) keep the estimate: what was routed there, aged out by LRU against capacity. Without
-a tokenizer the tree is keyed on bytes, not token ids, and reports are not used.
-
-Forgetting: the router's conversations live in a `ConversationTable`. EndConversation forwards
-the end to every replica holding a copy and forgets it (a turn in flight finishes first, as on a
-replica). An idle conversation is forgotten after conversation_ttl_s (None: never) and, beyond
-max_conversations, the least recently used idle one is; either way the router ends its copies
-on the replicas (in the background) and drops their holders from the prefix tree, as it does
-for EndConversation. A conversation with a turn in flight is never forgotten. Its id is then
-unknown (NOT_FOUND, as from a replica whose TTL passed): a client that sends the whole history
-again (no conversation_id) starts a new conversation, routed like any other. Generate ids follow
-the same TTL and cap, but forgetting one only drops the router's mapping: the engine
-conversation that ran it is the replica's anonymous one (later prompts may share its prefix),
-left to the replica's own TTL and cache.
 
 Cache salts (tenant isolation): replicas share cached pages only between requests of the same
 cache_salt. A conversation keeps the salt of its first turn (`Conversation.salt`): every
@@ -56,11 +39,10 @@ never counts another tenant's identical prefix as cached.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -73,40 +55,18 @@ from serving.pensieve.v1 import pensieve_pb2_grpc as pb_grpc
 from serving.prefix_tree import PrefixTree
 from serving.protocol import messages_from_proto, messages_to_proto, sampling_from_proto
 from serving.mempool import CostModel
-from serving.router_state import ChatKeys, Conversation, ConversationTable, Counters, \
-    Generated, MoveCounters, Replica
+from serving.router_errors import _RETRY, NoReplica, _Remote, _ReplicaAbort
+from serving.router_forget import ForgetMixin
+from serving.router_kv import KVMixin
+from serving.router_reports import ReportsMixin
+from serving.router_state import ROLES, SERVICE_NAME, ChatKeys, Conversation, \
+    ConversationTable, Counters, Generated, MoveCounters, Replica
 from serving.routing import POLICIES, Candidate, Decision, E2Config, RoundRobin, \
     affinity_choose, e2_choose
 
 log = logging.getLogger(__name__)
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Pensieve"].full_name
-_RETRY = (grpc.StatusCode.UNAVAILABLE,)
 KV_MOVES = ("auto", "transfer", "recompute")
-ROLES = ("prefill", "decode", "both")
 MAX_CONVERSATIONS = 10_000     # default cap on the conversations the router remembers
-
-
-class NoReplica(RuntimeError):
-    """No healthy replica can take the call."""
-
-
-class _Remote(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str):
-        super().__init__(details)
-        self.code, self.details = code, details
-
-
-class _ReplicaAbort(Exception):
-    """A replica ended a turn with finish_reason "abort" that the router did not ask for."""
-
-    def __init__(self, target: str):
-        super().__init__(f"replica {target} aborted the turn (shutting down?)")
-
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.UNAVAILABLE
-
-    def details(self) -> str:
-        return str(self)
 
 
 def _expired(context) -> bool:
@@ -114,7 +74,7 @@ def _expired(context) -> bool:
     return remaining is not None and remaining <= 0
 
 
-class RouterService(pb_grpc.PensieveServicer):
+class RouterService(KVMixin, ForgetMixin, ReportsMixin, pb_grpc.PensieveServicer):
     def __init__(self, targets: Sequence[str], policy: str = "e2", tokenizer=None,
                  e2: E2Config = E2Config(), window_s: float = 60.0, kv_move: str = "auto",
                  roles: Sequence[str] | None = None, cost: CostModel | None = None,
@@ -420,144 +380,7 @@ class RouterService(pb_grpc.PensieveServicer):
             u = final.usage
             self.cost.observe_prefill(u.prefilled_tokens + u.recomputed_tokens, u.ttft_s)
 
-    # -- MemPool: moving KV between replicas ----------------------------------------------------
-
-    async def _transfer(self, src: Replica, src_cid: str, dst: Replica, dst_cid: str,
-                        adopt: bool, tokens: list[int], counters: MoveCounters,
-                        limit: int | None = None, why: str = "move", force: bool = False,
-                        salt: str = ""):
-        """Push src's KV of a conversation (of cache salt `salt`) to dst when the cost model (or
-        kv_move) says loading it beats recomputing it. Returns the TransferResponse, or None
-        (dst recomputes). The KV keeps its salt on dst (the chunks carry the source's)."""
-        if self.kv_move == "recompute" and not force:
-            counters.recomputes += 1
-            return None
-        try:
-            have, lack = await asyncio.gather(
-                src.mempool.Match(pb.MatchRequest(conversation_id=src_cid, token_ids=tokens,
-                                                  cache_salt=salt), timeout=10),
-                dst.mempool.Match(pb.MatchRequest(conversation_id=dst_cid, token_ids=tokens,
-                                                  cache_salt=salt), timeout=10))
-            own = lack.conversation_tokens if dst_cid or not adopt else 0
-            held = max(own, lack.shared_tokens)
-            size = have.layout.page_size or 1
-            pages = -(-have.conversation_tokens // size) - own // size
-            choice = self.cost.choose(have.conversation_tokens - held,
-                                      max(pages, 0) * have.page_bytes)
-            transfer = force or self.kv_move == "transfer" or choice.transfer
-            log.info("%s %s -> %s: %d tokens (%d bytes): transfer %.4f s vs recompute %.4f s: %s",
-                     why, src.target, dst.target, choice.tokens, choice.bytes, choice.transfer_s,
-                     choice.recompute_s, "transfer" if transfer else "recompute")
-            if not transfer or have.conversation_tokens <= own:
-                counters.recomputes += 1
-                return None
-            reply = await src.mempool.Transfer(pb.TransferRequest(
-                conversation_id=src_cid, target=dst.target, target_conversation_id=dst_cid,
-                adopt=adopt, limit_tokens=limit), timeout=60)
-        except grpc.aio.AioRpcError as e:
-            log.warning("%s %s -> %s failed (%s: %s): recomputing", why, src.target, dst.target,
-                        e.code().name, e.details())
-            counters.failed += 1
-            return None
-        counters.transfers += 1
-        counters.tokens += reply.sent_tokens
-        counters.bytes += reply.bytes
-        counters.seconds += reply.seconds
-        self.cost.observe_transfer(reply.bytes, reply.seconds)
-        self._learn(dst, tokens[:reply.num_tokens], reply.target_conversation_id, salt)
-        return reply
-
-    async def _move(self, conv: Conversation, src: Replica, dst: Replica,
-                    counters: MoveCounters) -> bool:
-        """Move conv's KV from src to dst (a rebalance, a failover with src still up, an
-        evacuation), when that is cheaper than recomputing it there."""
-        src_cid = conv.cids.get(src.index)
-        if src_cid is None or not conv.ids:
-            return False
-        dst_cid = conv.cids.get(dst.index, "")
-        reply = await self._transfer(src, src_cid, dst, dst_cid, True, conv.ids, counters,
-                                     salt=conv.salt)
-        if reply is None:
-            return False
-        if reply.target_conversation_id != dst_cid:
-            conv.cids[dst.index] = reply.target_conversation_id
-            conv.covered[dst.index] = 0          # the next Chat sends messages + exact ids
-        return True
-
-    async def evacuate(self, index: int) -> int:
-        """A replica is leaving (graceful shutdown): route nothing more to it and move the KV
-        of every idle conversation living there to another replica (or leave it to be
-        recomputed, as the cost model says). Returns how many moved by transfer."""
-        src = self.replicas[index]
-        src.leaving = True
-        self.mark_down(src, "leaving (evacuated)")
-        moved = 0
-        for conv in list(self.conversations.values()):
-            if conv.home != index or conv.busy or not conv.ids:
-                continue
-            roles = ("decode", "both") if self.disaggregated() else ROLES
-            try:
-                dst = self.replicas[self.route(conv.ids, None, roles, conv.salt).replica]
-            except (LookupError, NoReplica):
-                break
-            if await self._move(conv, src, dst, self.moves):
-                conv.home = dst.index
-                moved += 1
-                if conv.dropped:      # forgotten while it moved: end the new copy too
-                    self._end_later(conv.replica_ids())
-        return moved
-
-    # -- prefill/decode disaggregation ----------------------------------------------------------
-
-    def disaggregated(self) -> bool:
-        """Some healthy replica only prefills and some healthy replica decodes."""
-        up = {r.role for r in self.replicas if r.healthy}
-        return "prefill" in up and bool(up & {"decode", "both"})
-
-    async def _disaggregate(self, conv: Conversation, ids: list[int]) -> Decision | None:
-        """Run a turn's prompt on a prefill replica and push its KV to the decode replica the
-        turn then streams from (returned). Before that, the conversation's KV flows back from
-        its decode replica to the prefill replica (MemServe), so only the new turn is
-        prefilled. On any failure the decode replica computes what it lacks itself."""
-        try:
-            p = self.replicas[self.route(ids, None, ("prefill", "both"), conv.salt).replica]
-            decode = self.route(ids, conv.home, ("decode", "both"), conv.salt)
-        except NoReplica:
-            return None
-        d = self.replicas[decode.replica]
-        if p is d:
-            return decode
-        home = self.replicas[conv.home] if conv.home is not None else None
-        if home is not None and home.healthy and conv.ids and home.index in conv.cids:
-            await self._transfer(home, conv.cids[home.index], p, "", False, conv.ids,
-                                 self.disagg["to_prefill"], why="KV back to prefill",
-                                 salt=conv.salt)
-        prefill = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParams(
-            max_tokens=1, temperature=0.0, ignore_eos=True), cache_salt=conv.salt)
-        try:
-            last = None
-            async for resp in p.stub.Generate(prefill, timeout=60):
-                last = resp
-        except grpc.aio.AioRpcError as e:
-            log.warning("prefill on %s failed (%s): decoding replica computes the prompt",
-                        p.target, e.code().name)
-            if e.code() in _RETRY:
-                self.mark_down(p, f"{e.code().name}: {e.details()}")
-            return decode
-        self.disagg["prefills"] += 1
-        p.routed += 1
-        p.add_load(last.usage.prefilled_tokens + last.usage.recomputed_tokens)
-        conv.engine_only[p.index] = last.conversation_id
-        self._learn(p, ids, last.conversation_id, conv.salt)
-        reply = await self._transfer(p, last.conversation_id, d, conv.cids.get(d.index, ""),
-                                     True, ids, self.disagg["to_decode"], limit=len(ids),
-                                     why="prefill to decode", force=True, salt=conv.salt)
-        if reply is not None and reply.target_conversation_id != conv.cids.get(d.index):
-            conv.cids[d.index] = reply.target_conversation_id
-            conv.covered[d.index] = 0
-        return decode
-
-    # -- Generate, EndConversation, GetStats ----------------------------------------------------
+    # -- Generate -------------------------------------------------------------------------------
 
     async def _generate(self, request: pb.GenerateRequest, context):
         sampling_from_proto(request.sampling)
@@ -596,289 +419,6 @@ class RouterService(pb_grpc.PensieveServicer):
             finally:
                 r.in_flight -= 1
             return
-
-    async def _end(self, cid: str) -> pb.EndConversationResponse:
-        if not cid:
-            raise ValueError("conversation_id is empty")
-        gen = self._lookup_generated(cid)
-        if gen is not None:
-            self.generated.pop(cid)
-            self.forgotten["generations"]["ended"] += 1
-            await self._end_on_replicas([(gen.replica, gen.conversation_id)])
-            return pb.EndConversationResponse()
-        conv = self._lookup(cid)
-        if conv is None:
-            raise ConversationNotFound(f"no conversation {cid!r}")
-        self._forget(conv, "ended", end=False)
-        if not conv.busy:            # else _chat ends the copies when the turn is over
-            await self._end_on_replicas(conv.replica_ids())
-        return pb.EndConversationResponse()
-
-    # -- forgetting conversations -----------------------------------------------------------
-
-    def _lookup(self, cid: str) -> Conversation | None:
-        """The conversation `cid`, or None: unknown, or idle past the TTL (forgotten now, in
-        case the expiry loop did not come by yet)."""
-        conv = self.conversations.get(cid)
-        if conv is not None and self.conversations.is_expired(conv):
-            self._forget(conv, "expired")
-            return None
-        return conv
-
-    def _lookup_generated(self, rid: str) -> Generated | None:
-        gen = self.generated.get(rid)
-        if gen is not None and self.generated.is_expired(gen):
-            self.generated.pop(rid)
-            self.forgotten["generations"]["expired"] += 1
-            return None
-        return gen
-
-    def _remember(self, conv: Conversation) -> None:
-        """A conversation accepted a turn: it is (still) known, as the most recently used;
-        beyond the cap the least recently used idle ones are forgotten."""
-        if conv.dropped:
-            return
-        self.conversations.touch(conv.id, conv)
-        for old in self.conversations.trim():
-            self._forget(old, "evicted")
-
-    def _forget(self, conv: Conversation, why: str, end: bool = True) -> None:
-        """Forget conv (why: ended, expired, evicted). end: end its copies on the replicas in
-        the background (a busy one's after its turn)."""
-        self.conversations.pop(conv.id)
-        if conv.dropped:
-            return
-        conv.dropped = True
-        self.forgotten["conversations"][why] += 1
-        if end and not conv.busy:
-            self._end_later(conv.replica_ids())
-
-    def expire(self) -> int:
-        """Forget the conversations and Generate ids idle for longer than the TTL. Returns how
-        many conversations it forgot."""
-        expired = self.conversations.expire()
-        for conv in expired:
-            self._forget(conv, "expired")
-        self.forgotten["generations"]["expired"] += len(self.generated.expire())
-        return len(expired)
-
-    async def expiry_loop(self) -> None:
-        period = min(max(self.conversations.ttl_s / 4, 0.05), 5.0)
-        while True:
-            await asyncio.sleep(period)
-            try:
-                self.expire()
-            except Exception:     # keep expiring
-                log.exception("forgetting expired conversations failed")
-
-    def _end_later(self, where: list[tuple[int, str]]) -> None:
-        if not where:
-            return
-        task = asyncio.get_running_loop().create_task(self._end_on_replicas(where))
-        self._ending.add(task)
-        task.add_done_callback(self._ending.discard)
-
-    async def _end_on_replicas(self, where: list[tuple[int, str]]) -> None:
-        """End each (replica, its conversation id) there; once it is gone there, its holder
-        leaves the prefix tree (the replica's next cache report would say the same)."""
-        async def end(index: int, replica_cid: str) -> None:
-            r = self.replicas[index]
-            try:
-                await r.stub.EndConversation(
-                    pb.EndConversationRequest(conversation_id=replica_cid), timeout=10)
-            except grpc.aio.AioRpcError as e:
-                if e.code() != grpc.StatusCode.NOT_FOUND:     # down, or busy: it still holds
-                    log.debug("ending %s on %s failed: %s", replica_cid, r.target, e.code().name)
-                    return                                   # it (its reports will say)
-            self.tree.hold((), index, replica_cid, time.monotonic())
-            r.learnt.pop(replica_cid, None)
-        await asyncio.gather(*(end(i, c) for i, c in where))
-
-    async def _replica_stats(self, r: Replica):
-        if not r.healthy:
-            return None
-        try:
-            return await r.stub.GetStats(pb.GetStatsRequest(), timeout=5)
-        except grpc.aio.AioRpcError:
-            return None
-
-    def router_stats(self) -> dict[str, Any]:
-        now = time.monotonic()
-        return {
-            "policy": self.policy, "events": dict(self.events), "reasons": dict(self.reasons),
-            "kv_move": self.kv_move, "kv_moves": self.moves.as_dict(),
-            "cost_model": self.cost.as_dict(),
-            "disaggregation": {"active": self.disaggregated(),
-                               "prefills": self.disagg["prefills"],
-                               "to_decode": self.disagg["to_decode"].as_dict(),
-                               "to_prefill": self.disagg["to_prefill"].as_dict()},
-            "by_policy": {p: c.as_dict() for p, c in self.counters.items()},
-            "conversations": len(self.conversations),
-            "conversation_table": {
-                "held": len(self.conversations), "in_flight": self.conversations.busy(),
-                "ttl_s": self.conversations.ttl_s,
-                "max_conversations": self.conversations.max_entries or 0,
-                **self.forgotten["conversations"],
-                "generations": {"held": len(self.generated), **self.forgotten["generations"]}},
-            "tree": {"nodes": self.tree.num_nodes(),
-                     "salts": len(self.tree.salts()) - 1,     # salted trees held
-                     "eviction": "replicas reporting their cache (cache_report 'reporting'): "
-                                 "as their reports say; others: LRU against each replica's "
-                                 "cache capacity (estimated)"},
-            "cache_reports": {"interval_s": self.cache_report_interval_s
-                              if self.keys.exact else 0.0, **self.reports},
-            "replicas": [{"target": r.target, "healthy": r.healthy, "routed": r.routed,
-                          "role": r.role, "leaving": r.leaving,
-                          "in_flight": r.in_flight, "load": r.load(now),
-                          "failures": r.failures, "capacity_tokens": r.capacity,
-                          "tree_tokens": self.tree.cached_tokens(r.index),
-                          "cache_report": self._report_mode(r),
-                          "reported_conversations": len(r.reported)}
-                         for r in self.replicas]}
-
-    def _report_mode(self, r: Replica) -> str:
-        if not self.keys.exact or self.cache_report_interval_s <= 0:
-            return "off"
-        return {None: "pending", True: "reporting", False: "unsupported"}[r.reports]
-
-    async def _stats(self) -> pb.GetStatsResponse:
-        stats = await asyncio.gather(*(self._replica_stats(r) for r in self.replicas))
-        live = [s for s in stats if s is not None]
-        out = pb.GetStatsResponse(model=live[0].model if live else "",
-                                  active_streams=self.active_streams,
-                                  server_conversations=len(self.conversations))
-        for s in live:
-            for f in ("running", "waiting", "conversations", "pages_used", "pages_total",
-                      "hit_tokens", "miss_tokens"):
-                setattr(out, f, getattr(out, f) + getattr(s, f))
-        out.stats_json = json.dumps({
-            "router": self.router_stats(),
-            "replicas": [json.loads(s.stats_json) if s is not None else None for s in stats]},
-            sort_keys=True)
-        return out
-
-    # -- health ---------------------------------------------------------------------------------
-
-    async def check(self, r: Replica) -> None:
-        """One health check of r; while healthy, refresh its cache capacity estimate."""
-        if r.leaving:
-            return
-        try:
-            reply = await r.health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
-                                         timeout=2)
-            ok = reply.status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.aio.AioRpcError as e:
-            ok, reply = False, e.code().name
-        if not ok:
-            self.mark_down(r, f"health check: {reply if isinstance(reply, str) else 'NOT_SERVING'}")
-            return
-        if not r.healthy:
-            log.info("replica %s (%s) is up", r.index, r.target)
-            if r.reports is False:
-                r.reports = None          # ask again: it may have been upgraded
-        r.healthy = True
-        s = await self._replica_stats(r)
-        if s is not None:
-            pages = json.loads(s.stats_json)
-            size = pages.get("page_size", 0)
-            r.capacity = size * (pages["pages"]["device"]["total"] + pages["pages"]["host"]["total"])
-            if not r.role_fixed and pages.get("role") in ROLES:
-                r.role = pages["role"]
-            if not r.reports:
-                self.events["tree_evicted_tokens"] += self.tree.evict(r.index, r.capacity)
-
-    async def health_loop(self, period_s: float) -> None:
-        while True:
-            await asyncio.gather(*(self.check(r) for r in self.replicas), return_exceptions=True)
-            await asyncio.sleep(period_s)
-
-    # -- cache reports --------------------------------------------------------------------------
-
-    async def poll_cache(self, r: Replica) -> None:
-        """Ask r what its cache holds (what changed since its last report) and reconcile."""
-        if not r.healthy or r.leaving or r.reports is False or not self.keys.exact:
-            return
-        failures, sent_at = r.failures, time.monotonic()
-        request = pb.CacheReportRequest(epoch=r.report_epoch, since_version=r.report_version)
-        try:
-            reply = await r.mempool.CacheReport(
-                request, timeout=max(5.0, 2 * self.cache_report_interval_s))
-        except grpc.aio.AioRpcError as e:
-            if e.code() != grpc.StatusCode.UNIMPLEMENTED:
-                self.reports["failed"] += 1      # down or busy: the health loop decides
-                return
-            log.warning("replica %s (%s) does not report its cache (MemPool.CacheReport: %s): "
-                        "the router estimates it from the turns it routes there",
-                        r.index, r.target, e.code().name)
-            if r.reports:                        # replaced by an older server: estimate anew
-                self.tree.drop_replica(r.index)
-                r.reported.clear()
-                r.learnt.clear()
-            r.reports = False
-            return
-        if r.healthy and r.failures == failures and r.report_epoch == request.epoch and \
-                r.report_version == request.since_version:   # else stale: it went down since
-            self.apply_report(r, reply, sent_at)
-
-    def apply_report(self, r: Replica, reply: pb.CacheReportResponse, sent_at: float) -> None:
-        """Reconcile the tree with a report of r, asked for at sent_at (router clock).
-
-        Each conversation the report names now holds exactly the tokens it lists (none: removed
-        or, in a full report, not listed). Except those the router credited by routing after
-        sent_at: the report may predate their turn, so the next one decides. Those credited
-        before sent_at and absent from the replica's conversations are let go (routed there but
-        not kept: evicted already, or a replica that keeps nothing)."""
-        now, stats = time.monotonic(), self.reports
-        stats["received"] += 1
-        first = not r.reports
-        r.reports = True
-        pending = {key for key, t in r.learnt.items() if t >= sent_at}
-        if reply.full:
-            stats["full"] += 1
-            listed = {c.conversation_id for c in reply.conversations}
-            for key in self.tree.holders(r.index):
-                if key not in listed and key not in pending:
-                    self._reconcile(r, key, (), now)
-            r.reported.clear()
-        for c in reply.conversations:
-            r.reported.add(c.conversation_id)
-            if c.conversation_id not in pending:
-                self._reconcile(r, c.conversation_id, c.token_ids, now, c.cache_salt)
-        for key in reply.removed:
-            r.reported.discard(key)
-            if key not in pending:
-                self._reconcile(r, key, (), now)
-        for key, t in list(r.learnt.items()):
-            if t < sent_at:
-                del r.learnt[key]
-                if key not in r.reported:
-                    self._reconcile(r, key, (), now)
-        if reply.full:                # what routing credited before reports: the estimate
-            dropped = self.tree.drop_unheld(r.index)
-            stats["estimate_dropped_tokens" if first else "evicted_tokens_learnt"] += dropped
-        stats["changed"] += bool(reply.full or reply.conversations or reply.removed)
-        r.report_epoch, r.report_version = reply.epoch, reply.version
-        if len(r.reported) != reply.num_conversations:      # out of step: start over
-            stats["resyncs"] += 1
-            r.report_epoch, r.report_version = "", 0
-
-    def _reconcile(self, r: Replica, key: str, tokens, now: float, salt: str = "") -> None:
-        change = self.tree.hold(tokens, r.index, key, now, salt)
-        if change < 0:
-            self.reports["evictions_learnt"] += 1
-            self.reports["evicted_tokens_learnt"] -= change
-        elif change > 0:
-            self.reports["inserts_learnt"] += 1
-            self.reports["inserted_tokens_learnt"] += change
-
-    async def report_loop(self, period_s: float) -> None:
-        while True:
-            results = await asyncio.gather(*(self.poll_cache(r) for r in self.replicas),
-                                           return_exceptions=True)
-            for r, result in zip(self.replicas, results):
-                if isinstance(result, Exception):
-                    log.error("cache report of replica %s failed", r.target, exc_info=result)
-            await asyncio.sleep(period_s)
 
 
 class RouterServer:

@@ -26,7 +26,11 @@ from typing import Any, Callable, Iterator
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
+from serving.pensieve.v1 import pensieve_pb2 as pb
 from serving.pensieve.v1 import pensieve_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Pensieve"].full_name   # what health checks ask for
+ROLES = ("prefill", "decode", "both")          # what a replica does (Replica.role)
 
 
 def load_router_tokenizer(model: str | None):
@@ -280,4 +284,4 @@ class Counters:
 
 
 __all__ = ["ChatKeys", "Conversation", "ConversationTable", "Counters", "Generated",
-           "MoveCounters", "Replica", "load_router_tokenizer"]
+           "MoveCounters", "ROLES", "Replica", "SERVICE_NAME", "load_router_tokenizer"]
