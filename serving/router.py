@@ -29,9 +29,8 @@ Cache salts (tenant isolation): replicas share cached pages only between request
 cache_salt. A conversation keeps the salt of its first turn (`Conversation.salt`): every
 ChatRequest for it carries that salt (on whichever replica, recomputed there or not), prefills
 for it run under it, and the KV moved for it is matched under it. A later turn may leave
-cache_salt empty (the conversation's own) or repeat it; another salt is INVALID_ARGUMENT (a
-replica keeps a continued conversation's salt whatever the turn says, so the router refuses
-rather than have the turn run under a salt it did not ask for). The prefix tree keeps each
+cache_salt empty (the conversation's own) or repeat it; another salt is INVALID_ARGUMENT, as
+on a single server. The prefix tree keeps each
 salt's prefixes apart (chat turns, Generate prompts, the salts in cache reports), so routing
 never counts another tenant's identical prefix as cached.
 """
