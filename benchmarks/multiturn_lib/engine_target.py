@@ -34,9 +34,9 @@ class EngineTarget:
             return
         log = self.step_log
 
-        def timed(s):
+        def timed(s, incoming=None):
             start = time.perf_counter()
-            out = step(s)
+            out = step(s, incoming)
             q = np.diff(s.cu_q_lens)
             log.append((len(s.token_ids), len(s.kv_lens), s.page_table.shape[1],
                         int(q.max(initial=0)), int(np.sum(s.kv_lens)),
