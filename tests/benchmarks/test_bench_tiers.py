@@ -6,7 +6,7 @@ import bench_tiers
 def test_bench_tiers_compares_setups_with_identical_outputs(tmp_path):
     out = tmp_path / "tiers.json"
     bench_tiers.main(["--model", "random:tiny", "--conversations", "12", "--turns", "2",
-                      "--new-tokens", "24", "--max-tokens", "8", "--think-time", "0.02",
+                      "--new-tokens", "24", "--max-tokens", "8", "--think-time", "0.02", "--warmup-passes", "1",
                       "--setups", "stateless", "device+host/pensieve",
                       "device+host/pensieve/layered", "--out", str(out)])
     result = json.loads(out.read_text())
