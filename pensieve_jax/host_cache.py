@@ -29,7 +29,7 @@ class HostCache:
         # *_hidden_pages: copies already complete when needed (fully overlapped with compute);
         # *_wait_s: time the engine waited for the rest; in_s: host-side time to start copies;
         # in_layered_pages: swap-ins loaded inside a step (how much of those copies the step's
-        # compute hid is not visible from the host: benchmarks/bench_swap.py measures it)
+        # compute hid is not visible from the host: benchmarks/bench_swap_overlap.py measures it)
         self.stats = {"out_pages": 0, "in_pages": 0, "out_bytes": 0, "in_bytes": 0,
                       "out_wait_s": 0.0, "out_hidden_pages": 0, "in_s": 0.0, "in_wait_s": 0.0,
                       "in_hidden_pages": 0, "in_layered_pages": 0}
