@@ -56,8 +56,8 @@ class Client:
 
     def session(self, system: str | None = None,
                 history: Iterable[dict[str, str]] | None = None,
-                cache_salt: str | None = None) -> "RemoteSession":
-        return RemoteSession(self, system, history, cache_salt)
+                cache_salt: str | None = None, resume: bool = False) -> "RemoteSession":
+        return RemoteSession(self, system, history, cache_salt, resume)
 
     def generate_stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                         cache_salt: str | None = None) -> Iterator[pb.GenerateResponse]:
@@ -125,12 +125,19 @@ def connect(target: str, timeout: float | None = None, **kwargs) -> Client:
 
 class RemoteSession(TurnMethods):
     """One conversation on a server, with the shape of pensieve_jax.session.Session. The server
-    assigns `conversation_id` on the first turn (None before)."""
+    assigns `conversation_id` on the first turn (None before).
+
+    resume: when the server no longer knows the conversation (ended elsewhere, expired, or
+    forgotten by a router) and this session has had a reply, send the turn again with the
+    whole history as a new conversation (the server recomputes it; `conversation_id` changes)
+    instead of raising ConversationNotFound (the default)."""
 
     def __init__(self, client: Client, system: str | None = None,
-                 history: Iterable[dict[str, str]] | None = None, cache_salt: str | None = None):
+                 history: Iterable[dict[str, str]] | None = None, cache_salt: str | None = None,
+                 resume: bool = False):
         self.client = client
         self.cache_salt = cache_salt
+        self.resume = resume
         self.conversation_id: str | None = None
         self.history: list[dict[str, str]] = []
         if system is not None:
@@ -150,6 +157,10 @@ class RemoteSession(TurnMethods):
             raise SessionClosed(f"session {self.conversation_id} is closed")
         messages = turn_messages(text)
         with self._lock:
+            yield from self._turn(messages, params)
+
+    def _turn(self, messages, params) -> Iterator[Chunk]:
+        for attempt in range(2):
             request = pb.ChatRequest(
                 conversation_id=self.conversation_id or "",
                 messages=messages_to_proto(messages if self.conversation_id else
@@ -160,8 +171,10 @@ class RemoteSession(TurnMethods):
             pieces: list[str] = []
             ids: list[int] = []
             final = None
+            received = False
             try:
                 for response in call:
+                    received = True
                     if response.conversation_id:
                         self.conversation_id = response.conversation_id
                     if response.finish_reason:
@@ -175,6 +188,11 @@ class RemoteSession(TurnMethods):
                 self._record(messages, pieces, ids, None)
                 raise
             except grpc.RpcError as e:
+                if (attempt == 0 and self.resume and not received and self.conversation_id and
+                        e.code() == grpc.StatusCode.NOT_FOUND and
+                        any(m["role"] == "assistant" for m in self.history)):
+                    self.conversation_id = None       # forgotten: start it again from history
+                    continue
                 err = from_rpc_error(e)
                 # stopped mid-turn (cancel() or the deadline): the server kept the partial reply
                 if self.conversation_id and (self._cancelled or
@@ -186,6 +204,7 @@ class RemoteSession(TurnMethods):
                 self._call = None
             if final is not None:
                 self._record(messages, pieces, ids, final)
+            return
 
     def _record(self, messages, pieces, ids, final: pb.ChatResponse | None) -> None:
         text = "".join(pieces)

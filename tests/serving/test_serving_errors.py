@@ -189,6 +189,32 @@ def test_client_library_raises_the_in_process_exception_types(server, engine):
     settle(engine)
 
 
+def test_a_remote_session_resumes_a_forgotten_conversation_from_its_history(server, engine):
+    """The server forgot the conversation (ended elsewhere, expired, or a router let it go): the
+    session sends the turn again with its whole history as a new conversation, and the reply
+    is the one the same history gives on a fresh session. Without resume it raises."""
+    with connect(server.target) as client:
+        s = client.session(system="Be brief.", resume=True)
+        s.send("hello", GREEDY)
+        history = list(s.history)
+        old_id = s.conversation_id
+        assert client.end_conversation(old_id)
+        got = s.send("and then?", GREEDY)
+        assert s.conversation_id not in (None, old_id)
+        with engine.session(history=history) as fresh:
+            want = fresh.send("and then?", GREEDY)
+        assert got.token_ids == want.token_ids
+        assert s.history == history + [{"role": "user", "content": "and then?"},
+                                       {"role": "assistant", "content": got.text}]
+        strict = client.session()
+        strict.send("hello", GREEDY)
+        assert client.end_conversation(strict.conversation_id)
+        with pytest.raises(ConversationNotFound):
+            strict.send("again", GREEDY)
+        s.close()
+    settle(engine)
+
+
 def _bad_params():
     """SamplingParams validates on construction; bypass it to send a bad value over the wire."""
     p = object.__new__(type(GREEDY))
