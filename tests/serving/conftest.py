@@ -83,3 +83,13 @@ def collect(responses):
     messages = list(responses)
     return (messages[-1].conversation_id, "".join(m.text for m in messages),
             [t for m in messages for t in m.token_ids], messages[-1], messages)
+
+
+def wait_until(predicate, timeout=5.0):
+    """predicate()'s first truthy value within timeout seconds, else its last value."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            return value
+        time.sleep(0.01)
+    return value

@@ -19,21 +19,12 @@ from serving.mempool import GRPC_OPTIONS
 from serving.pensieve.v1 import pensieve_pb2 as pb
 from serving.pensieve.v1 import pensieve_pb2_grpc as pb_grpc
 from serving.routing import E2Config, e2_choose
-from .conftest import ENGINE_OPTIONS, GREEDY, MODEL, engine_like, settle
+from .conftest import ENGINE_OPTIONS, GREEDY, MODEL, engine_like, settle, wait_until
 
 INTERVAL = 0.05
 # a system prompt longer than a page (256 tokens), so an imported copy is shared by prefix
 SYSTEM = "You are a careful assistant. " * 11
 TURNS = ["Hello there, who are you?", "Tell me more.", "And a third thing."]
-
-
-def wait_until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            return value
-        time.sleep(0.01)
-    return value
 
 
 # -- engine side ------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ turns, no conversation lost when a replica stops, between turns or mid-reply).""
 
 import json
 import threading
-import time
 
 import grpc
 import pytest

@@ -14,7 +14,7 @@ from serving.client import connect
 from serving.cluster import BackgroundCluster, ClusterConfig
 from serving.errors import NotFound
 from serving.router_state import Conversation, ConversationTable
-from .conftest import ENGINE_OPTIONS, GREEDY, MODEL
+from .conftest import ENGINE_OPTIONS, GREEDY, MODEL, wait_until
 
 TTL = 60.0
 SYSTEM = "Be brief."
@@ -33,15 +33,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-def wait_until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            return value
-        time.sleep(0.01)
-    return value
 
 
 # -- the table ----------------------------------------------------------------------------------

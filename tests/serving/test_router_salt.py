@@ -17,7 +17,7 @@ from serving.pensieve.v1 import pensieve_pb2 as pb
 from serving.prefix_tree import PrefixTree
 from serving.protocol import sampling_to_proto
 from serving.router import RouterService
-from .conftest import ENGINE_OPTIONS, GREEDY, MODEL, user
+from .conftest import ENGINE_OPTIONS, GREEDY, MODEL, user, wait_until
 
 INTERVAL = 0.05
 PAGE = ENGINE_OPTIONS["page_size"]
@@ -25,15 +25,6 @@ PAGE = ENGINE_OPTIONS["page_size"]
 SYSTEM = "You are a careful assistant. " * 11
 TURNS = ["Hello there, who are you?", "Tell me more.", "And a third thing."]
 A, B = "tenant-a-secret", "tenant-b-secret"
-
-
-def wait_until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            return value
-        time.sleep(0.01)
-    return value
 
 
 def cluster_of(engine, **config):
