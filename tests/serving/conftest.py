@@ -5,6 +5,7 @@ fits the minimum page bucket; max_batched_tokens 32, max_num_seqs 8) so the test
 max_model_len is large so that a LONG turn runs for seconds, for cancellation and deadlines.
 """
 
+import threading
 import time
 
 import grpc
@@ -93,3 +94,18 @@ def wait_until(predicate, timeout=5.0):
             return value
         time.sleep(0.01)
     return value
+
+
+def stream_in_background(session, text, params, timeout=30.0):
+    """Stream a turn of `session` on a thread: (the pieces so far, the thread), once the first
+    piece has arrived."""
+    pieces, started = [], threading.Event()
+
+    def run():
+        for piece in session.stream(text, params):
+            pieces.append(piece)
+            started.set()
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert started.wait(timeout)
+    return pieces, thread

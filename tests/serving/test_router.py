@@ -3,7 +3,6 @@ replicas behind a router under each policy (outputs equal to one engine's, cache
 turns, no conversation lost when a replica stops, between turns or mid-reply)."""
 
 import json
-import threading
 
 import grpc
 import pytest
@@ -15,7 +14,7 @@ from serving.errors import NotFound
 from serving.pensieve.v1 import pensieve_pb2 as pb
 from serving.prefix_tree import PrefixTree
 from serving.routing import Candidate, E2Config, RoundRobin, affinity_choose, e2_choose, e2_cost
-from .conftest import ENGINE_OPTIONS, GREEDY, MODEL, user
+from .conftest import ENGINE_OPTIONS, GREEDY, MODEL, stream_in_background, user
 
 TURNS = ["Hello there, who are you?", "Tell me more.", "And a third thing."]
 SYSTEM = "Be brief."
@@ -213,15 +212,7 @@ def test_replica_stopped_mid_reply_is_replayed(engine):
         expected = s.send(TURNS[0], params)
     with make_cluster(engine, "affinity") as cluster, connect(cluster.target, timeout=60) as client:
         session = client.session(system=SYSTEM)
-        pieces, started = [], threading.Event()
-
-        def run():
-            for piece in session.stream(TURNS[0], params):
-                pieces.append(piece)
-                started.set()
-        t = threading.Thread(target=run)
-        t.start()
-        assert started.wait(30)
+        pieces, t = stream_in_background(session, TURNS[0], params)
         router = cluster.router
         home = cluster.call(lambda: next(iter(router.conversations.values())).cids)
         cluster.stop_replica(next(iter(home)))

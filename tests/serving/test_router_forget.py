@@ -4,7 +4,6 @@ never one with a turn in flight. Units on ConversationTable with a fake clock, t
 e2 cluster on loopback whose router runs on a fake clock (expiry when the test says so)."""
 
 import json
-import threading
 import time
 
 import pytest
@@ -14,7 +13,7 @@ from serving.client import connect
 from serving.cluster import BackgroundCluster, ClusterConfig
 from serving.errors import NotFound
 from serving.router_state import Conversation, ConversationTable
-from .conftest import ENGINE_OPTIONS, GREEDY, MODEL, wait_until
+from .conftest import ENGINE_OPTIONS, GREEDY, MODEL, stream_in_background, wait_until
 
 TTL = 60.0
 SYSTEM = "Be brief."
@@ -183,15 +182,7 @@ def test_end_during_a_turn_ends_it_after_the_turn(cluster, engine):
         expected = s.send(TURNS[0], params)
     with connect(cluster.target, timeout=60) as client:
         s = client.session(system=SYSTEM)
-        pieces, started = [], threading.Event()
-
-        def run():
-            for piece in s.stream(TURNS[0], params):
-                pieces.append(piece)
-                started.set()
-        t = threading.Thread(target=run)
-        t.start()
-        assert started.wait(30)
+        pieces, t = stream_in_background(s, TURNS[0], params)
         cid = s.conversation_id
         (home, rcid), = copies(cluster, cid).items()
         assert client.end_conversation(cid)           # as a replica: the turn goes on
@@ -282,15 +273,7 @@ def test_conversation_with_a_turn_in_flight_is_never_forgotten(cluster, engine):
     forget_all(cluster)
     with connect(cluster.target, timeout=60) as client:
         s = client.session(system=SYSTEM)
-        pieces, started = [], threading.Event()
-
-        def run():
-            for piece in s.stream(TURNS[0], params):
-                pieces.append(piece)
-                started.set()
-        t = threading.Thread(target=run)
-        t.start()
-        assert started.wait(30)
+        pieces, t = stream_in_background(s, TURNS[0], params)
         cid = s.conversation_id
         cluster.clock.advance(10 * TTL)              # the turn started long "ago"
         assert cluster.call(router.expire) == 0
