@@ -148,11 +148,14 @@ class ModelRunner:
     def stage_pages(self, k: np.ndarray, v: np.ndarray) -> tuple[jax.Array, jax.Array]:
         """Start copying host pages k, v [layers, n, ...] to the device (asynchronous; padded
         to a bucket of pages). The copy overlaps whatever runs until `scatter_staged`."""
-        n = bucket(k.shape[1], 8)
-        pad = ((0, 0), (0, n - k.shape[1])) + ((0, 0),) * (k.ndim - 2)
-        put = (jax.device_put if self.mesh is None else   # each device gets its heads' slice
-               lambda a: parallel.put(a, self._kv_sharding))
-        return put(np.pad(k, pad)), put(np.pad(v, pad))
+        # with a mesh each device gets its heads' slice
+        return self._put_pages(k, v, None if self.mesh is None else self._kv_sharding)
+
+    def _put_pages(self, k: np.ndarray, v: np.ndarray, sharding) -> tuple[jax.Array, jax.Array]:
+        """Host pages k, v [layers, n, ...] padded to a bucket of pages, put on sharding (None:
+        the default device)."""
+        pad = ((0, 0), (0, bucket(k.shape[1], 8) - k.shape[1])) + ((0, 0),) * (k.ndim - 2)
+        return parallel.put(np.pad(k, pad), sharding), parallel.put(np.pad(v, pad), sharding)
 
     def scatter_staged(self, staged: tuple[jax.Array, jax.Array], page_ids: list[int]) -> None:
         """Write staged pages into device pages page_ids (-1: skip that page)."""
@@ -227,12 +230,9 @@ class ModelRunner:
 
     def _stage_incoming(self, incoming: HostPages) -> Incoming:
         """Host pages, padded to a bucket of pages, in the step's host memory; ids replicated."""
-        m = bucket(len(incoming.page_ids), 8)
-        ids = np.full(m, self.num_pages, np.int32)          # padding pages are dropped
+        k, v = self._put_pages(incoming.k, incoming.v, self._incoming_sharding)
+        ids = np.full(k.shape[1], self.num_pages, np.int32)   # padding pages are dropped
         ids[:len(incoming.page_ids)] = incoming.page_ids
-        pad = ((0, 0), (0, m - incoming.k.shape[1])) + ((0, 0),) * (incoming.k.ndim - 2)
-        k, v = (parallel.put(np.pad(a, pad), self._incoming_sharding)
-                for a in (incoming.k, incoming.v))
         return Incoming(k, v, self._replicate(ids))
 
     def compile_step(self, t: int, n: int, p: int, q: int, b: int, m: int = 0) -> None:

@@ -241,7 +241,6 @@ class Scheduler:
         self.running, self.waiting = [], collections.deque()
         return reqs
 
-
     def _drop_kv(self, req: Request) -> None:
         """Free req's pages: its tokens are recomputed, after it is restored again on admission
         (reusing what others still hold)."""
