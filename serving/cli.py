@@ -7,6 +7,12 @@
         [--conversation-ttl-s S] [--max-conversations N]
 
 Also `python -m serving ...`. The server binds to 127.0.0.1 unless --host says otherwise.
+
+`pensieve serve` opens its port first ("pensieve: serving MODEL on HOST:PORT") with gRPC health
+NOT_SERVING while the engine compiles its programs, then reports SERVING ("pensieve: warm after
+S s ..."); turns sent meanwhile wait for the warm-up. PENSIEVE_JAX_PRECOMPILE=0: no warm-up
+(programs compile on first use), SERVING at once. `pensieve cluster` reports ready once every
+replica is SERVING.
 """
 
 from __future__ import annotations
@@ -189,24 +195,41 @@ async def _router(args: argparse.Namespace) -> None:
 
 # -- serve ------------------------------------------------------------------------------------
 
-async def _serve(args: argparse.Namespace) -> None:
+async def _serve(args: argparse.Namespace) -> int:
     from pensieve_jax.engine import Engine
     from serving.metrics import Metrics
-    from serving.server import PensieveServer
+    from serving.server import PensieveServer, describe_programs, warm_up_later
 
+    # the engine compiles its programs after the port is open (health NOT_SERVING meanwhile)
+    options, warm_up = warm_up_later(engine_options(args))
     engine = Engine.from_pretrained(args.model, dtype=args.dtype,
-                                    cache_dir=False if args.no_cache_dir else None,
-                                    **engine_options(args))
+                                    cache_dir=False if args.no_cache_dir else None, **options)
     metrics = Metrics(engine)
     server = PensieveServer(engine, args.host, args.port, metrics=metrics, model_name=args.model,
-                            role=args.role)
+                            role=args.role, warm_up=warm_up)
+    failed: list[BaseException] = []
+    stop = asyncio.Event()
+
+    async def report_warm() -> None:
+        try:
+            await server.wait_ready()
+        except Exception as e:
+            failed.append(e)
+            print(f"pensieve: {e}", file=sys.stderr, flush=True)
+            stop.set()
+            return
+        if server.warm_s is not None:
+            print(f"pensieve: warm after {server.warm_s:.1f} s"
+                  f"{describe_programs(server.programs)}; health SERVING", flush=True)
+
+    warming = None
     try:
         await server.start()
         if args.metrics_port is not None:
             port = metrics.serve(args.metrics_port, args.host)
             print(f"pensieve: metrics on http://{args.host}:{port}/metrics", flush=True)
         print(f"pensieve: serving {args.model} on {server.target}", flush=True)
-        stop = asyncio.Event()
+        warming = asyncio.create_task(report_warm())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
@@ -214,9 +237,12 @@ async def _serve(args: argparse.Namespace) -> None:
         print("pensieve: shutting down", flush=True)
         await server.shutdown(args.grace)
     finally:
+        if warming is not None:
+            warming.cancel()
         metrics.close()
         engine.shutdown()
     print("pensieve: stopped", flush=True)
+    return 1 if failed else 0
 
 
 # -- chat -------------------------------------------------------------------------------------
@@ -263,8 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        asyncio.run(_serve(args))
-        return 0
+        return asyncio.run(_serve(args))
     if args.command in ("cluster", "router"):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         asyncio.run(_cluster(args) if args.command == "cluster" else _router(args))

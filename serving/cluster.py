@@ -8,6 +8,10 @@ KV pool, own engine thread) on those weights, served on a loopback port, all on 
 with the router. `--subprocess`: each replica is a `pensieve serve` process; on a machine with
 GPUs replica i sees only GPU i % n (CUDA_VISIBLE_DEVICES).
 
+Each replica opens its port with gRPC health NOT_SERVING while its engine compiles its programs
+(serving/server.py, warm-up); `start()` returns, and the router takes calls, once every replica
+reports SERVING.
+
     with BackgroundCluster(ClusterConfig("random:tiny", replicas=3)) as cluster:
         client = serving.client.connect(cluster.target)
 """
@@ -21,6 +25,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from typing import Any, Callable
 
 from serving.router import MAX_CONVERSATIONS, RouterServer
@@ -28,6 +33,7 @@ from serving.router_state import load_router_tokenizer
 from serving.routing import E2Config
 
 _SERVING_LINE = re.compile(r"pensieve: serving .* on (\S+:\d+)")
+READY_TIMEOUT_S = 3600.0      # how long a replica may take to be SERVING (its warm-up)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,17 +109,22 @@ class Cluster:
     async def _start_in_process(self):
         from pensieve_jax.engine import Engine, EngineConfig
         from pensieve_jax.weights import load_model
-        from serving.server import PensieveServer
+        from serving.server import PensieveServer, warm_up_later
         c = self.config
         model = self.loaded_model or await asyncio.to_thread(load_model, c.model, c.dtype)
-        options = EngineConfig(**dict(c.engine_options))
-        for role in c.roles:
+        options, warm_up = warm_up_later(dict(c.engine_options))
+        options = EngineConfig(**options)
+        for i, role in enumerate(c.roles):
             engine = Engine(model, c.dtype, options)
-            server = PensieveServer(engine, c.host, 0, model_name=c.model, role=role)
-            await server.start()
+            server = PensieveServer(engine, c.host, 0, model_name=c.model, role=role,
+                                    warm_up=warm_up)
+            await server.start()             # warms up in the background
             self.engines.append(engine)
             self.servers.append(server)
             self.targets.append(server.target)
+            if i == 0:   # the others then load its programs from the persistent compile cache
+                await server.wait_ready()
+        await asyncio.gather(*(s.wait_ready() for s in self.servers))
         return model.tokenizer
 
     def _spawn(self) -> list[str]:
@@ -136,7 +147,36 @@ class Cluster:
                     break
             else:
                 raise RuntimeError(f"replica {i} exited before serving (exit {proc.wait()})")
+            if i == 0:   # the others then load its programs from the persistent compile cache
+                self._wait_serving(targets)
+        self._wait_serving(targets)
         return targets
+
+    def _wait_serving(self, targets: list[str]) -> None:
+        """Block until these replica processes report gRPC health SERVING (they warmed up)."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        from serving.router_state import SERVICE_NAME
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        for i, (proc, target) in enumerate(zip(self.processes, targets)):
+            with grpc.insecure_channel(target) as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                while True:
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"replica {i} ({target}) exited before it was "
+                                           f"SERVING (exit {proc.returncode})")
+                    try:
+                        if health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                                        timeout=2).status == \
+                                health_pb2.HealthCheckResponse.SERVING:
+                            break
+                    except grpc.RpcError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"replica {i} ({target}) was not SERVING after "
+                                           f"{READY_TIMEOUT_S:.0f} s")
+                    time.sleep(0.1)
 
     async def stop_replica(self, index: int, grace: float = 0.0) -> None:
         """Stop one replica (its calls then fail UNAVAILABLE), as if its machine went away."""

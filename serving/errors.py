@@ -13,7 +13,7 @@ so `except ValueError` / `except EngineOverloaded` work the same locally and rem
     | FAILED_PRECONDITION | TurnInProgress, engine ConversationBusy            | FailedPrecondition |
     | RESOURCE_EXHAUSTED  | EngineOverloaded (max_queued_requests)             | ResourceExhausted  |
     | DEADLINE_EXCEEDED   | (the client's deadline passed)                     | DeadlineExceeded   |
-    | UNAVAILABLE         | ShuttingDown                                       | Unavailable        |
+    | UNAVAILABLE         | ShuttingDown, NotReady (the warm-up failed)        | Unavailable        |
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ class ShuttingDown(RuntimeError):
     """The server is draining and takes no new turns."""
 
 
+class NotReady(RuntimeError):
+    """The server cannot take turns: its engine failed to warm up (or it stopped first)."""
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a server reports for an exception."""
     code = grpc.StatusCode.INTERNAL
@@ -50,7 +54,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         code = grpc.StatusCode.INVALID_ARGUMENT
     elif isinstance(exc, TimeoutError):
         code = grpc.StatusCode.DEADLINE_EXCEEDED
-    elif isinstance(exc, ShuttingDown):
+    elif isinstance(exc, (ShuttingDown, NotReady)):
         code = grpc.StatusCode.UNAVAILABLE
     message = str(exc) if code != grpc.StatusCode.INTERNAL else f"{type(exc).__name__}: {exc}"
     return code, message or type(exc).__name__

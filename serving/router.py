@@ -441,6 +441,14 @@ class RouterServer:
 
     async def start(self) -> int:
         self.service.connect()
+        # one round of health checks first: a replica still warming up (NOT_SERVING) or not
+        # there is marked down before any call can be routed to it
+        try:
+            await asyncio.wait_for(asyncio.gather(
+                *(self.service.check(r) for r in self.service.replicas),
+                return_exceptions=True), timeout=5)
+        except asyncio.TimeoutError:
+            pass
         server = grpc.aio.server()
         pb_grpc.add_PensieveServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

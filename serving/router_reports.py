@@ -3,9 +3,11 @@ reports, GetStats. Mixed into RouterService (serving/router.py), whose replicas 
 it keeps up to date.
 
 Health: every health_period_s the router asks each replica's gRPC health service. One that
-fails is marked down (RouterService.mark_down); one that answers again is marked up. While a
-replica is healthy its GetStats gives its cache capacity (the tree's LRU capacity estimate)
-and, unless the router was given its role, its role.
+fails, or answers NOT_SERVING (a replica still warming up, or shutting down), is marked down
+(RouterService.mark_down) and gets no calls; one that answers SERVING again is marked up. The
+first round runs before the router takes calls. While a replica is healthy its GetStats gives
+its cache capacity (the tree's LRU capacity estimate) and, unless the router was given its
+role, its role.
 
 Cache reports: every cache_report_interval_s the router polls each replica's
 MemPool.CacheReport (pensieve_jax/cache_report.py): per conversation there, the token ids whose

@@ -13,6 +13,13 @@ streaming call reads its turn in a worker thread that hands chunks to the event 
 number of streams proceed at once. A call that is cancelled, disconnects or passes its deadline
 cancels its turn in the engine at once; the conversation keeps what was generated. Idle
 conversations expire with the engine's conversation_ttl_s.
+
+Warm-up: `PensieveServer(engine, warm_up=True)` (what `pensieve serve` and `pensieve cluster`
+do) opens its port at once with gRPC health NOT_SERVING, compiles the engine's programs
+(`engine.warm_up()`) on a background thread, then reports SERVING. Meanwhile health checks,
+reflection and GetStats answer; Chat and Generate calls wait behind the warm-up (their deadline
+still runs) and then proceed; if the warm-up fails they end UNAVAILABLE. `warm_up_later(options)`
+gives the engine options for such a server (the engine's own precompile off).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
+import os
 import threading
 import time
 from typing import Any, AsyncIterator, Callable, Iterator
@@ -30,9 +38,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pensieve_jax.engine import Engine
+from pensieve_jax.engine import Engine, EngineConfig
 from pensieve_jax.session import Session, TurnStream, check_messages
-from serving.errors import ConversationNotFound, ShuttingDown, TurnInProgress, status_for
+from serving.errors import ConversationNotFound, NotReady, ShuttingDown, TurnInProgress, \
+    status_for
 from serving.mempool import GRPC_OPTIONS, MEMPOOL_SERVICE, MemPoolService
 from serving.metrics import Metrics
 from serving.pensieve.v1 import pensieve_pb2 as pb
@@ -44,6 +53,22 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Pensieve"].full_name   # "pensieve.v1.Pensieve"
 DEFAULT_HOST = "127.0.0.1"
 ROLES = ("prefill", "decode", "both")      # what a router may use a replica for
+PRECOMPILE_ENV = "PENSIEVE_JAX_PRECOMPILE"   # 0: engines compile their programs on first use
+
+
+def warm_up_later(options: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """EngineConfig options for an engine a PensieveServer warms up once its port is open:
+    (the options with the engine's own precompile off, whether the server should warm it up:
+    EngineConfig.precompile, None meaning on unless PENSIEVE_JAX_PRECOMPILE=0). An engine
+    without precompile gets the options unchanged and no warm-up."""
+    if "precompile" not in {f.name for f in dataclasses.fields(EngineConfig)}:
+        return dict(options), False
+    wanted = options.get("precompile")
+    if wanted is None:
+        config = EngineConfig(**options)
+        wanted = config.precompile_enabled if hasattr(config, "precompile_enabled") else \
+            os.environ.get(PRECOMPILE_ENV, "1").strip().lower() not in ("0", "false", "no")
+    return {**options, "precompile": False}, bool(wanted)
 
 
 class _Failed:
@@ -145,6 +170,7 @@ class PensieveService(pb_grpc.PensieveServicer):
         self.draining = False
         self.role = "both"              # prefill | decode | both: a hint for routers
         self.mempool = None             # its MemPoolService, once served
+        self.warming: asyncio.Future | None = None   # set while/after the engine warms up
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_streams, thread_name_prefix="pensieve-stream")
 
@@ -226,6 +252,11 @@ class PensieveService(pb_grpc.PensieveServicer):
         session.conversation_id = conversation_id
         self.conversations[conversation_id] = _Conversation(session)
 
+    async def _until_warm(self) -> None:
+        """A turn that arrives while the engine warms up waits for it (NotReady if it failed)."""
+        if self.warming is not None:
+            await asyncio.shield(self.warming)
+
     def _observe(self, usage) -> None:
         if self.metrics is not None:
             self.metrics.observe_turn(usage)
@@ -285,6 +316,7 @@ class PensieveService(pb_grpc.PensieveServicer):
         if not messages:
             raise ValueError("no messages: send the new turn's messages (with a conversation_id) "
                              "or the whole history (without one)")
+        await self._until_warm()
         if request.conversation_id:
             conv = await self._acquire(request.conversation_id)
             if request.cache_salt and request.cache_salt != (conv.session.cache_salt or ""):
@@ -331,6 +363,7 @@ class PensieveService(pb_grpc.PensieveServicer):
         which = request.WhichOneof("prompt")
         if which is None:
             raise ValueError("no prompt: set text or token_ids")
+        await self._until_warm()
         handles = []
 
         def run():
@@ -420,12 +453,16 @@ class PensieveService(pb_grpc.PensieveServicer):
 
 
 class PensieveServer:
-    """The service plus gRPC health (grpc.health.v1) and server reflection, on one port."""
+    """The service plus gRPC health (grpc.health.v1) and server reflection, on one port.
+
+    warm_up: after start() opens the port (health NOT_SERVING), run engine.warm_up() on a
+    background thread, then report SERVING (`wait_ready()`); turns wait for it. Without it (or
+    for an engine without warm_up) health is SERVING from start()."""
 
     def __init__(self, engine: Engine, host: str = DEFAULT_HOST, port: int = 0,
                  metrics: Metrics | None = None, model_name: str | None = None,
                  max_streams: int = 1024, options: list[tuple[str, Any]] | None = None,
-                 role: str = "both"):
+                 role: str = "both", warm_up: bool = False):
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self.engine = engine
@@ -441,10 +478,56 @@ class PensieveServer:
         self._options = GRPC_OPTIONS if options is None else options
         self._server: grpc.aio.Server | None = None
         self._expiry: asyncio.Task | None = None
+        self.warm_up = warm_up and callable(getattr(engine, "warm_up", None))
+        self.warm_s: float | None = None      # how long the warm-up took
+        self.programs: dict | None = None     # engine.stats()["programs"] after it, if any
+        self._warming: asyncio.Task | None = None
 
     @property
     def target(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def ready(self) -> bool:
+        """Started, and warm (health SERVING)."""
+        gate = self.service.warming
+        return self._server is not None and (gate is None or gate.done() and
+                                             gate.exception() is None)
+
+    async def wait_ready(self) -> None:
+        """Return once the server is warm (health SERVING); raises NotReady if the warm-up
+        failed or the server stopped first."""
+        if self.service.warming is not None:
+            await asyncio.shield(self.service.warming)
+
+    def _open_gate(self, error: BaseException | None = None) -> None:
+        gate = self.service.warming
+        if gate is None or gate.done():
+            return
+        if error is None:
+            gate.set_result(None)
+        else:
+            gate.set_exception(error)
+            gate.exception()           # retrieved: no "never retrieved" log without waiters
+
+    async def _warm(self) -> None:
+        start = time.monotonic()
+        try:
+            await asyncio.to_thread(self.engine.warm_up)
+            stats = await asyncio.to_thread(self.engine.stats)
+        except Exception as e:
+            log.error("warm-up failed: turns end UNAVAILABLE", exc_info=e)
+            self._open_gate(NotReady(f"the engine failed to warm up: {type(e).__name__}: {e}"))
+            return
+        self.warm_s = time.monotonic() - start
+        self.programs = stats.get("programs") if isinstance(stats, dict) else None
+        if self._server is None or self.service.draining:
+            return
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._open_gate()
+        log.info("warm after %.1f s%s: health SERVING", self.warm_s, describe_programs(
+            self.programs))
 
     async def start(self) -> int:
         server = grpc.aio.server(options=self._options)
@@ -456,8 +539,12 @@ class PensieveServer:
         self.port = server.add_insecure_port(f"{self.host}:{self.requested_port}")
         await server.start()
         self._server = server
+        status = health_pb2.HealthCheckResponse
         for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(name, status.NOT_SERVING if self.warm_up else status.SERVING)
+        if self.warm_up:
+            self.service.warming = asyncio.get_running_loop().create_future()
+            self._warming = asyncio.create_task(self._warm())
         if self.service.ttl is not None:
             self._expiry = asyncio.create_task(self.service.expire_loop())
         return self.port
@@ -468,11 +555,14 @@ class PensieveServer:
         if self._server is None:
             return
         await self.health.enter_graceful_shutdown()
+        self._open_gate(NotReady("the server stopped before its engine was warm"))
         stopping = asyncio.create_task(self._server.stop(grace + 10.0))   # new calls: UNAVAILABLE
         await self.service.drain(grace)
         await stopping
         if self._expiry is not None:
             self._expiry.cancel()
+        if self._warming is not None:
+            self._warming.cancel()           # its thread finishes the warm-up on its own
         await self.mempool.close()
         self.service.close()
         self._server = None
@@ -522,6 +612,10 @@ class BackgroundServer:
     def service(self) -> PensieveService:
         return self.server.service
 
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until the server is warm (health SERVING); NotReady if its warm-up failed."""
+        asyncio.run_coroutine_threadsafe(self.server.wait_ready(), self._loop).result(timeout)
+
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the server's event loop (for inspection); returns its result."""
         async def run():
@@ -545,5 +639,14 @@ class BackgroundServer:
         self.stop()
 
 
+def describe_programs(programs: dict | None) -> str:
+    """' (N programs compiled in S s)' from engine.stats()["programs"], or ''."""
+    if not isinstance(programs, dict) or "count" not in programs:
+        return ""
+    seconds = programs.get("compile_s")
+    took = f" in {seconds:.1f} s" if isinstance(seconds, (int, float)) else ""
+    return f" ({programs['count']} programs compiled{took})"
+
+
 __all__ = ["BackgroundServer", "DEFAULT_HOST", "PensieveServer", "PensieveService",
-           "SERVICE_NAME"]
+           "SERVICE_NAME", "describe_programs", "warm_up_later"]
