@@ -6,6 +6,7 @@ all scheduling state and runs the steps, so requests join and leave at step boun
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import dataclasses
 import queue
@@ -13,8 +14,10 @@ import secrets
 import threading
 import time
 import uuid
+import weakref
 from typing import Any, Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -37,7 +40,33 @@ class EngineOverloaded(RuntimeError):
     """Too many unfinished requests (EngineConfig.max_queued_requests)."""
 
 
+class EngineClosed(RuntimeError):
+    """The engine was closed (Engine.close): it takes no more work; turns still queued or
+    running when it closed end with this error."""
+
+
+# Every engine not yet closed, without keeping any alive; closed at interpreter exit.
+_open_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_engines() -> None:
+    """An engine thread left inside a JAX call (a step in flight) when the interpreter
+    finalizes is ended by CPython with pthread_exit as it takes the GIL back; the forced unwind
+    through jaxlib's C++ frames aborts the process (exit 134, "FATAL: exception not
+    rethrown"). atexit hooks run before that, last registered first: this one (this module
+    imports JAX first) before JAX's own, which clear its backends."""
+    for engine in list(_open_engines):
+        try:
+            engine.close()
+        except Exception:  # exiting anyway; close the others
+            pass
+
+
 class Engine:
+    _closed = False                      # close() ran (guarded by _lock)
+    _owns_weights = False                # from_pretrained loaded them: close() frees them
+
     def __init__(self, model: LoadedModel, dtype="float32", config: EngineConfig = EngineConfig()):
         self.model = model
         self.config = config
@@ -74,6 +103,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._unfinished = 0                 # submitted, no final event yet (guarded by _lock)
         self.counts = dict.fromkeys(COUNTERS, 0)   # engine thread only; see stats()
+        _open_engines.add(self)
 
     @classmethod
     def from_pretrained(cls, source: str = DEFAULT_MODEL, dtype="float32", cache_dir=None,
@@ -85,7 +115,9 @@ class Engine:
         if unknown:
             raise TypeError(f"unknown engine options {sorted(unknown)} (known: {sorted(fields)})")
         config = EngineConfig(**options)
-        return cls(load_model(source, dtype, cache_dir), dtype, config)
+        engine = cls(load_model(source, dtype, cache_dir), dtype, config)
+        engine._owns_weights = True
+        return engine
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -138,7 +170,10 @@ class Engine:
 
     def cancel(self, request_id: str) -> None:
         """Stop a turn now; its conversation keeps the tokens produced so far."""
-        self._post(lambda: self._abort(request_id))
+        try:
+            self._post(lambda: self._abort(request_id))
+        except EngineClosed:      # close() ended every turn
+            pass
 
     def has_conversation(self, conversation_id: str) -> bool:
         return self.call(lambda: conversation_id in self.store.conversations)
@@ -150,22 +185,78 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         return self.call(lambda: engine_stats(self))
 
-    def shutdown(self) -> None:
-        if self._thread is not None:
-            self._post(None)
-            self._thread.join()
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the engine: turns still queued or running end with EngineClosed, the engine
+        thread exits and the device buffers go (the KV pools; the weights too if
+        from_pretrained loaded them and no open engine shares them). Idempotent; afterwards
+        submit, call and what uses them raise EngineClosed. `with Engine.from_pretrained(...)
+        as engine:` closes on the way out, and engines still open close at interpreter exit."""
+        with self._lock:
+            if self._closed:
+                return
+            thread = self._thread
+            if thread is threading.current_thread():
+                raise RuntimeError("close() on the engine thread would wait for itself")
+            self._closed = True
+            if thread is not None:          # after what was posted before: end turns, stop
+                self._inbox.put(self._end_all)
+                self._inbox.put(None)
+        if thread is not None:
+            thread.join()
             self._thread = None
+        _open_engines.discard(self)
+        self._free_buffers()
+
+    def shutdown(self) -> None:
+        """close() (the earlier name)."""
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _end_all(self) -> None:
+        """(engine thread, at close) Every turn queued or running ends with EngineClosed."""
+        self.swapper.drop()
+        error = EngineClosed("the engine was closed")
+        for req in self.scheduler.abort_all():
+            if not req.finished:
+                self._deliver(req, error)
+
+    def _free_buffers(self) -> None:
+        """(after the engine thread ended) Free the KV pools and the weights this engine owns:
+        copies the runner made (tensor parallel), and the loaded ones if from_pretrained
+        loaded them and no open engine shares them."""
+        runner, params = self.runner, self.model.params
+        shared = {id(a) for a in jax.tree_util.tree_leaves(params)}
+        owned = jax.tree_util.tree_leaves(runner.kv) + [
+            a for a in jax.tree_util.tree_leaves(runner.params) if id(a) not in shared]
+        if self._owns_weights and not any(e.model.params is params for e in _open_engines):
+            owned += jax.tree_util.tree_leaves(params)
+        runner.kv = runner.params = None
+        for a in owned:
+            if isinstance(a, jax.Array) and not a.is_deleted():
+                a.delete()
 
     # -- the loop -----------------------------------------------------------------------------
 
     def _post(self, fn: Callable[[], None] | None) -> None:
-        if self._thread is None:
-            with self._lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._loop, name="pensieve-engine",
-                                                    daemon=True)
-                    self._thread.start()
-        self._inbox.put(fn)
+        with self._lock:         # so nothing lands in the inbox behind close()'s stop
+            if self._closed:
+                raise EngineClosed("the engine is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="pensieve-engine",
+                                                daemon=True)
+                self._thread.start()
+            self._inbox.put(fn)
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the engine thread between steps; its result or exception comes back."""

@@ -24,6 +24,7 @@ import threading
 import uuid
 from typing import TYPE_CHECKING, AsyncIterator, Iterable, Iterator, Sequence
 
+from pensieve_jax.engine import EngineClosed
 from pensieve_jax.request import RequestHandle, RequestOutput, Usage
 from pensieve_jax.sampling import SamplingParams
 
@@ -268,4 +269,7 @@ class Session(TurnMethods):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self.engine.end_conversation(self.conversation_id)
+            try:
+                self.engine.end_conversation(self.conversation_id)
+            except EngineClosed:      # its cache went with the engine
+                pass
