@@ -91,132 +91,175 @@ def load_pages(kv: KVCache, layer: jax.Array, k: jax.Array, v: jax.Array,
     )
 
 
-Q_BLOCK = 64   # query rows per tile of the XLA path's prefill part (of 16, 32, 64, 128: the fastest
-               # on CPU for SmolLM2 shapes, mixed, prefill-only and short-turn steps alike)
-
-
-def q_blocks_needed(q_lens) -> int:
-    """Query tiles the XLA path needs for sequences with these q_lens (host side, exact): every
-    row but each sequence's last, cut per sequence into tiles of Q_BLOCK rows."""
-    return sum(-(-max(int(n) - 1, 0) // Q_BLOCK) for n in q_lens)
-
-
-def max_q_blocks(num_tokens: int, num_seqs: int, max_q_len: int) -> int:
-    """A bound on `q_blocks_needed` for any step of num_tokens tokens over num_seqs sequences
-    whose q_lens are all <= max_q_len."""
-    if max_q_len <= 1:
-        return 0
-    return min(num_seqs * -(-(max_q_len - 1) // Q_BLOCK),
-               -(-num_tokens // Q_BLOCK) + min(num_seqs, num_tokens // 2))
-
+MASK_VALUE = -1e30
+# The XLA path's work items (whole pages; at least one page of keys). Chosen on the 2-core CPU
+# for SmolLM2 shapes: short prefills (a turn's 72 tokens over 700 cached) cost about 30% less
+# than with tiles of 64 rows and blocks of 512 keys, 512-token prefills about the same.
+LAST_ROWS_KEYS = 128  # keys per item of the last rows (decodes), 8 items per loop iteration
+TILE_ROWS = 16        # prefill rows per tile
+TILE_KEYS = 128       # keys per item of a tile, 16 items per loop iteration
 
 class AttentionFn(Protocol):
     def __call__(self, q: jax.Array, kv: KVCache, layer: jax.Array, batch: AttentionBatch, *,
-                 sm_scale: float, max_q_len: int, num_q_blocks: int | None = None,
-                 mesh: Any = None) -> jax.Array: ...
+                 sm_scale: float, mesh: Any = None) -> jax.Array: ...
 
 
-def _masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
-                      kv_lens: jax.Array, sm_scale: float) -> jax.Array:
-    """Causal attention of B query groups over B contexts (float32 result).
+def _attend(qg: jax.Array, row_pos: jax.Array, row_seq: jax.Array, pair_unit: jax.Array,
+            pair_seq: jax.Array, kv: KVCache, layer: jax.Array, batch: AttentionBatch,
+            sm_scale: float, items_per_iter: int, block_keys: int) -> jax.Array:
+    """Attention of U query units of R rows each over their sequences' pages, costing about
+    the keys each row really needs.
 
-    q [B, R, kv_heads, group, D], k/v [B, C, kv_heads, D], q_pos [B, R] (position of each query
-    row; -1: no query, the row comes out 0), kv_lens [B] (keys at >= kv_len are masked).
+    qg [U, R, kv_heads, group, D]; row_pos [U, R] each row's position and row_seq [U, R] its
+    sequence (-1: no query here; such rows come out 0). A unit's rows may belong to several
+    sequences: pair_unit, pair_seq [NP] list the (unit, sequence) pairs to compute, sorted by
+    unit (pair_seq -1: none). Returns float32 [U, R, kv_heads, group, D].
+
+    Each pair needs its sequence's keys up to the last position of its rows, cut into blocks of
+    block_keys keys (whole pages); the (pair, block) items are numbered pair by pair, and a loop with a
+    dynamic trip count takes items_per_iter of them at a time: per item scores, a masked
+    softmax, then an online merge into the unit's running max, sum and output (flash attention
+    over a work list). Nothing is computed for padding, or for keys no row needs.
     """
-    scores = jnp.einsum("brkgd,bckd->bkgrc", q, k, preferred_element_type=jnp.float32)
-    scores = scores * sm_scale
-    k_pos = jnp.arange(k.shape[1], dtype=jnp.int32)
-    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (
-        k_pos[None, None, :] < kv_lens[:, None, None])                      # [B, R, C]
-    mask = mask[:, None, None]                                              # [B, 1, 1, R, C]
-    scores = jnp.where(mask, scores, -1e30)
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = jnp.where(mask, probs, 0.0)
-    return jnp.einsum("bkgrc,bckd->brkgd", probs.astype(v.dtype), v,
-                      preferred_element_type=jnp.float32)
+    num_units, rows, num_kv_heads, group, head_dim = qg.shape
+    page_size = kv.k.shape[2]
+    pages_per_block = max(1, block_keys // page_size)
+    block_keys = pages_per_block * page_size
+    width = batch.page_table.shape[1]
+
+    match = (row_seq[pair_unit] == pair_seq[:, None]) & (pair_seq[:, None] >= 0)   # [NP, R]
+    last_pos = jnp.max(jnp.where(match, row_pos[pair_unit], -1), axis=1)           # [NP]
+    blocks = jnp.where(last_pos >= 0, last_pos // block_keys + 1, 0)
+    cu = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(blocks, dtype=jnp.int32)])
+    total = cu[-1]
+    w = jnp.arange(items_per_iter, dtype=jnp.int32)
+
+    def body(it, carry):
+        m, l, o = carry                  # [U, K, G, R], [U, K, G, R], [U, K, G, R, D]
+        item = it * items_per_iter + w
+        valid = item < total
+        pair = jnp.clip(jnp.searchsorted(cu[1:], item, side="right"), 0,
+                        pair_unit.shape[0] - 1).astype(jnp.int32)
+        blk = item - cu[pair]
+        u, seq = pair_unit[pair], jnp.maximum(pair_seq[pair], 0)
+        cols = jnp.clip(blk[:, None] * pages_per_block + jnp.arange(pages_per_block), 0,
+                        width - 1)
+        pages = batch.page_table[seq[:, None], cols]                         # [W, pages]
+        shape = (items_per_iter, block_keys, num_kv_heads, head_dim)
+        k = kv.k[layer, pages].reshape(shape)       # read from the stacked pools in place
+        v = kv.v[layer, pages].reshape(shape)
+        k_pos = blk[:, None] * block_keys + jnp.arange(block_keys, dtype=jnp.int32)  # [W, C]
+        q_pos = jnp.where((row_seq[u] == seq[:, None]) & valid[:, None], row_pos[u], -1)
+        mask = ((k_pos[:, None, :] <= q_pos[:, :, None]) &
+                (k_pos < batch.kv_lens[seq][:, None])[:, None, :])           # [W, R, C]
+        s = jnp.einsum("wrkgd,wckd->wkgrc", qg[u], k,
+                       preferred_element_type=jnp.float32) * sm_scale
+        mask = mask[:, None, None]
+        s = jnp.where(mask, s, MASK_VALUE)
+        m_item = jnp.max(s, axis=-1)                                          # [W, K, G, R]
+        p = jnp.where(mask, jnp.exp(s - m_item[..., None]), 0.0)
+        l_item = jnp.sum(p, axis=-1)
+        o_item = jnp.einsum("wkgrc,wckd->wkgrd", p.astype(v.dtype), v,
+                            preferred_element_type=jnp.float32)
+        # merge: the items of one unit are consecutive; the first of them in this batch
+        # rescales the unit's running sums once
+        m_new = m.at[u].max(m_item)
+        m_unit = m_new[u]
+        first = jnp.concatenate([jnp.ones(1, bool), u[1:] != u[:-1]])
+        alpha = jnp.where(first[:, None, None, None], jnp.exp(m[u] - m_unit), 1.0)
+        scale = jnp.exp(m_item - m_unit)
+        l = l.at[u].multiply(alpha).at[u].add(l_item * scale)
+        o = o.at[u].multiply(alpha[..., None]).at[u].add(o_item * scale[..., None])
+        return m_new, l, o
+
+    init = (jnp.full((num_units, num_kv_heads, group, rows), MASK_VALUE, jnp.float32),
+            jnp.zeros((num_units, num_kv_heads, group, rows), jnp.float32),
+            jnp.zeros((num_units, num_kv_heads, group, rows, head_dim), jnp.float32))
+    _, l, o = jax.lax.fori_loop(0, -(-total // items_per_iter), body, init)
+    out = o / jnp.where(l > 0, l, 1.0)[..., None]
+    return jnp.moveaxis(out, 3, 1)                                  # [U, R, K, G, D]
 
 
 def xla_paged_attention(q: jax.Array, kv: KVCache, layer: jax.Array, batch: AttentionBatch, *,
-                        sm_scale: float, max_q_len: int, num_q_blocks: int | None = None,
-                        mesh: Any = None) -> jax.Array:
-    """Gather pages and run masked attention over query tiles: the fast path on CPU.
+                        sm_scale: float, mesh: Any = None) -> jax.Array:
+    """Paged attention in plain XLA over a work list of (query rows, key block) items: the
+    fast path on CPU, and the fallback anywhere.
 
-    q [T, num_q_heads, head_dim] -> [T, num_q_heads, head_dim]. Queries are computed in two parts,
-    so a step costs about its real number of query rows, whatever its mix:
+    q [T, num_q_heads, head_dim] -> [T, num_q_heads, head_dim]. Rows are computed in two parts:
 
-      last rows   every sequence's last new row (a decode's only one): [S, 1] queries.
-      tiles       the other rows of each sequence with q_len > 1, cut per sequence into tiles
-                  of Q_BLOCK consecutive rows: [num_q_blocks, Q_BLOCK] queries.
+      last rows   every sequence's last new row (a decode's only one): S units of 1 row.
+      tiles       the other rows (prefill), in the token order: T / TILE_ROWS units of
+                  TILE_ROWS consecutive rows, each computed once per sequence it holds rows of
+                  (at most T / TILE_ROWS + S pairs); skipped at run time when the step has none.
 
-    Each part attends over its sequence's pages, ctx = page_table width * page_size keys, and
-    each token takes its output from the part holding it. One 512-token prefill chunk with 15
-    decodes costs 16 + 8 * 64 query rows.
-
-    Static bounds (the caller guarantees them): every q_len <= max_q_len (1: decode only, no
-    tiles); num_q_blocks >= `q_blocks_needed(q_lens)` (the runner passes a power-of-two bucket;
-    None: a bound that holds for any batch of T tokens and S sequences). Numerics: each query
-    row's scores, mask and softmax are as in a dense per-sequence attention (float32 scores).
-    Under a mesh (heads sharded) XLA partitions it by head from the operands' shardings;
-    nothing here needs to know.
+    Only static shapes are T, S and the page-table width; the work is a dynamic number of
+    items, each a block of keys (LAST_ROWS_KEYS, TILE_KEYS) that some row needs, so a step costs about its
+    real rows times their real contexts, whatever its mix, padding or table width. Numerics:
+    each query row's scores, mask and softmax are those of a dense per-sequence attention
+    (float32 scores, online softmax over key blocks). Under a mesh (heads sharded) XLA
+    partitions it by head from the operands' shardings.
     """
     del mesh
+    batch = AttentionBatch(*(jnp.asarray(a, jnp.int32) for a in batch))
+    kv = KVCache(jnp.asarray(kv.k), jnp.asarray(kv.v))
     num_tokens, num_heads, head_dim = q.shape
-    num_seqs, pages_per_seq = batch.page_table.shape
-    _, _, page_size, num_kv_heads, _ = kv.k.shape
+    num_seqs = batch.page_table.shape[0]
+    num_kv_heads = kv.k.shape[3]
     group = num_heads // num_kv_heads
-    ctx = pages_per_seq * page_size
-    if num_q_blocks is None:
-        num_q_blocks = max_q_blocks(num_tokens, num_seqs, max_q_len)
+    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim)
 
     cu = batch.cu_q_lens
     q_lens = cu[1:] - cu[:-1]                                                  # [S]
-    first_pos = batch.kv_lens - q_lens                       # position of each sequence's row 0
-    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim)
-    k_pool, v_pool = kv.k[layer], kv.v[layer]
-
-    def pages(table):                                        # [B, P] -> [B, ctx, kv_heads, D]
-        shape = (table.shape[0], ctx, num_kv_heads, head_dim)
-        return k_pool[table].reshape(shape), v_pool[table].reshape(shape)
-
+    seqs = jnp.arange(num_seqs, dtype=jnp.int32)
     t = jnp.arange(num_tokens, dtype=jnp.int32)
     seq = jnp.minimum(jnp.searchsorted(cu[1:], t, side="right"), num_seqs - 1).astype(jnp.int32)
-    row = t - cu[seq]                                        # token t is row `row` of `seq`
+    pos = batch.kv_lens[seq] - q_lens[seq] + (t - cu[seq])                    # [T]
+    real = t < cu[-1]
+    is_last = real & (t == cu[seq + 1] - 1)
 
     last_q = qg[jnp.clip(cu[1:] - 1, 0, num_tokens - 1)][:, None]              # [S, 1, ...]
-    last_pos = jnp.where(q_lens > 0, batch.kv_lens - 1, -1)[:, None]           # [S, 1]
-    out = _masked_attention(last_q, *pages(batch.page_table), last_pos, batch.kv_lens,
-                            sm_scale)[:, 0][seq]                                 # [T, ...]
+    has_rows = (q_lens > 0)[:, None]
+    out = _attend(last_q, jnp.where(has_rows, batch.kv_lens[:, None] - 1, -1),
+                  jnp.where(has_rows, seqs[:, None], -1), seqs, seqs, kv, layer, batch,
+                  sm_scale, 8, LAST_ROWS_KEYS)[:, 0][seq]
 
-    if num_q_blocks > 0:
-        tiles = -(-jnp.maximum(q_lens - 1, 0) // Q_BLOCK)                       # [S]
-        cu_tiles = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(tiles, dtype=jnp.int32)])
-        b = jnp.arange(num_q_blocks, dtype=jnp.int32)
-        b_seq = jnp.minimum(jnp.searchsorted(cu_tiles[1:], b, side="right"),
-                            num_seqs - 1).astype(jnp.int32)
-        b_row = ((b - cu_tiles[b_seq]) * Q_BLOCK)[:, None] + jnp.arange(Q_BLOCK, dtype=jnp.int32)
-        b_valid = (b_row < q_lens[b_seq, None] - 1) & (b < cu_tiles[-1])[:, None]
-        b_q = qg[jnp.clip(cu[b_seq, None] + b_row, 0, num_tokens - 1)]      # [NB, Q_BLOCK, ...]
-        b_pos = jnp.where(b_valid, first_pos[b_seq, None] + b_row, -1)
-        b_out = _masked_attention(b_q, *pages(batch.page_table[b_seq]), b_pos,
-                                  batch.kv_lens[b_seq], sm_scale)
-        tile = jnp.clip(cu_tiles[seq] + row // Q_BLOCK, 0, num_q_blocks - 1)
-        is_last = (row == q_lens[seq] - 1)[:, None, None, None]
-        out = jnp.where(is_last, out, b_out[tile, row % Q_BLOCK])
+    if num_tokens > 1:
+        units = -(-num_tokens // TILE_ROWS)
+        pad = units * TILE_ROWS - num_tokens
+        tile_q = jnp.pad(qg, ((0, pad), (0, 0), (0, 0), (0, 0))).reshape(
+            units, TILE_ROWS, num_kv_heads, group, head_dim)
+        prefill = real & ~is_last
+        row_seq = jnp.pad(jnp.where(prefill, seq, -1), (0, pad), constant_values=-1)
+        row_pos = jnp.pad(pos, (0, pad)).reshape(units, TILE_ROWS)
+        row_seq = row_seq.reshape(units, TILE_ROWS)
+        # (tile, sequence) pairs: the sequences each tile's rows belong to
+        first_seq = jnp.min(jnp.where(row_seq >= 0, row_seq, num_seqs), axis=1)     # [U]
+        last_seq = jnp.max(row_seq, axis=1)
+        counts = jnp.maximum(last_seq - first_seq + 1, 0)
+        cu_pairs = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(counts, dtype=jnp.int32)])
+        j = jnp.arange(units + num_seqs, dtype=jnp.int32)
+        pair_unit = jnp.minimum(jnp.searchsorted(cu_pairs[1:], j, side="right"),
+                                units - 1).astype(jnp.int32)
+        pair_seq = jnp.where(j < cu_pairs[-1], first_seq[pair_unit] + j - cu_pairs[pair_unit],
+                             -1)
+
+        def tile_rows(out):
+            tiles = _attend(tile_q, row_pos, row_seq, pair_unit, pair_seq, kv, layer, batch,
+                            sm_scale, 16, TILE_KEYS)
+            tiles = tiles.reshape(units * TILE_ROWS, num_kv_heads, group, head_dim)[:num_tokens]
+            return jnp.where(is_last[:, None, None, None], out, tiles)
+        out = jax.lax.cond(jnp.any(prefill), tile_rows, lambda out: out, out)
 
     out = out.reshape(num_tokens, num_heads, head_dim)
-    valid = (t < cu[-1])[:, None, None]
-    return jnp.where(valid, out, 0.0).astype(q.dtype)
+    return jnp.where(real[:, None, None], out, 0.0).astype(q.dtype)
 
 
 def pallas_paged_attention(q: jax.Array, kv: KVCache, layer: jax.Array, batch: AttentionBatch, *,
-                           sm_scale: float, max_q_len: int, num_q_blocks: int | None = None,
-                           mesh: Any = None) -> jax.Array:
-    """The Pallas kernel (compiled on GPU, interpreted elsewhere); max_q_len and num_q_blocks
-    are not needed.
+                           sm_scale: float, mesh: Any = None) -> jax.Array:
+    """The Pallas kernel (compiled on GPU, interpreted elsewhere).
     Under a mesh the kernel runs once per shard (shard_map) on that shard's heads and pages."""
     from pallas_kernels import ragged_paged_attention_stacked
     from pensieve_jax.parallel import shard_heads
-    del max_q_len, num_q_blocks
 
     def kernel(q, k_pool, v_pool, layer, page_table, kv_lens, cu_q_lens):
         return ragged_paged_attention_stacked(q, k_pool, v_pool, layer, page_table, kv_lens,

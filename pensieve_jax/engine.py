@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import dataclasses
+import logging
 import queue
 import secrets
 import threading
@@ -21,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pensieve_jax import compile_cache
+from pensieve_jax.compile_watch import CompileWatch, progress_bar
 from pensieve_jax.cache import PageAllocator
 from pensieve_jax.conversations import ConversationStore
 from pensieve_jax.engine_config import EngineConfig, page_bytes, page_shape, pool_pages
@@ -35,6 +38,9 @@ from pensieve_jax.swap import Swapper
 from pensieve_jax.tokenizer import Tokenizer
 from pensieve_jax.transfer_costs import TransferCosts
 from pensieve_jax.weights import DEFAULT_MODEL, LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
 
 class EngineOverloaded(RuntimeError):
     """Too many unfinished requests (EngineConfig.max_queued_requests)."""
@@ -87,8 +93,13 @@ class Engine:
             config.max_batched_tokens, config.max_num_seqs,
             int(config.reserve_fraction * num_pages), config.fairness_steps,
             swap_in_same_step=config.swap_in == "layered"), self.store)
-        self.runner = ModelRunner(model, num_pages, config.page_size, config.attention, dtype,
-                                  tensor_parallel=config.tensor_parallel)
+        compile_cache.enable()
+        self.runner = ModelRunner(
+            model, num_pages, config.page_size, config.attention, dtype,
+            tensor_parallel=config.tensor_parallel, max_num_seqs=config.max_num_seqs,
+            max_batched_tokens=config.max_batched_tokens, max_model_len=self.max_model_len,
+            token_ladder=config.token_buckets,
+            layered_loads=config.swap_in == "layered" and self.host.enabled)
         self._rates = TransferCosts(nbytes, config.restore_policy)
         if self.host.enabled:
             if config.restore_policy == "auto":
@@ -103,7 +114,11 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._unfinished = 0                 # submitted, no final event yet (guarded by _lock)
         self.counts = dict.fromkeys(COUNTERS, 0)   # engine thread only; see stats()
+        self._compiles = CompileWatch()      # any compile on the engine thread once ready
+        self.warm_up_s: float | None = None
         _open_engines.add(self)
+        if config.precompile_enabled:
+            self.warm_up()
 
     @classmethod
     def from_pretrained(cls, source: str = DEFAULT_MODEL, dtype="float32", cache_dir=None,
@@ -118,6 +133,41 @@ class Engine:
         engine = cls(load_model(source, dtype, cache_dir), dtype, config)
         engine._owns_weights = True
         return engine
+
+    def warm_up(self) -> None:
+        """Compile every program the engine can run (runner.ProgramSet, page copies) on the
+        engine thread, before any request; turns submitted meanwhile wait behind it. Logs a
+        line per program. Idempotent. After it, `ready` is True and any compile on the engine
+        thread is a bug: logged as a warning and counted in stats()["programs"]."""
+        if self.runner.ready:
+            return
+        self.call(self._warm_up)
+
+    def _warm_up(self) -> None:
+        if self.runner.ready:
+            return
+        start = time.perf_counter()
+        total = len(self.runner.programs.shapes)
+        bar = progress_bar(total, "compiling step programs")
+        done = iter(range(1, total + 1))
+
+        def compiled(shape, seconds: float) -> None:
+            log.info("compiled step program %d/%d in %.1f s: %s", next(done), total, seconds,
+                     shape)
+            bar.update(1)
+        try:
+            self.runner.precompile(compiled)
+        finally:
+            bar.close()
+        self._compiles.arm(threading.current_thread())
+        self.warm_up_s = time.perf_counter() - start
+        log.info("engine ready: %d step programs compiled or loaded in %.1f s", total,
+                 self.warm_up_s)
+
+    @property
+    def ready(self) -> bool:
+        """Every program is compiled (warm_up ran); a lazy engine (precompile off) is never."""
+        return self.runner.ready
 
     @property
     def tokenizer(self) -> Tokenizer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +45,28 @@ class EngineConfig:
                                          # one step runs; the turn runs from the next step) or
                                          # "layered" (loaded inside the turn's own step, layer by
                                          # layer, each copy overlapping the layer before)
+    precompile: bool | None = None       # compile every step program when the engine is built
+                                         # (None: yes, unless env PENSIEVE_JAX_PRECOMPILE=0);
+                                         # off, programs compile on first use
+    token_buckets: tuple[int, ...] | None = None   # the token ladder of the step programs
+                                         # (None: runner.token_buckets(max_batched_tokens))
+
+    @property
+    def precompile_enabled(self) -> bool:
+        if self.precompile is not None:
+            return self.precompile
+        return os.environ.get("PENSIEVE_JAX_PRECOMPILE", "1").lower() not in ("0", "false", "no")
 
     def __post_init__(self):
+        if self.token_buckets is not None:
+            ladder = tuple(int(t) for t in self.token_buckets)
+            if not ladder or list(ladder) != sorted(set(ladder)) or ladder[0] < 1:
+                raise ValueError(f"token_buckets must be increasing positive integers, "
+                                 f"got {self.token_buckets!r}")
+            if ladder[-1] < self.max_batched_tokens:
+                raise ValueError(f"the largest token bucket ({ladder[-1]}) must be at least "
+                                 f"max_batched_tokens ({self.max_batched_tokens})")
+            object.__setattr__(self, "token_buckets", ladder)
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {self.page_size}")
         for name in ("max_batched_tokens", "max_num_seqs"):

@@ -19,11 +19,23 @@ def _pages(allocator) -> dict[str, int]:
             "total": allocator.num_pages}
 
 
+def _programs(engine: "Engine") -> dict[str, Any]:
+    """The step program set, compile time and padding; compiles of anything after ready."""
+    out = engine.runner.stats()
+    watch = engine._compiles
+    # every compile on the engine thread after ready (step programs included)
+    out.update(warm=engine.ready, warm_up_s=engine.warm_up_s,
+               step_programs_after_ready=out.pop("compilations_after_ready"),
+               compilations_after_ready=watch.count, compiled_after_ready=watch.names,
+               padding_ratio=round(out["padded_tokens"] / max(1, out["real_tokens"]), 4))
+    return out
+
+
 def engine_stats(engine: "Engine") -> dict[str, Any]:
     """Called on the engine thread."""
     counts, store, scheduler = engine.counts, engine.store, engine.scheduler
     return dict(
-        counts, compilations=engine.runner.num_compilations,
+        counts, compilations=engine.runner.num_compilations, programs=_programs(engine),
         running=len(scheduler.running), waiting=len(scheduler.waiting),
         conversations=len(store.conversations), preemptions=scheduler.num_preemptions,
         **store.counts, cached_tokens_resident=store.cached_tokens(),

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from pensieve_jax.cache import PageAllocator
+from pensieve_jax.runner import pages_to_host
 
 
 class HostCache:
@@ -24,7 +25,7 @@ class HostCache:
         shape = (layers, max(num_pages, 1), *rest)
         self.k = np.zeros(shape, np.dtype(dtype))
         self.v = np.zeros(shape, np.dtype(dtype))
-        self._pending: list[tuple[jax.Array, jax.Array, np.ndarray]] = []
+        self._pending: list[tuple[list, np.ndarray]] = []   # (page chunks, host ids)
         self.page_bytes = 2 * self.k[:, 0].nbytes
         # *_hidden_pages: copies already complete when needed (fully overlapped with compute);
         # *_wait_s: time the engine waited for the rest; in_s: host-side time to start copies;
@@ -38,21 +39,21 @@ class HostCache:
     def num_pages(self) -> int:
         return self.allocator.num_pages if self.enabled else 0
 
-    def write_async(self, k: jax.Array, v: jax.Array, host_ids: list[int]) -> None:
-        """Start copying gathered device pages [layers, n, ...] into host pages host_ids."""
-        for a in (k, v):
+    def write_async(self, chunks: list[tuple[jax.Array, jax.Array]], host_ids: list[int]) -> None:
+        """Start copying gathered device pages (runner.gather_pages: chunks (k, v) [layers,
+        chunk, ...] in order) into host pages host_ids."""
+        for a in jax.tree.leaves(chunks):
             a.copy_to_host_async()
-        self._pending.append((k, v, np.asarray(host_ids)))
+        self._pending.append((chunks, np.asarray(host_ids)))
         self.stats["out_pages"] += len(host_ids)
         self.stats["out_bytes"] += len(host_ids) * self.page_bytes
 
     def finish_writes(self) -> None:
         start = time.perf_counter()
-        for k, v, ids in self._pending:
-            if k.is_ready() and v.is_ready():
+        for chunks, ids in self._pending:
+            if all(a.is_ready() for a in jax.tree.leaves(chunks)):
                 self.stats["out_hidden_pages"] += len(ids)
-            self.k[:, ids] = np.asarray(k)[:, :len(ids)]
-            self.v[:, ids] = np.asarray(v)[:, :len(ids)]
+            self.k[:, ids], self.v[:, ids] = pages_to_host(chunks, len(ids))
         self._pending.clear()
         self.stats["out_wait_s"] += time.perf_counter() - start
 

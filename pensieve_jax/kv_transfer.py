@@ -207,8 +207,7 @@ def export_kv(engine: "Engine", conversation_id: str, start: int = 0,
             continue
         ids = [sources[j][1] for j in slots]
         if tier == "device":
-            dk, dv = engine.runner.gather_pages(ids)
-            dk, dv = np.asarray(dk)[:, :len(ids)], np.asarray(dv)[:, :len(ids)]
+            dk, dv = engine.runner.gather_pages_host(ids)
         else:
             dk, dv = engine.host.read(ids)
         k[:, slots], v[:, slots] = dk, dv

@@ -59,8 +59,6 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
     dtype: Any
     attention: str
-    max_q_len: int
-    num_q_blocks: int | None = None
     mesh: Any = None         # a jax.sharding.Mesh with axis "tp": heads are split over it
 
     @nn.compact
@@ -87,8 +85,7 @@ class DecoderLayer(nn.Module):
 
         kv = write_kv(kv, layer, k, v, slots)
         attn = get_attention(self.attention)(q, kv, layer, batch, sm_scale=c.head_dim ** -0.5,
-                                             max_q_len=self.max_q_len,
-                                             num_q_blocks=self.num_q_blocks, mesh=self.mesh)
+                                             mesh=self.mesh)
         attn = constrain(attn, self.mesh, HEADS_SPEC)
         h = h + dense(c.hidden_size, "o_proj")(attn.reshape(num_tokens, -1))
 
@@ -105,9 +102,6 @@ class Llama(nn.Module):
     __call__(token_ids [T] int32, positions [T] int32, kv: KVCache, batch: AttentionBatch,
              logits_indices [R] int32 | None) -> (logits [R or T, vocab] float32, kv)
 
-    max_q_len: static bound on any sequence's new tokens in a step (defaults to T).
-    num_q_blocks: static bound on the XLA path's query tiles (attention.q_blocks_needed; None:
-    one that holds for any batch of T tokens).
     mesh: None, or a Mesh with axis "tp" (pensieve_jax.parallel) that params and pools are
     sharded over; attention then runs per shard of heads.
     incoming: None, or pages in host memory to load into the pools during the step. Layer l's
@@ -123,8 +117,7 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, token_ids, positions, kv: KVCache, batch: AttentionBatch,
-                 logits_indices=None, max_q_len: int | None = None,
-                 num_q_blocks: int | None = None, incoming: Incoming | None = None):
+                 logits_indices=None, incoming: Incoming | None = None):
         c = self.config
         batch = AttentionBatch(*(jnp.asarray(a, jnp.int32) for a in batch))
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
@@ -137,8 +130,7 @@ class Llama(nn.Module):
                          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                          length=c.num_layers)
         arrived = None if incoming is None else fetch_layer(incoming, 0)
-        (h, kv, _), _ = layers(c, self.dtype, self.attention, max_q_len or token_ids.shape[0],
-                               num_q_blocks, self.mesh, name="layers")(
+        (h, kv, _), _ = layers(c, self.dtype, self.attention, self.mesh, name="layers")(
             (h, kv, arrived), jnp.arange(c.num_layers, dtype=jnp.int32), rope, slots, batch,
             incoming)
 

@@ -1,10 +1,14 @@
-"""Model runner: pads a step to shape buckets, runs the compiled step, returns sampled tokens.
+"""Model runner: pads a step to one of a fixed set of programs, runs it, returns sampled tokens.
 
-The host plans, the device computes: a step arrives as small NumPy arrays, is padded to
-power-of-two buckets (tokens, sequences, pages per sequence, the XLA attention's query tiles;
-the longest query run is 1 for a decode-only step, else the token bucket), and each bucket is
-compiled once (ahead of time, on first use). The KV pools are donated into every step, so
-they are updated in place. One device-to-host copy per step: the sampled token ids.
+The host plans, the device computes: a step arrives as small NumPy arrays (a ragged token
+batch) and is padded to one program of a set fixed by the engine's configuration before any
+request comes (`ProgramSet`, below): the only shape that varies is the token count, rounded up
+a short ladder of buckets; sequences, pages per sequence and (for the XLA attention) query tiles
+are fixed per bucket, and the attention's cost follows the keys each sequence really has, not
+these bounds. `precompile` compiles the whole set; a compile after that is a bug, warned about
+and counted. The KV pools are donated into every step, so they are updated in place. One
+device-to-host copy per step: the sampled token ids. Page copies between tiers run in fixed
+chunks of PAGE_CHUNK pages, one small program each.
 
 With tensor_parallel > 1 the params and pools live on a mesh (pensieve_jax.parallel): the step
 is jitted with NamedSharding in/out shardings, step inputs are replicated, and page gathers /
@@ -14,8 +18,10 @@ scatters for the host tier keep every device's KV heads on that device.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 import warnings
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +29,7 @@ import numpy as np
 
 from pallas_kernels.kv_pages import copy_pages
 from pensieve_jax import parallel
-from pensieve_jax.attention import (AttentionBatch, Incoming, KVCache, init_kv_cache,
-                                    q_blocks_needed)
+from pensieve_jax.attention import AttentionBatch, Incoming, KVCache, init_kv_cache
 from pensieve_jax.model import Llama
 from pensieve_jax.sampling import sample
 from pensieve_jax.weights import LoadedModel
@@ -53,14 +58,76 @@ class HostPages(NamedTuple):
     page_ids: list[int]      # [n] device pages
 
 
+PAGE_CHUNK = 32   # pages per call of the page gather / scatter / copy programs
+INCOMING_PAGES = 64   # pages a "layered" step loads inside it (more: the rest just before it)
+
+
+def token_buckets(max_tokens: int, minimum: int = 8) -> tuple[int, ...]:
+    """The token ladder: powers of two from `minimum`, with the midpoint 1.5x between each
+    power from 32 on (fine at the low end, where most steps land: decode batches and short
+    turns), capped by and ending at max_tokens. 512 -> 8 16 32 48 64 96 128 192 256 384 512."""
+    ladder, size = [], max(1, minimum)
+    while size < max_tokens:
+        ladder.append(size)
+        if size >= 32 and size * 3 // 2 < max_tokens:
+            ladder.append(size * 3 // 2)
+        size *= 2
+    ladder.append(max_tokens)
+    return tuple(sorted(set(ladder)))
+
+
 @dataclasses.dataclass(frozen=True)
-class Buckets:
-    min_tokens: int = 8
-    min_seqs: int = 1
-    min_pages: int = 4
+class StepShape:
+    """One compiled step program."""
+
+    tokens: int              # T: token rows (real ones first, then padding)
+    seqs: int                # S: page-table rows, min(T, max_num_seqs)
+    pages_per_seq: int       # P: page-table width, pages of max_model_len
+    incoming_pages: int = 0  # pages loaded layer by layer during the step (0: none)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramSet:
+    """Every step program an engine configuration can run, known before the first request.
+
+    How it is derived (a comment table; T runs over `token_buckets(max_batched_tokens)`):
+
+      dimension      value                                  why it is enough
+      tokens T       the ladder                             a step pads up to the next bucket
+      sequences S    min(T, max_num_seqs)                   every row holds >= 1 token
+      pages P        ceil(max_model_len / page_size)        no sequence is longer
+      incoming       0, and INCOMING_PAGES with swap_in     more pages load before the step
+                     "layered" and a host tier
+
+    So a configuration has len(ladder) programs (twice that with layered loads). Page copies
+    add three programs (gather, scatter, copy) of PAGE_CHUNK pages.
+    """
+
+    token_buckets: tuple[int, ...]
+    max_num_seqs: int
+    pages_per_seq: int
+    incoming_pages: int = 0
+
+    def shape_for(self, num_tokens: int, incoming: bool = False) -> StepShape:
+        """The program a step of num_tokens token rows runs."""
+        for t in self.token_buckets:
+            if t >= num_tokens:
+                return self._shape(t, incoming)
+        raise ValueError(f"a step of {num_tokens} tokens exceeds the largest program "
+                         f"({self.token_buckets[-1]} tokens, max_batched_tokens)")
+
+    def _shape(self, t: int, incoming: bool) -> StepShape:
+        return StepShape(t, min(t, self.max_num_seqs), self.pages_per_seq,
+                         self.incoming_pages if incoming else 0)
+
+    @property
+    def shapes(self) -> list[StepShape]:
+        loads = (False, True) if self.incoming_pages else (False,)
+        return [self._shape(t, m) for m in loads for t in self.token_buckets]
 
 
 def bucket(n: int, minimum: int) -> int:
+    """The power of two >= n (at least minimum)."""
     size = max(minimum, 1)
     while size < n:
         size *= 2
@@ -73,21 +140,31 @@ def _pad(a: np.ndarray, shape: tuple[int, ...], fill=0) -> np.ndarray:
     return out
 
 
+def _chunks(n: int) -> list[slice]:
+    return [slice(i, min(i + PAGE_CHUNK, n)) for i in range(0, n, PAGE_CHUNK)]
+
+
 _EXECUTABLES: dict[tuple, Any] = {}
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
     def __init__(self, model: LoadedModel, num_pages: int, page_size: int, attention: str = "xla",
-                 dtype=jnp.float32, buckets: Buckets = Buckets(), tensor_parallel: int = 1):
+                 dtype=jnp.float32, tensor_parallel: int = 1, max_num_seqs: int = 64,
+                 max_batched_tokens: int = 512, max_model_len: int = 4096,
+                 token_ladder: tuple[int, ...] | None = None, layered_loads: bool = False):
         c = model.config
         parallel.check_tensor_parallel(c, tensor_parallel)
         self.config = c
         self.page_size = page_size
-        self.buckets = buckets
         self.dtype = jnp.dtype(dtype)
         self.num_pages = num_pages
         self.tensor_parallel = tensor_parallel
         self.mesh = parallel.make_mesh(tensor_parallel) if tensor_parallel > 1 else None
+        self.programs = ProgramSet(
+            tuple(token_ladder) if token_ladder else token_buckets(max_batched_tokens),
+            max_num_seqs, -(-max_model_len // page_size), INCOMING_PAGES if layered_loads else 0)
         pages_kw: dict[str, Any] = {}
         # where swap-ins wait for a step that loads them layer by layer: pinned host memory
         # (the device copies it asynchronously) where the backend has it, else device memory
@@ -108,12 +185,18 @@ class ModelRunner:
             in_sh = (param_sh, kv2) + (rep,) * 9
             host_sh = Incoming(self._incoming_sharding, self._incoming_sharding, rep)
         self.in_step_load_error: str | None = None   # why `step` cannot load pages inside
+        self.ready = False            # set once the program set is compiled: later compiles warn
+        self.compilations_after_ready: list[str] = []
+        self.compile_s = 0.0          # seconds spent compiling step programs
+        self.real_tokens = 0          # token rows run, and the rows their programs padded them to
+        self.padded_tokens = 0
+        self._init_kv = None
         self.reset_kv()
         self._model = Llama(c, self.dtype, attention, self.mesh)
-        self._compiled: dict[tuple[int, ...], Any] = {}
+        self._compiled: dict[tuple, Any] = {}
         # two programs: plain steps, and steps that also load swapped-in pages layer by layer
         self._step, self._step_loading = (
-            jax.jit(self._step_impl, static_argnums=(11, 12), donate_argnums=(1,),
+            jax.jit(self._step_impl, donate_argnums=(1,),
                     **({} if self.mesh is None else
                        dict(in_shardings=in_sh + extra, out_shardings=(rep, kv2))))
             for extra in ((), (host_sh,) if self.mesh else ()))
@@ -126,63 +209,93 @@ class ModelRunner:
             copy_pages(kv.k, k, jnp.arange(ids.shape[0]), ids),
             copy_pages(kv.v, v, jnp.arange(ids.shape[0]), ids)), donate_argnums=(0,), **pages_kw)
 
+    # -- page copies (fixed chunks of PAGE_CHUNK pages: one program each) ---------------------
+
     def copy_pages(self, pairs: list[tuple[int, int]]) -> None:
         """Device page -> device page copies (src, dst); all sources are read before any write."""
-        n = bucket(len(pairs), 8)
-        src = np.zeros(n, np.int32)
-        dst = np.full(n, self.num_pages, np.int32)          # padding rows are dropped
-        src[:len(pairs)], dst[:len(pairs)] = zip(*pairs)
-        self.kv = self._copy(self.kv, *self._replicate((src, dst)))
+        # chunks run one after another, so a later chunk must not read a page an earlier one
+        # wrote: copy through the gather (read all) and scatter (write all) programs then
+        written = {d for _, d in pairs}
+        if len(pairs) > PAGE_CHUNK and written & {s for s, _ in pairs}:
+            k, v = self.gather_pages_host([s for s, _ in pairs])
+            self.scatter_pages(k, v, [d for _, d in pairs])
+            return
+        for part in _chunks(len(pairs)):
+            src = np.zeros(PAGE_CHUNK, np.int32)
+            dst = np.full(PAGE_CHUNK, self.num_pages, np.int32)          # padding is dropped
+            src[:part.stop - part.start], dst[:part.stop - part.start] = zip(*pairs[part])
+            self.kv = self._copy(self.kv, *self._replicate((src, dst)))
 
-    def gather_pages(self, page_ids: list[int]) -> tuple[jax.Array, jax.Array]:
-        """Copies of device pages [layers, n_bucket, page_size, kv_heads, head_dim] (the first
-        len(page_ids) are the pages asked for; the rest is padding)."""
-        ids = np.zeros(bucket(len(page_ids), 8), np.int32)
-        ids[:len(page_ids)] = page_ids
-        return tuple(self._gather(self.kv, self._replicate(ids)))
+    def gather_pages(self, page_ids: list[int]) -> list[tuple[jax.Array, jax.Array]]:
+        """Copies of device pages, as chunks (k, v) [layers, PAGE_CHUNK, page_size, kv_heads,
+        head_dim] in order (the last one padded)."""
+        out = []
+        for part in _chunks(len(page_ids)):
+            ids = np.zeros(PAGE_CHUNK, np.int32)
+            ids[:part.stop - part.start] = page_ids[part]
+            out.append(tuple(self._gather(self.kv, self._replicate(ids))))
+        return out
+
+    def gather_pages_host(self, page_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Device pages as host arrays k, v [layers, n, page_size, kv_heads, head_dim]."""
+        if not page_ids:
+            empty = np.zeros((self.config.num_layers, 0) + self._page_shape(), self.dtype)
+            return empty, empty.copy()
+        return pages_to_host(self.gather_pages(page_ids), len(page_ids))
 
     def scatter_pages(self, k: np.ndarray, v: np.ndarray, page_ids: list[int]) -> None:
         """Write pages k, v [layers, n, ...] (host arrays) into device pages page_ids."""
         self.scatter_staged(self.stage_pages(k, v), page_ids)
 
-    def stage_pages(self, k: np.ndarray, v: np.ndarray) -> tuple[jax.Array, jax.Array]:
-        """Start copying host pages k, v [layers, n, ...] to the device (asynchronous; padded
-        to a bucket of pages). The copy overlaps whatever runs until `scatter_staged`."""
+    def stage_pages(self, k: np.ndarray, v: np.ndarray) -> list[tuple[jax.Array, jax.Array]]:
+        """Start copying host pages k, v [layers, n, ...] to the device (asynchronous), in
+        chunks of PAGE_CHUNK pages. The copy overlaps whatever runs until `scatter_staged`."""
         # with a mesh each device gets its heads' slice
-        return self._put_pages(k, v, None if self.mesh is None else self._kv_sharding)
+        sharding = None if self.mesh is None else self._kv_sharding
+        return [self._put_pages(k[:, part], v[:, part], PAGE_CHUNK, sharding)
+                for part in _chunks(k.shape[1])]
 
-    def _put_pages(self, k: np.ndarray, v: np.ndarray, sharding) -> tuple[jax.Array, jax.Array]:
-        """Host pages k, v [layers, n, ...] padded to a bucket of pages, put on sharding (None:
-        the default device)."""
-        pad = ((0, 0), (0, bucket(k.shape[1], 8) - k.shape[1])) + ((0, 0),) * (k.ndim - 2)
+    def _put_pages(self, k: np.ndarray, v: np.ndarray, n: int, sharding
+                   ) -> tuple[jax.Array, jax.Array]:
+        """Host pages k, v [layers, <= n, ...] padded to n pages, put on sharding (None: the
+        default device)."""
+        pad = ((0, 0), (0, n - k.shape[1])) + ((0, 0),) * (k.ndim - 2)
         return parallel.put(np.pad(k, pad), sharding), parallel.put(np.pad(v, pad), sharding)
 
-    def scatter_staged(self, staged: tuple[jax.Array, jax.Array], page_ids: list[int]) -> None:
+    def scatter_staged(self, staged: list[tuple[jax.Array, jax.Array]],
+                       page_ids: list[int]) -> None:
         """Write staged pages into device pages page_ids (-1: skip that page)."""
-        ids = np.full(staged[0].shape[1], self.num_pages, np.int32)   # padding rows are dropped
-        ids[:len(page_ids)] = [p if p >= 0 else self.num_pages for p in page_ids]
-        self.kv = self._scatter(self.kv, *staged, self._replicate(ids))
+        for chunk, part in zip(staged, _chunks(len(page_ids))):
+            ids = np.full(PAGE_CHUNK, self.num_pages, np.int32)   # padding rows are dropped
+            ids[:part.stop - part.start] = [p if p >= 0 else self.num_pages
+                                            for p in page_ids[part]]
+            self.kv = self._scatter(self.kv, *chunk, self._replicate(ids))
+
+    def _page_shape(self) -> tuple[int, ...]:
+        return self.kv.k.shape[2:]
 
     def reset_kv(self) -> None:
         c = self.config
         shape = (c.num_layers, self.num_pages, self.page_size, c.num_kv_heads, c.head_dim)
-        if self.mesh is None:
-            self.kv = init_kv_cache(*shape, self.dtype)
-        else:   # allocated in place, each device only its own heads
-            self.kv = jax.jit(lambda: init_kv_cache(*shape, self.dtype),
-                              out_shardings=KVCache(self._kv_sharding, self._kv_sharding))()
+        if self._init_kv is None:     # one program, compiled before the engine is ready
+            sharding = {} if self.mesh is None else dict(
+                out_shardings=KVCache(self._kv_sharding, self._kv_sharding))
+            self._init_kv = jax.jit(lambda: init_kv_cache(*shape, self.dtype), **sharding)
+        self.kv = self._init_kv()
 
     def _replicate(self, tree):
         return tree if self.mesh is None else parallel.put(tree, parallel.replicated(self.mesh))
+
+    # -- steps --------------------------------------------------------------------------------
 
     @property
     def num_compilations(self) -> int:
         return len(self._compiled)
 
     def _step_impl(self, params, kv, token_ids, positions, batch, logits_indices, temperature, top_k,
-                   top_p, seeds, counters, max_q_len, num_q_blocks, incoming=None):
+                   top_p, seeds, counters, incoming=None):
         logits, kv = self._model.apply(params, token_ids, positions, kv, batch, logits_indices,
-                                       max_q_len, num_q_blocks, incoming)
+                                       incoming)
         logits = parallel.constrain(logits, self.mesh, parallel.P())   # vocab-sharded -> whole
         return sample(logits, temperature, top_k, top_p, seeds, counters), kv
 
@@ -192,14 +305,16 @@ class ModelRunner:
         layer reads the pools (the step's rows may read them). Where the backend cannot
         compile that (in_step_load_error says why), they are written before the step."""
         num_seqs = len(s.kv_lens)
-        q_lens = np.diff(s.cu_q_lens)
-        t = bucket(len(s.token_ids), self.buckets.min_tokens)
-        n = bucket(num_seqs, self.buckets.min_seqs)
-        p = bucket(s.page_table.shape[1], self.buckets.min_pages)
-        q = 1 if q_lens.max(initial=1) <= 1 else t   # decode-only, or room for any prefill
-        # the XLA attention's query tiles for prefill rows (the Pallas kernel needs no bound)
-        blocks = q_blocks_needed(q_lens) if self._model.attention == "xla" else 0
-        b = bucket(blocks, 1) if blocks else 0
+        load = (incoming is not None and self.in_step_load_error is None
+                and self.programs.incoming_pages > 0)
+        shape = self.programs.shape_for(len(s.token_ids), load)
+        t, n, p = shape.tokens, shape.seqs, shape.pages_per_seq
+        if num_seqs > n or s.page_table.shape[1] > p:
+            raise ValueError(f"a step of {num_seqs} sequences x {s.page_table.shape[1]} pages "
+                             f"does not fit its program ({n} x {p}: max_num_seqs, "
+                             "max_model_len)")
+        self.real_tokens += len(s.token_ids)
+        self.padded_tokens += t
         cu = np.concatenate([s.cu_q_lens, np.full(n - num_seqs, s.cu_q_lens[-1])]).astype(np.int32)
         args = (
             _pad(s.token_ids.astype(np.int32), (t,)),
@@ -213,56 +328,106 @@ class ModelRunner:
             _pad(s.seeds.astype(np.uint32), (n,)),
             _pad(s.counters.astype(np.int32), (n,)),
         )
-        if incoming is not None and self.in_step_load_error is None:
-            staged = args + (self._stage_incoming(incoming),)
+        if load:
+            m = shape.incoming_pages
+            if len(incoming.page_ids) > m:      # the rest goes in before the step
+                self.scatter_pages(incoming.k[:, m:], incoming.v[:, m:], incoming.page_ids[m:])
+                incoming = HostPages(incoming.k[:, :m], incoming.v[:, :m], incoming.page_ids[:m])
+            staged = args + (self._stage_incoming(incoming, m),)
             try:
-                self._executable(staged, t, n, p, q, b)
+                self._executable(shape)
                 args, incoming = staged, None
             except Exception as e:  # noqa: BLE001 - a backend that cannot compile the load
                 self.in_step_load_error = f"{type(e).__name__}: {e}"[:500]
                 warnings.warn("pages cannot be loaded inside a step on this backend; they are "
                               f"loaded before it instead ({self.in_step_load_error})")
+                shape = self.programs.shape_for(len(s.token_ids))
         if incoming is not None:
             self.scatter_pages(*incoming)
-        executable = self._executable(args, t, n, p, q, b)
+        executable = self._executable(shape)
         tokens, self.kv = executable(self.params, self.kv, *self._replicate(args[:9]), *args[9:])
         return parallel.to_host(tokens)[:num_seqs]
 
-    def _stage_incoming(self, incoming: HostPages) -> Incoming:
-        """Host pages, padded to a bucket of pages, in the step's host memory; ids replicated."""
-        k, v = self._put_pages(incoming.k, incoming.v, self._incoming_sharding)
-        ids = np.full(k.shape[1], self.num_pages, np.int32)   # padding pages are dropped
+    def _stage_incoming(self, incoming: HostPages, m: int) -> Incoming:
+        """Host pages, padded to m pages, in the step's host memory; ids replicated."""
+        k, v = self._put_pages(incoming.k, incoming.v, m, self._incoming_sharding)
+        ids = np.full(m, self.num_pages, np.int32)   # padding pages are dropped
         ids[:len(incoming.page_ids)] = incoming.page_ids
         return Incoming(k, v, self._replicate(ids))
 
-    def compile_step(self, t: int, n: int, p: int, q: int, b: int, m: int = 0) -> None:
-        """Compile the step of one bucket (tokens t, sequences n, pages p, longest query q,
-        query tiles b: 0 for decode-only steps and the Pallas path; m incoming pages, a bucket
-        of 8 or more, or 0) before it is needed."""
-        i32 = lambda *shape: np.zeros(shape, np.int32)     # noqa: E731
-        args = (i32(t), i32(t), AttentionBatch(i32(n, p), i32(n), i32(n + 1)), i32(n),
-                np.zeros(n, np.float32), i32(n), np.ones(n, np.float32), np.zeros(n, np.uint32),
-                i32(n))
-        if m:
-            pages = jax.ShapeDtypeStruct((self.config.num_layers, m) + self.kv.k.shape[2:],
-                                         self.dtype, sharding=self._incoming_sharding)
-            args += (Incoming(pages, pages, self._replicate(i32(m))),)
-        self._executable(args, t, n, p, q, b if self._model.attention == "xla" else 0)
+    def precompile(self, progress: Callable[[StepShape, float], None] | None = None) -> None:
+        """Compile every program of the set (steps, page copies); progress(shape, seconds) after
+        each step program. Marks the runner ready: a compile after this is warned about."""
+        for shape in self.programs.shapes:
+            start = time.perf_counter()
+            if shape.incoming_pages and self.in_step_load_error is not None:
+                continue
+            try:
+                self._executable(shape)
+            except Exception as e:  # noqa: BLE001 - see step(): loads then go before the step
+                if not shape.incoming_pages:
+                    raise
+                self.in_step_load_error = f"{type(e).__name__}: {e}"[:500]
+                warnings.warn("pages cannot be loaded inside a step on this backend; they are "
+                              f"loaded before it instead ({self.in_step_load_error})")
+            if progress is not None:
+                progress(shape, time.perf_counter() - start)
+        # the page programs: run once on padding (every id out of range or a no-op)
+        k, v = self.gather_pages([0])[0]
+        self.scatter_staged([(k, v)], [-1])
+        self.copy_pages([(0, 0)])
+        jax.block_until_ready(self.kv)
+        self.ready = True
 
-    def _executable(self, args, t: int, n: int, p: int, q: int, b: int):
+    def _executable(self, shape: StepShape):
         mesh = None if self.mesh is None else tuple(d.id for d in self.mesh.devices.flat)
-        m = args[9].page_ids.shape[0] if len(args) > 9 else 0
         key = (self.config, self.dtype.name, self._model.attention, self.num_pages,
-               self.page_size, t, n, p, q, b, m, mesh)
+               self.page_size, shape, mesh)
         executable = _EXECUTABLES.get(key)
         if executable is None:          # shared by every runner of the same shapes in-process
-            step = self._step_loading if m else self._step
-            with jax.default_matmul_precision("highest" if self.dtype == jnp.float32 else "default"):
-                executable = step.lower(self.params, self.kv, *args[:9], q, b,
-                                        *args[9:]).compile()
+            if self.ready:
+                self.compilations_after_ready.append(str(shape))
+                log.warning("compiling step program %s after the engine was ready (a shape "
+                            "outside the program set: a bug)", shape)
+            start = time.perf_counter()
+            executable = self._lower(shape).compile()
+            self.compile_s += time.perf_counter() - start
             _EXECUTABLES[key] = executable
-            self._compiled[key] = executable
+        self._compiled[key] = executable
         return executable
+
+    def _lower(self, shape: StepShape):
+        t, n, p, m = shape.tokens, shape.seqs, shape.pages_per_seq, shape.incoming_pages
+        i32 = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.int32)     # noqa: E731
+        f32 = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.float32)   # noqa: E731
+        args = (i32(t), i32(t), AttentionBatch(i32(n, p), i32(n), i32(n + 1)), i32(n),
+                f32(n), i32(n), f32(n), jax.ShapeDtypeStruct((n,), jnp.uint32), i32(n))
+        extra = ()
+        if m:
+            pages = jax.ShapeDtypeStruct((self.config.num_layers, m) + self._page_shape(),
+                                         self.dtype, sharding=self._incoming_sharding)
+            extra = (Incoming(pages, pages, i32(m)),)
+        step = self._step_loading if m else self._step
+        with jax.default_matmul_precision("highest" if self.dtype == jnp.float32 else "default"):
+            return step.lower(self.params, self.kv, *args, *extra)
+
+    def stats(self) -> dict[str, Any]:
+        """The program set and what compiling and padding cost."""
+        return {"count": len(self.programs.shapes),
+                "shapes": [dataclasses.asdict(x) for x in self.programs.shapes],
+                "page_chunk": PAGE_CHUNK, "compiled": len(self._compiled),
+                "compile_s": round(self.compile_s, 3), "ready": self.ready,
+                "compilations_after_ready": len(self.compilations_after_ready),
+                "compiled_after_ready": self.compilations_after_ready[-8:],
+                "real_tokens": self.real_tokens, "padded_tokens": self.padded_tokens}
+
+
+def pages_to_host(chunks: list[tuple[jax.Array, jax.Array]], n: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Gathered page chunks (gather_pages; at least one) as host arrays k, v [layers, n, ...]."""
+    k = np.concatenate([np.asarray(c[0]) for c in chunks], axis=1)[:, :n]
+    v = np.concatenate([np.asarray(c[1]) for c in chunks], axis=1)[:, :n]
+    return k, v
 
 
 def step_input(rows, page_size: int) -> StepInput:

@@ -134,13 +134,15 @@ class Scheduler:
 
     def _add_rows(self, rows: list[Row], req: Request, budget: int) -> int:
         """Rows of req within budget: first the dropped prefix still to recompute, then (only
-        once the prefix is complete in this step) its next tokens. Returns tokens used."""
+        once the prefix is complete in this step, and a row is left) its next tokens. Returns
+        tokens used."""
         used = 0
         if req.front_done < req.front_end:
             n = min(req.front_end - req.front_done, budget)
             rows.append(Row(req, req.front_done, req.front_done + n, False, front=True))
             used = n
-            if req.front_done + n < req.front_end:
+            # a step holds at most max_num_seqs rows (its program's sequences)
+            if req.front_done + n < req.front_end or len(rows) >= self.config.max_num_seqs:
                 return used
         n = min(len(req.token_ids) - req.num_computed, budget - used)
         if n > 0:

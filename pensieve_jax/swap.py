@@ -46,8 +46,8 @@ class Swapper:
         self.host.finish_writes()           # last step's device -> host copies land now
         out, copies, into = self.store.take_transfers()
         if out:
-            k, v = self.runner.gather_pages([d for d, _ in out])
-            self.host.write_async(k, v, [h for _, h in out])
+            self.host.write_async(self.runner.gather_pages([d for d, _ in out]),
+                                  [h for _, h in out])
         if copies:
             self.runner.copy_pages(copies)
         if into:
@@ -78,7 +78,7 @@ class Swapper:
             return False
         staged, into = self._landing
         self._landing = None
-        hidden = all(a.is_ready() for a in staged)
+        hidden = all(a.is_ready() for a in jax.tree.leaves(staged))
         start = time.perf_counter()
         jax.block_until_ready(staged)
         self.host.stats["in_wait_s"] += time.perf_counter() - start

@@ -1,6 +1,11 @@
 import gc
+import os
 
-import jax
+# Engines built by tests compile their step programs on first use (each test meets only a few);
+# tests of the warm-up itself ask for it with EngineConfig(precompile=True).
+os.environ.setdefault("PENSIEVE_JAX_PRECOMPILE", "0")
+
+import jax  # noqa: E402
 import numpy as np
 import pytest
 
@@ -24,7 +29,7 @@ _JITTED = {}
 
 
 def run_model(model, params, config, token_lists, starts, page_table, kv=None, num_pages=32,
-              page_size=4, max_q_len=None, pad_to=None):
+              page_size=4, pad_to=None):
     """Run one step of `model` over several sequences: sequence s feeds token_lists[s] at
     positions starts[s]... Returns (logits [T, V] as numpy, kv)."""
     if kv is None:
@@ -42,8 +47,8 @@ def run_model(model, params, config, token_lists, starts, page_table, kv=None, n
         positions = np.pad(positions, (0, pad_to - n))
     batch = AttentionBatch(np.asarray(page_table, np.int32), kv_lens, cu)
     key = (model.config, jax.numpy.dtype(model.dtype), model.attention)
-    fn = _JITTED.setdefault(key, jax.jit(model.apply, static_argnames=("max_q_len",)))
-    logits, kv = fn(params, tokens, positions, kv, batch, max_q_len=max_q_len)
+    fn = _JITTED.setdefault(key, jax.jit(model.apply))
+    logits, kv = fn(params, tokens, positions, kv, batch)
     return np.asarray(logits)[:n], kv
 
 

@@ -55,8 +55,7 @@ def reference(q, kv, batch, sm_scale):
 def test_matches_dense_attention(rng, q_lens, kv_lens, group):
     q, kv, batch = make_case(rng, q_lens, kv_lens, heads=2 * group, kv_heads=2)
     scale = 16 ** -0.5
-    out = xla_paged_attention(jnp.asarray(q), kv, jnp.int32(0), batch, sm_scale=scale,
-                              max_q_len=max(q_lens))
+    out = xla_paged_attention(jnp.asarray(q), kv, jnp.int32(0), batch, sm_scale=scale)
     out = np.asarray(out)
     np.testing.assert_allclose(out, reference(q, kv, batch, scale), atol=2e-5)
     total = sum(q_lens)
@@ -68,7 +67,7 @@ def test_two_query_ranges_share_one_context(rng):
     q, kv, batch = make_case(rng, [4, 3], [4, 12])
     batch = batch._replace(page_table=np.repeat(batch.page_table[1:2], 2, axis=0))
     out = np.asarray(xla_paged_attention(jnp.asarray(q), kv, jnp.int32(0), batch,
-                                         sm_scale=0.25, max_q_len=4))
+                                         sm_scale=0.25))
     np.testing.assert_allclose(out, reference(q, kv, batch, 0.25), atol=2e-5)
 
 
@@ -77,7 +76,7 @@ def test_bfloat16_inputs_accumulate_in_float32(rng):
     ref = reference(q, kv, batch, 0.25)
     qb = jnp.asarray(q, jnp.bfloat16)
     kvb = KVCache(jnp.asarray(kv.k, jnp.bfloat16), jnp.asarray(kv.v, jnp.bfloat16))
-    out = xla_paged_attention(qb, kvb, jnp.int32(0), batch, sm_scale=0.25, max_q_len=6)
+    out = xla_paged_attention(qb, kvb, jnp.int32(0), batch, sm_scale=0.25)
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=5e-2)
 

@@ -1,6 +1,6 @@
-"""The XLA path on mixed steps (prefills of several lengths, decodes, idle rows, padding) against
-dense per-sequence attention in float64, for every way of bounding its query tiles; and the
-runner's buckets (query tiles, page-table width) on such steps."""
+"""The XLA path on mixed steps (prefills of several lengths, decodes, idle rows, padding, tiles
+holding rows of several sequences, page tables much wider than any context) against dense
+per-sequence attention in float64; and the runner's fixed programs on such steps."""
 
 import functools
 import types
@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pensieve_jax.attention import (Q_BLOCK, AttentionBatch, KVCache, q_blocks_needed,
-                                    xla_paged_attention)
-from pensieve_jax.runner import ModelRunner, StepInput, bucket, step_input
+from pensieve_jax.attention import (LAST_ROWS_KEYS, TILE_KEYS, TILE_ROWS, AttentionBatch,
+                                    KVCache, xla_paged_attention)
+from pensieve_jax.runner import ModelRunner, StepInput, step_input
 from pensieve_jax.weights import load_model
 from test_attention import reference
 
@@ -45,14 +45,13 @@ def make_batch(rng, q_lens, kv_lens, *, kv_heads, group, num_tokens, num_seqs, w
 
 
 @functools.lru_cache(maxsize=None)
-def jitted(max_q_len, num_q_blocks):
+def jitted():
     return jax.jit(lambda q, kv, b: xla_paged_attention(
-        q, kv, jnp.int32(0), b, sm_scale=HEAD_DIM ** -0.5, max_q_len=max_q_len,
-        num_q_blocks=num_q_blocks))
+        q, kv, jnp.int32(0), b, sm_scale=HEAD_DIM ** -0.5))
 
 
-def check(q, kv, batch, max_q_len, num_q_blocks):
-    out = np.asarray(jitted(max_q_len, num_q_blocks)(jnp.asarray(q), kv, batch))
+def check(q, kv, batch):
+    out = np.asarray(jitted()(jnp.asarray(q), kv, batch))
     np.testing.assert_allclose(out, reference(q, kv, batch, HEAD_DIM ** -0.5),
                                atol=2e-5, rtol=1e-5)
     assert np.all(out[batch.cu_q_lens[-1]:] == 0)               # padding rows
@@ -62,8 +61,10 @@ def check(q, kv, batch, max_q_len, num_q_blocks):
 CASES = {
     # one prefill chunk (several tiles, the last one partial) among decodes of other lengths
     "chunk_and_decodes": ([130, 1, 1, 1, 1, 1, 1, 1], [130, 9, 1, 200, 64, 65, 33, 150]),
-    # prompts on tile boundaries (2, 64, 65, 66 rows), over history, with decodes and idle rows
+    # prompts on and off tile boundaries, over history, with decodes and idle rows: tiles of
+    # TILE_ROWS rows hold rows of several sequences
     "prefill_lengths": ([64, 1, 65, 0, 2, 66, 1, 0, 3], [64, 40, 200, 17, 2, 90, 1, 0, 10]),
+    "short_prompts": ([2, 3, 17, 16, 15, 1, 5], [2, 300, 17, 140, 15, 129, 6]),
     "decode_only": ([1] * 9, [5, 17, 200, 1, 64, 65, 8, 9, 130]),
     "prefill_only": ([200], [210]),
     "all_idle_but_one": ([0, 0, 1, 0], [16, 3, 70, 0]),
@@ -72,15 +73,16 @@ CASES = {
 
 @pytest.mark.parametrize("group", [1, 3])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_mixed_steps_match_dense_attention(rng, name, group):
+@pytest.mark.parametrize("wide", [False, True])
+def test_mixed_steps_match_dense_attention(rng, name, group, wide):
+    """wide: the table has 64 pages per sequence (as a program's fixed width), far past any
+    context; the cost and the result must not depend on it."""
     q_lens, kv_lens = CASES[name]
-    need = q_blocks_needed(q_lens)
+    width = 64 if wide else -(-max(kv_lens) // PAGE_SIZE)
     q, kv, batch = make_batch(rng, q_lens, kv_lens, kv_heads=2, group=group,
-                              num_tokens=bucket(sum(q_lens) + 3, 8), num_seqs=16,
-                              width=bucket(-(-max(kv_lens) // PAGE_SIZE), 4))
-    check(q, kv, batch, max(max(q_lens), 1), None)           # tight max_q_len, default tiles
-    for num_q_blocks in {None, need, bucket(need, 1) if need else 0}:   # exact, runner's bucket
-        check(q, kv, batch, len(q), num_q_blocks)            # max_q_len as the runner passes it
+                              num_tokens=sum(q_lens) + 3, num_seqs=16, width=width,
+                              num_pages=16 * width)
+    check(q, kv, batch)
 
 
 def test_random_mixed_steps_sweep(rng):
@@ -96,8 +98,7 @@ def test_random_mixed_steps_sweep(rng):
         kv_lens = [q + int(rng.integers(0 if q else 1, W * PAGE_SIZE - q + 1)) for q in q_lens]
         q, kv, batch = make_batch(rng, q_lens, kv_lens, kv_heads=2, group=1 + trial % 3,
                                   num_tokens=T, num_seqs=S, width=W, num_pages=S * W)
-        need = q_blocks_needed(q_lens)
-        check(q, kv, batch, T, bucket(need, 1) if need else 0)
+        check(q, kv, batch)
 
 
 def test_two_query_ranges_share_one_context_in_tiles(rng):
@@ -106,21 +107,19 @@ def test_two_query_ranges_share_one_context_in_tiles(rng):
                               num_tokens=144, num_seqs=3, width=25)
     batch = batch._replace(page_table=np.concatenate([batch.page_table[1:2]] * 2
                                                      + [batch.page_table[2:]]))
-    check(q, kv, batch, 144, q_blocks_needed([70, 66, 1]))
+    check(q, kv, batch)
 
 
-def test_tile_count_is_exact():
-    assert Q_BLOCK == 64
-    assert q_blocks_needed([]) == 0 and q_blocks_needed([0, 1, 1]) == 0
-    assert q_blocks_needed([2]) == 1 and q_blocks_needed([65]) == 1 and q_blocks_needed([66]) == 2
-    assert q_blocks_needed([512] + [1] * 15) == 8
+def test_work_item_sizes_are_whole_pages():
+    assert LAST_ROWS_KEYS % PAGE_SIZE == 0 and TILE_KEYS % PAGE_SIZE == 0 and TILE_ROWS >= 1
 
 
 # --- runner ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def tiny_runner():
-    return ModelRunner(load_model("random:tiny", "float32"), num_pages=96, page_size=PAGE_SIZE)
+    return ModelRunner(load_model("random:tiny", "float32"), num_pages=96, page_size=PAGE_SIZE,
+                       max_num_seqs=8, max_batched_tokens=256, max_model_len=512)
 
 
 def make_step(seqs, vocab, rng):
@@ -142,15 +141,14 @@ def make_step(seqs, vocab, rng):
 
 
 def test_runner_mixed_step_matches_sequences_alone(tiny_runner, rng):
-    """A step mixing a 100-token prompt, a 70-token continuation and two decodes (4 query
-    tiles) samples the same greedy tokens as each sequence run alone over the same cache."""
+    """A step mixing a 100-token prompt, a 70-token continuation and two decodes samples the
+    same greedy tokens as each sequence run alone over the same cache (other programs)."""
     r = tiny_runner
     vocab = r.config.vocab_size
     r.reset_kv()
     r.step(make_step([(16, 0, 30), (32, 0, 12), (48, 0, 5)], vocab, rng))     # histories
     cache = jax.tree.map(np.asarray, r.kv)
     mixed = make_step([(0, 0, 100), (16, 30, 70), (32, 12, 1), (48, 5, 1)], vocab, rng)
-    assert q_blocks_needed(np.diff(mixed.cu_q_lens)) == 4
     together = r.step(mixed)
     alone = []
     for i in range(4):

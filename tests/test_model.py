@@ -141,8 +141,7 @@ def test_pallas_backend_matches_xla_in_the_model(model_and_params, rng):
     outs = []
     for backend in ("xla", "pallas"):
         model = Llama(CONFIG, attention=backend)
-        _, kv = run_model(model, params, CONFIG, [hist], [0], table[:1], max_q_len=8)
-        logits, _ = run_model(model, params, CONFIG, [new, hist[:1]], [7, 0], table, kv=kv,
-                              max_q_len=8)
+        _, kv = run_model(model, params, CONFIG, [hist], [0], table[:1])
+        logits, _ = run_model(model, params, CONFIG, [new, hist[:1]], [7, 0], table, kv=kv)
         outs.append(logits)
     np.testing.assert_allclose(outs[1], outs[0], atol=2e-5)

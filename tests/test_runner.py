@@ -8,6 +8,7 @@ from pensieve_jax.runner import HostPages, ModelRunner, StepInput
 from pensieve_jax.weights import load_model
 
 PAGE = 8
+SMALL = dict(max_num_seqs=4, max_batched_tokens=32, max_model_len=64)   # programs of 8-32 tokens
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +41,9 @@ def test_pages_loaded_in_the_step_equal_pages_scattered_before_it(model, attenti
     k, v = random_pages(model, 3, seed=new)
     ids = [5, 2, 9]                                # not in order; page 11 takes the new tokens
     step = one_sequence_step(ids + [11], 3 * PAGE, new)
-    before = ModelRunner(model, 16, PAGE, attention)
+    before = ModelRunner(model, 16, PAGE, attention, **SMALL)
     before.scatter_pages(k, v, ids)
-    inside = ModelRunner(model, 16, PAGE, attention)
+    inside = ModelRunner(model, 16, PAGE, attention, layered_loads=True, **SMALL)
     want, got = before.step(step), inside.step(step, HostPages(k, v, ids))
     assert list(got) == list(want)
     np.testing.assert_array_equal(np.asarray(inside.kv.k), np.asarray(before.kv.k))
@@ -51,7 +52,7 @@ def test_pages_loaded_in_the_step_equal_pages_scattered_before_it(model, attenti
 
 def test_loading_pages_leaves_other_pages_alone(model):
     """Padding rows of the page bucket are dropped, not written to page 0."""
-    runner = ModelRunner(model, 16, PAGE)
+    runner = ModelRunner(model, 16, PAGE, layered_loads=True, **SMALL)
     k, v = random_pages(model, 1, seed=7)
     runner.scatter_pages(k, v, [0])
     kept = np.asarray(runner.kv.k[:, 0])
@@ -62,15 +63,24 @@ def test_loading_pages_leaves_other_pages_alone(model):
     assert float(jnp.abs(runner.kv.k[:, 5:12]).max()) == 0.0
 
 
-def test_compile_step_covers_loading_steps(model):
-    runner = ModelRunner(model, 17, PAGE)     # a pool size no other test compiles for
-    runner.compile_step(8, 1, 4, 8, 1, m=8)   # 4 tokens, 1 sequence, 3 pages, 1 query tile
-    assert runner.num_compilations == 1
+def test_precompile_covers_every_step_and_page_program(model):
+    runner = ModelRunner(model, 17, PAGE, layered_loads=True, **SMALL)  # a pool no other test uses
+    assert [s.tokens for s in runner.programs.shapes] == [8, 16, 32, 8, 16, 32]
+    runner.precompile()
+    assert runner.ready and runner.num_compilations == 6
     k, v = random_pages(model, 2, seed=1)
     runner.step(one_sequence_step([1, 2, 6], 2 * PAGE, 4), HostPages(k, v, [1, 2]))
-    assert runner.num_compilations == 1
-    runner.step(one_sequence_step([1, 2, 6], 2 * PAGE, 4))   # no pages to load: another program
-    assert runner.num_compilations == 2
+    runner.step(one_sequence_step([1, 2, 6], 2 * PAGE, 20))   # no pages to load
+    runner.step(one_sequence_step([1, 2, 6, 7], 3 * PAGE, 7))
+    runner.copy_pages([(1, 3)] * 40)            # more than one chunk
+    runner.gather_pages_host([1, 2, 3])
+    assert runner.num_compilations == 6 and runner.compilations_after_ready == []
+
+
+def test_a_step_larger_than_the_largest_program_is_refused(model):
+    runner = ModelRunner(model, 16, PAGE, **SMALL)
+    with pytest.raises(ValueError, match="max_batched_tokens"):
+        runner.step(one_sequence_step([1, 2, 6, 7, 8], 0, 33))
 
 
 def test_a_backend_that_cannot_compile_the_load_gets_the_pages_before_the_step(model,
@@ -78,7 +88,7 @@ def test_a_backend_that_cannot_compile_the_load_gets_the_pages_before_the_step(m
     k, v = random_pages(model, 3, seed=3)
     ids = [5, 2, 9]
     step = one_sequence_step(ids + [11], 3 * PAGE, 2)
-    runner = ModelRunner(model, 18, PAGE)     # a pool size no other test compiles for
+    runner = ModelRunner(model, 18, PAGE, layered_loads=True, **SMALL)   # a pool of its own
 
     def cannot(*args, **kw):
         raise NotImplementedError("no host offloading here")
@@ -86,6 +96,6 @@ def test_a_backend_that_cannot_compile_the_load_gets_the_pages_before_the_step(m
     with pytest.warns(UserWarning, match="loaded before it instead"):
         got = runner.step(step, HostPages(k, v, ids))
     assert "no host offloading" in runner.in_step_load_error
-    want = ModelRunner(model, 16, PAGE).step(step, HostPages(k, v, ids))
+    want = ModelRunner(model, 16, PAGE, **SMALL).step(step, HostPages(k, v, ids))
     assert list(got) == list(want)
     np.testing.assert_array_equal(np.asarray(runner.kv.k[:, ids]), k)

@@ -483,7 +483,7 @@ class SimEngine:
         ps = self.ps
         seen: dict[int, object] = {}
         assert len({id(r.request) for r in rows}) <= self.cfg.max_num_seqs
-        assert len(rows) <= self.cfg.max_num_seqs + 1      # a turn may add two ranges
+        assert len(rows) <= self.cfg.max_num_seqs          # the program's sequences
         assert sum(r.end - r.start for r in rows) <= self.cfg.max_batched_tokens
         for r in rows:
             req, conv = r.request, r.request.conversation
@@ -710,7 +710,8 @@ def test_a_cancel_racing_the_end_of_a_turn_leaves_its_conversation_usable(clock)
 def test_a_turn_with_two_ranges_does_not_push_the_step_past_max_num_seqs(clock):
     """A returning turn recomputing a dropped front runs two ranges; the running loop used to
     compare rows with max_num_seqs by equality, so it stepped over the limit and let the next
-    running turn in as well."""
+    running turn in as well. Rows are the step program's sequences: with one left, the front
+    range runs alone and the new tokens follow in the next step."""
     sim = SimEngine(SimConfig(num_pages=8, host_pages=1, chunk_pages=1, max_num_seqs=1,
                               max_batched_tokens=64, swap_out_threshold=0.0))
     a = Request("a", list(range(1, 16)), ONE, 0, "a", None)
@@ -727,8 +728,10 @@ def test_a_turn_with_two_ranges_does_not_push_the_step_past_max_num_seqs(clock):
     sim.submit(other)
     sim.step()                             # back restores (loading), other runs
     assert back.loading and [r.request.id for r in sim.last_rows] == ["other"]
+    sim.step()                             # one row fits (the program's one sequence)
+    assert [(r.request.id, r.front) for r in sim.last_rows] == [("back", True)]
     sim.step()
-    assert [(r.request.id, r.front) for r in sim.last_rows] == [("back", True), ("back", False)]
+    assert [(r.request.id, r.front) for r in sim.last_rows] == [("back", False)]
     run(sim)
     assert sim.delivered["back"] == sim.delivered["other"] == ("output", "length")
 
