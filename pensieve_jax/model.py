@@ -96,6 +96,9 @@ class DecoderLayer(nn.Module):
         return (h, kv, arrived), None
 
 
+LOGITS_CHUNK = 8   # rows per step of the vocabulary projection when only some rows are real
+
+
 class Llama(nn.Module):
     """Decoder over a paged KV cache.
 
@@ -104,6 +107,8 @@ class Llama(nn.Module):
 
     mesh: None, or a Mesh with axis "tp" (pensieve_jax.parallel) that params and pools are
     sharded over; attention then runs per shard of heads.
+    num_logits: None, or an int32 scalar: only the first num_logits of the R rows need logits
+    (a step program's sequences beyond its real ones); the rest come out 0, uncomputed.
     incoming: None, or pages in host memory to load into the pools during the step. Layer l's
     pages are written just before layer l writes and reads the pools, and the copy of layer
     l + 1's pages is started then, so it runs while layer l computes (double buffering; the
@@ -117,7 +122,8 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, token_ids, positions, kv: KVCache, batch: AttentionBatch,
-                 logits_indices=None, incoming: Incoming | None = None):
+                 logits_indices=None, incoming: Incoming | None = None,
+                 num_logits: jax.Array | None = None):
         c = self.config
         batch = AttentionBatch(*(jnp.asarray(a, jnp.int32) for a in batch))
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
@@ -138,12 +144,40 @@ class Llama(nn.Module):
             h = h[logits_indices]
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(h)
         if c.tie_word_embeddings:
-            logits = embed.attend(h)
+            weight = embed.embedding.T                                  # [hidden, vocab]
         else:
-            logits = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype,
-                              param_dtype=self.dtype, name="lm_head")(h)
-            logits = constrain(logits, self.mesh, VOCAB_SPEC)   # gather logits, not lm_head
-        return logits.astype(jnp.float32), kv
+            weight = LMHead(c.vocab_size, self.dtype, name="lm_head")(h.shape[-1])
+
+        def head(rows):
+            logits = jnp.dot(rows, weight.astype(self.dtype))
+            return constrain(logits, self.mesh, VOCAB_SPEC).astype(jnp.float32)
+        if num_logits is None:
+            return head(h), kv
+        # only the first num_logits rows are real (the rest pad the step's sequences): the
+        # vocabulary projection runs over them in chunks, a loop with a dynamic trip count
+        rows = h.shape[0]
+        chunk = min(LOGITS_CHUNK, rows)
+        padded = -(-rows // chunk) * chunk
+        h = jnp.pad(h, ((0, padded - rows), (0, 0)))
+
+        def body(i, logits):
+            part = head(jax.lax.dynamic_slice_in_dim(h, i * chunk, chunk))
+            return jax.lax.dynamic_update_slice_in_dim(logits, part, i * chunk, 0)
+        logits = jnp.zeros((padded, c.vocab_size), jnp.float32)
+        logits = jax.lax.fori_loop(0, -(-num_logits // chunk), body, logits)
+        return logits[:rows], kv
+
+
+class LMHead(nn.Module):
+    """The output projection's kernel [hidden, vocab] (named as nn.Dense names it)."""
+
+    vocab_size: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden_size: int) -> jax.Array:
+        return self.param("kernel", nn.initializers.lecun_normal(),
+                          (hidden_size, self.vocab_size), self.dtype)
 
 
 def param_shapes(config: ModelConfig, dtype=jnp.float32) -> Any:

@@ -144,6 +144,19 @@ def _chunks(n: int) -> list[slice]:
     return [slice(i, min(i + PAGE_CHUNK, n)) for i in range(0, n, PAGE_CHUNK)]
 
 
+def _gather_pages(kv: KVCache, ids: jax.Array) -> KVCache:
+    return KVCache(jnp.take(kv.k, ids, axis=1), jnp.take(kv.v, ids, axis=1))
+
+
+def _copy_pages(kv: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
+    return KVCache(copy_pages(kv.k, kv.k, src, dst), copy_pages(kv.v, kv.v, src, dst))
+
+
+def _scatter_pages(kv: KVCache, k: jax.Array, v: jax.Array, ids: jax.Array) -> KVCache:
+    rows = jnp.arange(ids.shape[0])
+    return KVCache(copy_pages(kv.k, k, rows, ids), copy_pages(kv.v, v, rows, ids))
+
+
 _EXECUTABLES: dict[tuple, Any] = {}
 
 log = logging.getLogger(__name__)
@@ -200,14 +213,9 @@ class ModelRunner:
                     **({} if self.mesh is None else
                        dict(in_shardings=in_sh + extra, out_shardings=(rep, kv2))))
             for extra in ((), (host_sh,) if self.mesh else ()))
-        self._gather = jax.jit(lambda kv, ids: KVCache(jnp.take(kv.k, ids, axis=1),
-                                                       jnp.take(kv.v, ids, axis=1)), **pages_kw)
-        self._copy = jax.jit(lambda kv, src, dst: KVCache(
-            copy_pages(kv.k, kv.k, src, dst), copy_pages(kv.v, kv.v, src, dst)),
-            donate_argnums=(0,), **pages_kw)
-        self._scatter = jax.jit(lambda kv, k, v, ids: KVCache(
-            copy_pages(kv.k, k, jnp.arange(ids.shape[0]), ids),
-            copy_pages(kv.v, v, jnp.arange(ids.shape[0]), ids)), donate_argnums=(0,), **pages_kw)
+        self._gather = jax.jit(_gather_pages, **pages_kw)
+        self._copy = jax.jit(_copy_pages, donate_argnums=(0,), **pages_kw)
+        self._scatter = jax.jit(_scatter_pages, donate_argnums=(0,), **pages_kw)
 
     # -- page copies (fixed chunks of PAGE_CHUNK pages: one program each) ---------------------
 
@@ -224,7 +232,7 @@ class ModelRunner:
             src = np.zeros(PAGE_CHUNK, np.int32)
             dst = np.full(PAGE_CHUNK, self.num_pages, np.int32)          # padding is dropped
             src[:part.stop - part.start], dst[:part.stop - part.start] = zip(*pairs[part])
-            self.kv = self._copy(self.kv, *self._replicate((src, dst)))
+            self.kv = self._page_program("copy")(self.kv, *self._replicate((src, dst)))
 
     def gather_pages(self, page_ids: list[int]) -> list[tuple[jax.Array, jax.Array]]:
         """Copies of device pages, as chunks (k, v) [layers, PAGE_CHUNK, page_size, kv_heads,
@@ -233,7 +241,7 @@ class ModelRunner:
         for part in _chunks(len(page_ids)):
             ids = np.zeros(PAGE_CHUNK, np.int32)
             ids[:part.stop - part.start] = page_ids[part]
-            out.append(tuple(self._gather(self.kv, self._replicate(ids))))
+            out.append(tuple(self._page_program("gather")(self.kv, self._replicate(ids))))
         return out
 
     def gather_pages_host(self, page_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -269,7 +277,25 @@ class ModelRunner:
             ids = np.full(PAGE_CHUNK, self.num_pages, np.int32)   # padding rows are dropped
             ids[:part.stop - part.start] = [p if p >= 0 else self.num_pages
                                             for p in page_ids[part]]
-            self.kv = self._scatter(self.kv, *chunk, self._replicate(ids))
+            self.kv = self._page_program("scatter")(self.kv, *chunk, self._replicate(ids))
+
+    def _page_program(self, name: str):
+        """The compiled gather / copy / scatter of PAGE_CHUNK pages (ahead of time, as the
+        steps: a jit call would compile again for pools that a step program returned)."""
+        mesh = None if self.mesh is None else tuple(d.id for d in self.mesh.devices.flat)
+        key = (name, self.config, self.dtype.name, self.num_pages, self.page_size, mesh)
+        executable = _EXECUTABLES.get(key)
+        if executable is None:
+            if self.ready:
+                self.compilations_after_ready.append(name)
+            ids = jax.ShapeDtypeStruct((PAGE_CHUNK,), jnp.int32)
+            chunk = jax.ShapeDtypeStruct((self.config.num_layers, PAGE_CHUNK) + self._page_shape(),
+                                         self.dtype, sharding=self.kv.k.sharding)
+            args = {"gather": (ids,), "copy": (ids, ids), "scatter": (chunk, chunk, ids)}[name]
+            fn = {"gather": self._gather, "copy": self._copy, "scatter": self._scatter}[name]
+            executable = fn.lower(self.kv, *args).compile()
+            _EXECUTABLES[key] = executable
+        return executable
 
     def _page_shape(self) -> tuple[int, ...]:
         return self.kv.k.shape[2:]
@@ -294,8 +320,10 @@ class ModelRunner:
 
     def _step_impl(self, params, kv, token_ids, positions, batch, logits_indices, temperature, top_k,
                    top_p, seeds, counters, incoming=None):
+        q_lens = batch.cu_q_lens[1:] - batch.cu_q_lens[:-1]
+        real = jnp.max(jnp.where(q_lens > 0, jnp.arange(1, q_lens.shape[0] + 1), 0))
         logits, kv = self._model.apply(params, token_ids, positions, kv, batch, logits_indices,
-                                       incoming)
+                                       incoming, num_logits=real)
         logits = parallel.constrain(logits, self.mesh, parallel.P())   # vocab-sharded -> whole
         return sample(logits, temperature, top_k, top_p, seeds, counters), kv
 
