@@ -25,15 +25,17 @@ SamplingParams(max_tokens=answer_len, ignore_eos=True), so every policy does the
 greedy, produces the same tokens). --text replays a dataset's real user messages through the
 chat template (engine sessions) with the model's own replies (stops at end of turn).
 
-JAX compiles one program per step-shape bucket on first use (seconds each on CPU), which would
-land in the measured numbers. So before measuring: (1) --precompile grid compiles every bucket
-the workload can reach (tokens x sequences x pages x decode-or-not, powers of two) with one
-synthetic step each, through JAX's persistent compilation cache (--compile-cache; a second run
-loads them instead of compiling); the engines of both policies share these programs; (2) up to
---warmup-passes passes of the same workload with other token ids and conversation ids (so the
-measured pass never hits their cache) until one compiles nothing new; (3) the measured pass,
-rerun under new conversation ids if it still compiled (--max-retries). The compilations of the
-reported pass are in the results (`compilations_while_measured`).
+The engine runs a fixed set of step programs (one per token bucket; pensieve_jax.runner's
+ProgramSet), each compiled once (seconds on CPU), which must not land in the measured numbers.
+So before measuring: (1) --precompile all (the default) builds each policy's engine and compiles
+its whole program set with `engine.warm_up()` (seconds and program count in the results, under
+`precompile`), through JAX's persistent compilation cache (--compile-cache; a second run loads
+them instead of compiling); engines of both policies share these programs in-process;
+--precompile none leaves them to compile on first use; (2) up to --warmup-passes passes of the
+same workload with other token ids and conversation ids (so the measured pass never hits their
+cache) until one compiles nothing new; (3) the measured pass, rerun under new conversation ids
+if it still compiled (--max-retries). The compilations of the reported pass are in the results
+(`compilations_while_measured`).
 
 Throughput and latency come from the steady part of the run: requests that finish between the
 10th and 90th percentile of finish times (ramp-up and the drain of the last long conversations
@@ -58,7 +60,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -140,11 +141,13 @@ def make_parser() -> argparse.ArgumentParser:
                          "nothing)")
     ap.add_argument("--max-retries", type=int, default=2,
                     help="rerun a measured pass that compiled something (at most this often)")
-    ap.add_argument("--precompile", choices=("grid", "none"), default="grid",
-                    help="compile every reachable step bucket before the warm-up passes")
-    ap.add_argument("--compile-cache", default=str(Path(os.environ.get(
-        "PENSIEVE_JAX_CACHE", Path.home() / ".cache" / "pensieve-jax")) / "xla-compile"),
-                    help="JAX persistent compilation cache directory ('none': off)")
+    ap.add_argument("--precompile", choices=("all", "grid", "none"), default="all",
+                    help="all: compile the engine's whole step program set (engine.warm_up) "
+                         "before the warm-up passes; none: compile on first use; grid: the "
+                         "same as all (the old power-of-two grid is gone)")
+    ap.add_argument("--compile-cache",
+                    help="JAX persistent compilation cache directory ('none': off; default: "
+                         "$PENSIEVE_JAX_CACHE, else ~/.cache/pensieve_jax/xla)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--check-outputs", action="store_true",
@@ -168,14 +171,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return _peer_only(args, progress)
 
     from pensieve_jax.weights import load_model
-    enable_compile_cache(args.compile_cache)
+    cache_dir = enable_compile_cache(args.compile_cache)
     model = load_model(args.model, args.dtype)
     convs, name = build_workload(args, model.tokenizer)
     summary = wl.schedule(convs, args.rate[0], args.think_time, args.seed).summary()
     summary["name"] = name
     result: dict[str, Any] = {**environment(argv, __file__), "model": model.source,
                               "dtype": args.dtype, "args": vars(args), "workload": summary,
-                              "runs": {}}
+                              "compile_cache": cache_dir, "runs": {}}
     print(f"workload: {json.dumps(summary)}", flush=True)
     policies = {"both": ["stateful", "stateless"], "none": []}.get(args.policy, [args.policy])
     if policies:

@@ -9,7 +9,8 @@
     measure        warm-up passes, the measured pass, page sampling
     metrics        throughput, latency percentiles, TTFT by turn, step profile, equal-latency
                    comparisons
-    precompile     compiling every step bucket up front, JAX's persistent compilation cache
+    precompile     the engine's step programs compiled up front (warm_up), JAX's persistent
+                   compilation cache
     runners        the engines per cache policy, a remote server, the peer: load point by point
     report         merging runs, the comparisons, the JSON and the plots (plots)
 

@@ -11,7 +11,7 @@ import workload as wl
 from .grpc_target import GrpcTarget
 from .measure import measure
 from .metrics import load_key, load_text
-from .precompile import precompile_once
+from .precompile import warm_up
 
 
 def load_points(args) -> list[tuple[float, int | None]]:
@@ -52,8 +52,10 @@ def _context_bound(conv: wl.Conversation, text: bool) -> int:
 
 
 def make_engine(policy: str, model, convs, args):
-    """An engine for one cache policy, its step buckets compiled (--precompile grid). Engines
-    of the same shapes share compiled steps in-process, so the second policy's grid is free."""
+    """An engine for one cache policy. --precompile all: its whole step program set compiled
+    (engine.warm_up(), timed) before any pass; engines of the same shapes share compiled
+    programs in-process, so the second policy's warm-up is nearly free. none: programs compile
+    on first use (the warm-up passes do the compiling)."""
     from pensieve_jax.engine import Engine, EngineConfig
     max_ctx = max(_context_bound(c, args.text) for c in convs)
     max_len = args.max_model_len or max(1024, max_ctx)
@@ -61,18 +63,18 @@ def make_engine(policy: str, model, convs, args):
         page_size=args.page_size, num_pages=args.num_pages, max_model_len=max_len,
         max_batched_tokens=args.max_batched_tokens,
         max_num_seqs=args.max_num_seqs or max(8, min(64, _max_users(args, convs))),
-        cache_policy=policy, **engine_options(args.engine_option))
+        cache_policy=policy, **{"precompile": False, **engine_options(args.engine_option)})
     engine = Engine(model, args.dtype, config)
     pre = None
-    if args.precompile == "grid":
-        pre = precompile_once(engine, config, policy, min(max_ctx, max_len),
-                              min(config.max_num_seqs, _max_users(args, convs)))
+    if args.precompile != "none":
+        pre = warm_up(engine)
+        print(f"{policy}: warmed up {pre}", flush=True)
     return engine, config, pre
 
 
 def run_engine_policies(policies: Sequence[str], model, convs, args, progress: bool
                         ) -> dict[str, list[dict]]:
-    """One engine per policy, all built (and precompiled) first; then, rate by rate, each
+    """One engine per policy, all built (and warmed up) first; then, rate by rate, each
     policy's warm-up and measured passes back to back, so a slow spell of a shared machine
     falls on both policies rather than on one."""
     from .engine_target import EngineTarget
@@ -113,7 +115,7 @@ def run_engine_policies(policies: Sequence[str], model, convs, args, progress: b
 
 
 def run_remote(address: str, model, convs, args, progress: bool) -> list[dict]:
-    """A running server (its own policy and warm-up state: no precompile from here)."""
+    """A running server (its own policy and warm-up state: no warm-up from here)."""
     target = GrpcTarget(address, model.config.vocab_size, text=args.text)
     points = []
     for rate, users in load_points(args):

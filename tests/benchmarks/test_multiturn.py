@@ -13,7 +13,7 @@ from multiturn_lib.grpc_target import GrpcTarget
 from multiturn_lib.hf_peer import strip_out
 from multiturn_lib.measure import measure
 from multiturn_lib.metrics import compare_policies, summarize_pass, throughput_at_latency
-from multiturn_lib.precompile import precompile_grid
+from multiturn_lib.precompile import enable_compile_cache, warm_up
 from multiturn_lib.report import merge_results
 from multiturn_lib.runners import engine_options
 from multiturn_lib.turns import TurnRecord
@@ -101,18 +101,33 @@ def test_replay_through_grpc(tiny_engine):
     assert not tiny_engine.stats()["running"]
 
 
-def test_precompile_grid_covers_a_replay(tiny_engine):
-    # contexts <= 256 tokens: one page bucket (4 pages of 64); sequences: 1 or 2
+def test_warm_up_covers_a_replay(tiny_engine):
+    # --precompile all: the engine's whole program set (token buckets 8 .. 64) before any pass
     convs = wl.sharegpt(4, seed=9, scale=0.1, max_context=200)
-    pre = precompile_grid(tiny_engine, max_context=256, max_seqs=2)
-    assert "error" not in pre and pre["keys"] == 10
+    pre = warm_up(tiny_engine)
+    assert pre["ready"] and pre["programs"] == len(tiny_engine.runner.programs.shapes) == 5
+    assert pre["seconds"] >= 0 and pre["warm_up_s"] is not None
+    assert warm_up(tiny_engine)["seconds"] < pre["warm_up_s"] + 1    # idempotent
     workload = wl.schedule(convs, rate=math.inf, think_time_s=0.0, seed=0)
     p = measure(EngineTarget(tiny_engine), workload, seed=0, users=2, warmup_passes=1,
-                progress=False, label="grid", max_retries=0)
+                progress=False, label="warm", max_retries=0)
     assert p["warmup_passes"][0]["compilations"] == 0
     assert p["compilations_while_measured"] == 0
+    assert tiny_engine.stats()["programs"]["compilations_after_ready"] == 0
     steps = p["model_steps"]
     assert steps["steps"] > 0 and steps["decode"]["steps"] > 0
+
+
+def test_precompile_option_and_compile_cache(monkeypatch):
+    parser = multiturn.make_parser()
+    assert parser.parse_args([]).precompile == "all"
+    assert parser.parse_args(["--precompile", "grid"]).precompile == "grid"   # old value: all
+    assert parser.parse_args([]).compile_cache is None
+    from pensieve_jax import compile_cache     # the package's switch ("none": off for good)
+    seen = []
+    monkeypatch.setattr(compile_cache, "enable", lambda path=None: seen.append(path) or "dir")
+    assert enable_compile_cache("none") == enable_compile_cache(None) == "dir"
+    assert seen == ["none", None]
 
 
 def test_merge_results(tmp_path):
