@@ -1,24 +1,35 @@
-"""Model-runner step times with the XLA attention path before and after query tiling, side by
-side in one process: a mixed step (one prefill chunk + decodes; and the same cut to fit a
-512-token budget: a 497-token chunk + 15 decodes), decode-only and prefill-only steps, and a
-multi-turn-like mix (a few short new turns over history + decodes).
+"""Model-runner step times with the XLA attention path's work list against the legacy dense
+layout, side by side in one process: a mixed step (one prefill chunk + decodes; and the same cut
+to fit a 512-token budget: a 497-token chunk + 15 decodes), decode-only and prefill-only steps,
+and a multi-turn-like mix (a few short new turns over history + decodes).
 
     python benchmarks/bench_attention_mixed.py --model random:smollm2-135m \
         --out benchmarks/results/attention_mixed_cpu.json
 
-"before" is the previous `xla_paged_attention` (kept here only as a reference, registered as the
-"xla_legacy" backend): queries laid out [num_seqs, max_q_len] with max_q_len = the token bucket
-for any step with a prefill, so a mixed step computes num_seqs x num_tokens query rows. "after"
-is the package's "xla" backend. Both runners start from the same random KV pool and run the
-same steps; every timed iteration runs before and after back to back (median reported; at
-least --iters iterations and --min-seconds per backend, at most 50). Also checked: sampled
-greedy tokens identical per step, the float32 logits' largest difference, and (--engine-check)
-greedy tokens of a whole engine run with chunked prefills mixed into decodes.
+"after" is the package's "xla" backend (`xla_paged_attention`): a dynamic work list of (query
+rows, key block) items, so a step costs about its real rows times the keys each row needs.
+"before" is the legacy layout (kept here only as a reference, registered as the "xla_legacy"
+backend): queries laid out [num_seqs, max_q_len] over every page of the page table, with
+max_q_len 1 for a decode-only step and the step's token count otherwise (chosen at run time by
+a lax.cond, as the old runner chose its program), so a mixed step computes num_seqs x
+num_tokens query rows x the table width in keys. Both run through the runner's fixed programs
+(runner.ProgramSet: the step pads to its token bucket, min(bucket, max_num_seqs) sequences and
+ceil(max_model_len / page_size) pages; max_model_len here is the steps' longest context, so
+the table is no wider than the widest step needs; the legacy layout computes the padding
+sequences too, where the old runner padded sequences only to a power of two). Both runners
+start from the same random KV pool and run the same steps; every timed iteration runs before
+and after back to back (median reported; at least --iters iterations and --min-seconds per
+backend, at most 50). Also checked: sampled greedy tokens identical per step, the float32
+logits' largest difference, and (--engine-check) greedy tokens of a whole engine run with
+chunked prefills mixed into decodes (engines compiling lazily: the check compares tokens).
+`score_pairs_*` counts the (query row, key) score pairs each layout computes per head (the
+work list's from its item sizes, whole loop iterations included).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import statistics
@@ -32,15 +43,13 @@ import numpy as np
 from common import environment, write_json
 from pensieve_jax import attention
 from pensieve_jax.attention import AttentionBatch, KVCache
-from pensieve_jax.runner import ModelRunner, StepInput, bucket
+from pensieve_jax.runner import ModelRunner, StepInput
 from pensieve_jax.weights import load_model
 
 
-def legacy_xla_paged_attention(q: jax.Array, kv: KVCache, layer: jax.Array, batch: AttentionBatch,
-                               *, sm_scale: float, max_q_len: int, num_q_blocks: Any = None,
-                               mesh: Any = None) -> jax.Array:
-    """The XLA path before query tiling (verbatim but for ignoring num_q_blocks)."""
-    del mesh, num_q_blocks
+def _legacy_layout(q: jax.Array, kv: KVCache, layer: jax.Array, batch: AttentionBatch,
+                   sm_scale: float, max_q_len: int) -> jax.Array:
+    """The XLA path before query tiling (verbatim)."""
     num_tokens, num_heads, head_dim = q.shape
     num_seqs, pages_per_seq = batch.page_table.shape
     _, _, page_size, num_kv_heads, _ = kv.k.shape
@@ -77,8 +86,20 @@ def legacy_xla_paged_attention(q: jax.Array, kv: KVCache, layer: jax.Array, batc
     return jnp.where(valid, out_t, 0.0).astype(q.dtype)
 
 
+def legacy_xla_paged_attention(q: jax.Array, kv: KVCache, layer: jax.Array, batch: AttentionBatch,
+                               *, sm_scale: float, mesh: Any = None) -> jax.Array:
+    """The legacy layout in one program: max_q_len 1 for a decode-only step, else the step's
+    token count (the old runner compiled a program for each)."""
+    del mesh
+    batch = AttentionBatch(*(jnp.asarray(a, jnp.int32) for a in batch))
+    q_lens = batch.cu_q_lens[1:] - batch.cu_q_lens[:-1]
+    return jax.lax.cond(jnp.max(q_lens) <= 1,
+                        lambda: _legacy_layout(q, kv, layer, batch, sm_scale, 1),
+                        lambda: _legacy_layout(q, kv, layer, batch, sm_scale, q.shape[0]))
+
+
 attention.ATTENTION_BACKENDS.setdefault("xla_legacy", legacy_xla_paged_attention)
-BACKENDS = {"before": "xla_legacy", "after": "xla"}
+BACKENDS = {"before": "xla_legacy", "after": "xla"}     # legacy dense layout, work list
 
 
 def make_step(seqs: list[tuple[int, int]], page_size: int, vocab: int, seed: int) -> StepInput:
@@ -112,13 +133,10 @@ def steps(args) -> dict[str, list[tuple[int, int]]]:
 
 
 def logits_fn(runner: ModelRunner, s: StepInput):
-    """The runner's model on one step (same padding and static bounds as runner.step), logits
-    of every real row; the KV pool is not donated."""
-    q_lens = np.diff(s.cu_q_lens)
-    t, n = bucket(len(s.token_ids), runner.buckets.min_tokens), bucket(len(s.kv_lens), 1)
-    p = bucket(s.page_table.shape[1], runner.buckets.min_pages)
-    q = 1 if q_lens.max() <= 1 else t
-    need = attention.q_blocks_needed(q_lens)
+    """The runner's model on one step (padded to the program runner.step runs), logits of
+    every real row; the KV pool is not donated."""
+    shape = runner.programs.shape_for(len(s.token_ids))
+    t, n, p = shape.tokens, shape.seqs, shape.pages_per_seq
     cu = np.concatenate([s.cu_q_lens, np.full(n - len(s.kv_lens), s.cu_q_lens[-1])])
 
     def pad(a, shape):
@@ -127,11 +145,38 @@ def logits_fn(runner: ModelRunner, s: StepInput):
         return out
     batch = AttentionBatch(pad(s.page_table, (n, p)), pad(s.kv_lens, (n,)), cu.astype(np.int32))
     rows = np.arange(len(s.token_ids), dtype=np.int32)
-    fn = jax.jit(runner._model.apply, static_argnums=(6, 7))
     with jax.default_matmul_precision("highest"):
-        logits, _ = fn(runner.params, pad(s.token_ids, (t,)), pad(s.positions, (t,)), runner.kv,
-                       batch, rows, q, bucket(need, 1) if need else 0)
+        logits, _ = jax.jit(runner._model.apply)(
+            runner.params, pad(s.token_ids, (t,)), pad(s.positions, (t,)), runner.kv, batch, rows)
     return np.asarray(logits)
+
+
+def score_pairs(s: StepInput, runner: ModelRunner) -> dict[str, int]:
+    """(query row, key) score pairs per head each layout computes for step s in its program:
+    before, program sequences x (1 or the token bucket) rows x the table's keys; after, the
+    work list's items (attention.LAST_ROWS_KEYS / TILE_ROWS x TILE_KEYS, whole pages, whole
+    loop iterations of 8 / 16 items), as xla_paged_attention builds them."""
+    shape = runner.programs.shape_for(len(s.token_ids))
+    page = runner.page_size
+    q_lens, kv_lens = np.diff(s.cu_q_lens), s.kv_lens
+    before = shape.seqs * (1 if q_lens.max() <= 1 else shape.tokens) * (
+        shape.pages_per_seq * page)
+
+    def block(keys: int) -> int:
+        return max(1, keys // page) * page
+    last_keys, tile_keys = block(attention.LAST_ROWS_KEYS), block(attention.TILE_KEYS)
+    items = sum(-(-int(k) // last_keys) for q, k in zip(q_lens, kv_lens) if q > 0)
+    after = -(-items // 8) * 8 * last_keys                     # one row per item
+    # prefill rows (all but each sequence's last) in token order, TILE_ROWS to a tile; one
+    # (tile, sequence) pair per sequence a tile holds rows of, blocks up to its last row
+    last_pos: dict[tuple[int, int], int] = {}
+    for i, (q, k) in enumerate(zip(q_lens, kv_lens)):
+        for r in range(int(q) - 1):
+            tile = (int(s.cu_q_lens[i]) + r) // attention.TILE_ROWS
+            last_pos[tile, i] = int(k) - int(q) + r
+    items = sum(pos // tile_keys + 1 for pos in last_pos.values())
+    after += -(-items // 16) * 16 * attention.TILE_ROWS * tile_keys
+    return {"before": int(before), "after": int(after)}
 
 
 def engine_check(args) -> dict:
@@ -142,7 +187,8 @@ def engine_check(args) -> dict:
     for name, backend in BACKENDS.items():
         engine = Engine.from_pretrained(args.model, args.dtype, attention=backend,
                                         max_batched_tokens=args.engine_budget, max_num_seqs=8,
-                                        page_size=args.page_size, max_model_len=1024)
+                                        page_size=args.page_size, max_model_len=1024,
+                                        precompile=False)   # tokens are compared, not times
         prompts = [list(map(int, np.random.default_rng(7 + i).integers(
             0, engine.model.config.vocab_size, n))) for i, n in enumerate(args.engine_prompts)]
         start = time.perf_counter()
@@ -184,14 +230,20 @@ def main(argv=None) -> dict:
     c = model.config
     width = math.ceil((max(args.context, args.prefill) + 1) / args.page_size)
     num_pages = (args.decodes + 1) * width + 1
-    runners = {name: ModelRunner(model, num_pages, args.page_size, backend, args.dtype)
+    kinds = {kind: make_step(steps(args)[kind], args.page_size, c.vocab_size, seed=1)
+             for kind in args.kinds}
+    # the runners' program sets: every step fits, the table is the widest step's
+    programs = dict(max_num_seqs=max(len(s.kv_lens) for s in kinds.values()),
+                    max_batched_tokens=max(len(s.token_ids) for s in kinds.values()),
+                    max_model_len=width * args.page_size)
+    runners = {name: ModelRunner(model, num_pages, args.page_size, backend, args.dtype,
+                                 **programs)
                for name, backend in BACKENDS.items()}
     pool = np.random.default_rng(0).standard_normal(
         (c.num_layers, num_pages, args.page_size, c.num_kv_heads, c.head_dim)).astype(args.dtype)
     rows = []
-    for kind in args.kinds:
+    for kind, s in kinds.items():
         seqs = steps(args)[kind]
-        s = make_step(seqs, args.page_size, c.vocab_size, seed=1)
         q_lens = np.diff(s.cu_q_lens)
         times: dict[str, list[float]] = {name: [] for name in runners}
         tokens, compile_s, logits = {}, {}, {}
@@ -211,14 +263,12 @@ def main(argv=None) -> dict:
             r.kv = jax.device_put(KVCache(pool, pool))
             logits[name] = logits_fn(r, s)
         ms = {name: statistics.median(v) * 1e3 for name, v in times.items()}
-        t = bucket(len(s.token_ids), 8)
+        shape = runners["after"].programs.shape_for(len(s.token_ids))
+        pairs = score_pairs(s, runners["after"])
         row = {"kind": kind, "seqs": len(seqs), "tokens": int(len(s.token_ids)),
                "q_lens": sorted({int(x) for x in q_lens}),
-               "context": int(s.kv_lens.max()), "token_bucket": t,
-               "query_rows_before": len(seqs) * (1 if q_lens.max() <= 1 else t),
-               "query_rows_after": len(seqs) + attention.Q_BLOCK * (
-                   bucket(attention.q_blocks_needed(q_lens), 1)
-                   if attention.q_blocks_needed(q_lens) else 0),
+               "context": int(s.kv_lens.max()), "program": dataclasses.asdict(shape),
+               "score_pairs_before": pairs["before"], "score_pairs_after": pairs["after"],
                "iters": i, "ms_before": ms["before"], "ms_after": ms["after"],
                "speedup": ms["before"] / ms["after"],
                "ms_all": {k: [x * 1e3 for x in v] for k, v in times.items()},
@@ -227,12 +277,14 @@ def main(argv=None) -> dict:
                "max_abs_logit_diff": float(np.abs(logits["before"] - logits["after"]).max()),
                "max_abs_logit": float(np.abs(logits["before"]).max())}
         rows.append(row)
-        print(f"{kind:14s} seqs={row['seqs']:3d} tokens={row['tokens']:5d} "
+        print(f"{kind:16s} seqs={row['seqs']:3d} tokens={row['tokens']:5d} "
               f"before {ms['before']:9.1f} ms  after {ms['after']:8.1f} ms  "
               f"x{row['speedup']:6.2f}  tokens equal {row['tokens_identical']}  "
               f"max|dlogit| {row['max_abs_logit_diff']:.2e}", flush=True)
     result = {**environment(argv, __file__), "model": model.source, "dtype": args.dtype,
-              "page_size": args.page_size, "q_block": attention.Q_BLOCK,
+              "page_size": args.page_size, "programs": programs,
+              "work_items": {"last_rows_keys": attention.LAST_ROWS_KEYS,
+                             "tile_rows": attention.TILE_ROWS, "tile_keys": attention.TILE_KEYS},
               "loadavg_1_5_15min": {"start": load_before, "end": os.getloadavg()}, "rows": rows}
     if args.engine_check:
         result["engine_check"] = engine_check(args)

@@ -7,8 +7,8 @@ Cases (bf16, 32 q heads / 8 KV heads, head_dim 128, pages of 16):
   decode:  batch 64, context 4096, one new token each
   prefill: 512 new tokens over 4096 cached tokens, one sequence
 Baselines: jax's decode-only Pallas `paged_attention` (decode), dense attention on contiguous KV
-(`jax.nn.dot_product_attention`, the non-paged ideal), and gather-then-attend in XLA (our CPU
-path). Ceilings: a large device-to-device copy (bytes read + written) and a large bf16 matmul.
+(`jax.nn.dot_product_attention`, the non-paged ideal), and the XLA paged attention (our CPU
+path: a work list of query rows x key blocks, each block's pages gathered; `xla_gather_s`). Ceilings: a large device-to-device copy (bytes read + written) and a large bf16 matmul.
 Timing: median of --iters runs after warm-up, synchronizing on the result (wall clock).
 """
 
@@ -95,8 +95,7 @@ def run_case(name, batch, q_len, ctx, args, iters, interpret) -> dict:
     kv = KVCache(k[None], v[None])
     batch_meta = AttentionBatch(table, kv_lens, cu)
     xla = jax.jit(lambda a, kv, b: xla_paged_attention(a, kv, jnp.int32(0), b,
-                                                       sm_scale=head_dim ** -0.5,
-                                                       max_q_len=q_len))
+                                                       sm_scale=head_dim ** -0.5))
     row["xla_gather_s"] = timeit(xla, q, kv, batch_meta, iters=iters)
 
     if q_len == 1:

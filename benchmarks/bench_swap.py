@@ -10,6 +10,10 @@ loaded. For n pages per batch it times, each the median of --repeats runs:
                  / finish_writes: what the engine does for a swap-out batch)
     d2h_pinned   gather + device_put into the pinned_host memory kind + read into NumPy
     h2d          NumPy pages -> device_put (ModelRunner.stage_pages: a swap-in batch)
+
+Here a batch is one gather, one device_put and one scatter of n pages; the engine runs the same
+copies in chunks of runner.PAGE_CHUNK pages (one fixed-shape program call each, `page_chunk` in
+the results), so its batches above that size are several such calls.
     h2d_pinned   NumPy -> pinned_host (host copy, timed apart as pin_s) -> device
     raw_h2d      one contiguous device_put of the same bytes (the reference)
 
@@ -30,6 +34,7 @@ import numpy as np
 from common import environment, median_s, write_json
 from pallas_kernels.kv_pages import copy_pages
 from pensieve_jax.config import PRESETS
+from pensieve_jax.runner import PAGE_CHUNK
 
 
 def memory_kinds() -> list[str]:
@@ -120,7 +125,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"--pool-pages {args.pool_pages} < largest batch {max(args.batches)}")
     layers = args.layers or c.num_layers
     result = {**environment(argv, __file__), "preset": args.preset, "layers": layers,
-              "dtype": args.dtype, "page_size": args.page_size}
+              "dtype": args.dtype, "page_size": args.page_size, "page_chunk": PAGE_CHUNK}
     result.update(measure(layers, args.page_size, c.num_kv_heads, c.head_dim,
                           jnp.dtype(args.dtype), args.pool_pages, args.batches, args.repeats))
     print(f"{result['device']} ({result['backend']}), page {result['page_bytes'] / 2**20:.2f} MiB, "

@@ -10,9 +10,12 @@ per swap-in it times, each the median of --repeats runs:
     step_s       the step alone
     copy_s       the n pages host -> device alone (NumPy -> device + scatter into the pools)
     layered_s    the step loading the n pages layer by layer inside it (swap_in="layered": each
-                 layer's copy from pinned host memory runs while the layer before computes)
-    next_step_s  stage the n pages (asynchronous device_put), run the step, then scatter them
-                 (swap_in="next_step": the copy overlaps the step, its turn runs next step)
+                 layer's copy from pinned host memory runs while the layer before computes;
+                 the step program loads at most runner.INCOMING_PAGES pages, the rest is
+                 written just before the step, as in the engine)
+    next_step_s  stage the n pages (asynchronous device_put, in chunks of runner.PAGE_CHUNK
+                 pages), run the step, then scatter them (swap_in="next_step": the copy
+                 overlaps the step, its turn runs next step)
 
     hidden = 1 - (path_s - step_s) / copy_s, clipped to [0, 1]
 
@@ -32,7 +35,7 @@ import numpy as np
 
 from common import environment, median_s, write_json
 from pensieve_jax.config import PRESETS
-from pensieve_jax.runner import HostPages, ModelRunner, StepInput
+from pensieve_jax.runner import PAGE_CHUNK, HostPages, ModelRunner, StepInput
 from pensieve_jax.tokenizer import Tokenizer
 from pensieve_jax.weights import LoadedModel, random_params
 
@@ -109,11 +112,16 @@ def main(argv=None) -> None:
         config.vocab_size), f"random:{args.preset}")
     s = step_input(args.seqs, args.context, args.new, args.page_size, config.vocab_size)
     used = s.page_table.size
-    runner = ModelRunner(model, used + max(args.batches), args.page_size, args.attention, dtype)
+    # programs for this step only; layered_loads: the step programs that load pages inside
+    runner = ModelRunner(model, used + max(args.batches), args.page_size, args.attention, dtype,
+                         max_num_seqs=args.seqs, max_batched_tokens=len(s.token_ids),
+                         max_model_len=args.context + args.new, layered_loads=True)
     rows = measure(runner, s, used, args.batches, args.repeats)
     result = {**environment(argv, __file__), "preset": args.preset, "layers": config.num_layers,
               "dtype": args.dtype, "attention": args.attention, "page_size": args.page_size,
-              "seqs": args.seqs, "context": args.context, "new": args.new, "rows": rows}
+              "seqs": args.seqs, "context": args.context, "new": args.new,
+              "page_chunk": PAGE_CHUNK, "incoming_pages": runner.programs.incoming_pages,
+              "in_step_load_error": runner.in_step_load_error, "rows": rows}
     print(f"{result['device']} ({result['backend']}): {args.seqs} x ({args.context} + "
           f"{args.new}) tokens, step {rows[0]['step_s'] * 1e3:.2f} ms")
     for r in rows:

@@ -12,7 +12,6 @@ sampled tokens are checked against tensor_parallel 1 (greedy, float32).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import sys
@@ -26,7 +25,7 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 import jax  # noqa: E402
 from common import environment, write_json  # noqa: E402
-from model_step import make_step, time_step  # noqa: E402
+from model_step import make_runner, make_step, program, time_step  # noqa: E402
 
 from pensieve_jax.config import ModelConfig  # noqa: E402
 from pensieve_jax.runner import ModelRunner  # noqa: E402
@@ -46,7 +45,7 @@ NOTE = ("CPU numbers are not meaningful for speed: the 'devices' are forced host
 
 
 def collectives(runner: ModelRunner) -> dict[str, int]:
-    """Collective ops in the runner's compiled steps (a scan body's ops count once)."""
+    """Collective ops in the step programs the runner ran (a scan body's ops count once)."""
     ops = Counter()
     for exe in runner._compiled.values():
         ops.update(re.findall(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|"
@@ -75,15 +74,12 @@ def main(argv=None) -> None:
     else:
         model = load_model(args.model, args.dtype)
     vocab = model.config.vocab_size
-    max_seqs = max(args.decode_batch)
-    num_pages = max_seqs * math.ceil(max(args.context, args.prefill) / args.page_size)
     steps = [("prefill", make_step(1, args.prefill, args.prefill, args.page_size, vocab))] + [
         ("decode", make_step(b, 1, args.context, args.page_size, vocab)) for b in args.decode_batch]
 
     rows, reference, ops = [], {}, {}
     for tp in args.tp:
-        runner = ModelRunner(model, num_pages, args.page_size, args.attention, args.dtype,
-                             tensor_parallel=tp)
+        runner = make_runner(model, args, [s for _, s in steps], tensor_parallel=tp)
         for i, (kind, step) in enumerate(steps):
             seconds = time_step(runner, step, args.iters)
             tokens = runner.step(step).tolist()
@@ -91,6 +87,7 @@ def main(argv=None) -> None:
             num_tokens = len(step.token_ids)
             rows.append({"tensor_parallel": tp, "kind": kind, "seqs": len(step.kv_lens),
                          "tokens": num_tokens, "context": int(step.kv_lens[0]),
+                         "program": program(runner, step),
                          "seconds": seconds, "tokens_per_s": num_tokens / seconds,
                          "same_tokens_as_tp1": tokens == reference[i]})
         ops[tp] = collectives(runner)

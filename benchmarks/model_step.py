@@ -3,12 +3,17 @@
     python benchmarks/model_step.py --model smollm2-135m-instruct --prefill 512 \
         --decode-batch 1 8 32 --context 512 --out benchmarks/results/model_step_cpu.json
 
-Each configuration is compiled first, then timed over --iters runs (median reported).
+The runner's program set is sized to the runs (max_num_seqs: the largest decode batch,
+max_batched_tokens: the largest step, max_model_len: the longest context); each step runs the
+program of its token bucket (runner.ProgramSet: min(bucket, max_num_seqs) sequences, the pages
+of max_model_len), which is compiled on its first run, then timed over --iters runs (median
+reported; the program's shape is in each row).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import time
@@ -31,6 +36,20 @@ def make_step(num_seqs: int, q_len: int, context: int, page_size: int, vocab: in
                      np.arange(0, (num_seqs + 1) * q_len, q_len, dtype=np.int32),
                      0 * ones.astype(np.float32), 0 * ones.astype(np.int32),
                      ones.astype(np.float32), ones.astype(np.uint32), 0 * ones.astype(np.int32))
+
+
+def make_runner(model, args, steps: list[StepInput], **kw) -> ModelRunner:
+    """A runner whose program set fits exactly these steps (pages enough for all of them)."""
+    num_pages = max(s.page_table.size for s in steps)
+    return ModelRunner(model, num_pages, args.page_size, args.attention, args.dtype,
+                       max_num_seqs=max(len(s.kv_lens) for s in steps),
+                       max_batched_tokens=max(len(s.token_ids) for s in steps),
+                       max_model_len=max(int(s.kv_lens.max()) for s in steps), **kw)
+
+
+def program(runner: ModelRunner, step: StepInput) -> dict:
+    """The shape of the program runner.step runs for this step."""
+    return dataclasses.asdict(runner.programs.shape_for(len(step.token_ids)))
 
 
 def time_step(runner: ModelRunner, step: StepInput, iters: int) -> float:
@@ -57,20 +76,20 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     model = load_model(args.model, args.dtype)
-    max_seqs = max(args.decode_batch)
-    num_pages = max_seqs * math.ceil(max(args.context, args.prefill) / args.page_size)
-    runner = ModelRunner(model, num_pages, args.page_size, args.attention, args.dtype)
     vocab = model.config.vocab_size
+    steps = [("prefill", make_step(1, args.prefill, args.prefill, args.page_size, vocab))] + [
+        ("decode", make_step(b, 1, args.context, args.page_size, vocab)) for b in args.decode_batch]
+    runner = make_runner(model, args, [s for _, s in steps])
     rows = []
-    t = time_step(runner, make_step(1, args.prefill, args.prefill, args.page_size, vocab), args.iters)
-    rows.append({"kind": "prefill", "seqs": 1, "tokens": args.prefill, "context": args.prefill,
-                 "seconds": t, "tokens_per_s": args.prefill / t})
-    for b in args.decode_batch:
-        t = time_step(runner, make_step(b, 1, args.context, args.page_size, vocab), args.iters)
-        rows.append({"kind": "decode", "seqs": b, "tokens": b, "context": args.context,
-                     "seconds": t, "tokens_per_s": b / t})
+    for kind, step in steps:
+        t = time_step(runner, step, args.iters)
+        n = len(step.token_ids)
+        rows.append({"kind": kind, "seqs": len(step.kv_lens), "tokens": n,
+                     "context": int(step.kv_lens[0]), "program": program(runner, step),
+                     "seconds": t, "tokens_per_s": n / t})
     for r in rows:
         print(f"{r['kind']:8s} seqs={r['seqs']:3d} tokens={r['tokens']:5d} ctx={r['context']:5d} "
+              f"(program {r['program']['tokens']} x {r['program']['seqs']}) "
               f"{r['seconds'] * 1e3:9.2f} ms  {r['tokens_per_s']:9.1f} tok/s")
     result = {**environment(argv, __file__), "model": model.source, "dtype": args.dtype,
               "attention": args.attention, "rows": rows}

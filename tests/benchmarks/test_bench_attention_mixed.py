@@ -1,5 +1,6 @@
-"""Smoke test of bench_attention_mixed on random:tiny: both backends run every step kind, give
-the same greedy tokens (per step and over a whole engine run) and nearly the same logits."""
+"""Smoke test of bench_attention_mixed on random:tiny: the work-list XLA attention and the legacy
+dense layout run every step kind through the runner's fixed programs, give the same greedy
+tokens (per step and over a whole engine run) and nearly the same logits."""
 
 import json
 
@@ -19,5 +20,11 @@ def test_bench_attention_mixed_smoke(tmp_path):
     for r in kinds.values():
         assert r["tokens_identical"] and r["max_abs_logit_diff"] < 1e-4 * max(1, r["max_abs_logit"])
         assert r["ms_before"] > 0 and r["ms_after"] > 0
-    assert kinds["mixed"]["query_rows_after"] < kinds["mixed"]["query_rows_before"]
+    # 1 prefill of 100 tokens + 3 decodes over 64: the program of 103 tokens, 4 sequences
+    assert kinds["mixed"]["program"]["tokens"] == result["programs"]["max_batched_tokens"] == 103
+    assert kinds["decode"]["program"]["seqs"] == 4
+    # the work list computes whole items (128 keys; 8 or 16 a loop iteration): at these tiny
+    # sizes less than the dense layout next to a prefill, more for 4 decodes over 104 keys
+    assert 0 < kinds["mixed"]["score_pairs_after"] < kinds["mixed"]["score_pairs_before"]
+    assert kinds["decode"]["score_pairs_after"] == 8 * 128 > kinds["decode"]["score_pairs_before"]
     assert result["engine_check"]["tokens_identical"]

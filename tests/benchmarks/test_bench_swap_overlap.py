@@ -13,6 +13,7 @@ def test_bench_swap_overlap_times_both_swap_in_paths(tmp_path):
                     "--seqs", "2", "--context", "16", "--batches", "8", "--repeats", "1",
                     "--out", str(out)], check=True, capture_output=True, timeout=300)
     result = json.loads(out.read_text())
+    assert result["incoming_pages"] > 0          # the runner has the step programs that load
     (row,) = result["rows"]
     assert row["pages"] == 8 and row["bytes"] == 8 * 2 * 2 * 16 * 2 * 16 * 4
     for path in ("layered", "next_step"):
