@@ -152,8 +152,7 @@ class Engine:
         done = iter(range(1, total + 1))
 
         def compiled(shape, seconds: float) -> None:
-            log.info("compiled step program %d/%d in %.1f s: %s", next(done), total, seconds,
-                     shape)
+            log.info("step program %d/%d ready at %.1f s: %s", next(done), total, seconds, shape)
             bar.update(1)
         try:
             self.runner.precompile(compiled)

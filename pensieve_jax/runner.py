@@ -17,8 +17,10 @@ scatters for the host tier keep every device's KV heads on that device.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
+import os
 import time
 import warnings
 from typing import Any, Callable, NamedTuple
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.kv_pages import copy_pages
-from pensieve_jax import parallel
+from pensieve_jax import parallel, program_store
 from pensieve_jax.attention import AttentionBatch, Incoming, KVCache, init_kv_cache
 from pensieve_jax.model import Llama
 from pensieve_jax.sampling import sample
@@ -63,13 +65,14 @@ INCOMING_PAGES = 64   # pages a "layered" step loads inside it (more: the rest j
 
 
 def token_buckets(max_tokens: int, minimum: int = 8) -> tuple[int, ...]:
-    """The token ladder: powers of two from `minimum`, with the midpoint 1.5x between each
-    power from 32 on (fine at the low end, where most steps land: decode batches and short
-    turns), capped by and ending at max_tokens. 512 -> 8 16 32 48 64 96 128 192 256 384 512."""
+    """The token ladder: powers of two from `minimum`, with midpoints 1.5x between 32 and 128
+    (where decode batches with a short turn beside them land, and a chat turn's own prefill),
+    capped by and ending at max_tokens. 512 -> 8 16 32 48 64 96 128 256 512 (9 programs; each
+    more costs about 4 s of cold start for SmolLM2 on a 2-core CPU, none once stored)."""
     ladder, size = [], max(1, minimum)
     while size < max_tokens:
         ladder.append(size)
-        if size >= 32 and size * 3 // 2 < max_tokens:
+        if 32 <= size < 128 and size * 3 // 2 < max_tokens:
             ladder.append(size * 3 // 2)
         size *= 2
     ladder.append(max_tokens)
@@ -293,7 +296,10 @@ class ModelRunner:
                                          self.dtype, sharding=self.kv.k.sharding)
             args = {"gather": (ids,), "copy": (ids, ids), "scatter": (chunk, chunk, ids)}[name]
             fn = {"gather": self._gather, "copy": self._copy, "scatter": self._scatter}[name]
-            executable = fn.lower(self.kv, *args).compile()
+            executable = program_store.load(key, self.kv)
+            if executable is None:
+                executable = fn.lower(self.kv, *args).compile()
+                program_store.save(key, self.kv, executable)
             _EXECUTABLES[key] = executable
         return executable
 
@@ -385,21 +391,36 @@ class ModelRunner:
 
     def precompile(self, progress: Callable[[StepShape, float], None] | None = None) -> None:
         """Compile every program of the set (steps, page copies); progress(shape, seconds) after
-        each step program. Marks the runner ready: a compile after this is warned about."""
-        for shape in self.programs.shapes:
-            start = time.perf_counter()
-            if shape.incoming_pages and self.in_step_load_error is not None:
-                continue
-            try:
-                self._executable(shape)
-            except Exception as e:  # noqa: BLE001 - see step(): loads then go before the step
-                if not shape.incoming_pages:
-                    raise
-                self.in_step_load_error = f"{type(e).__name__}: {e}"[:500]
-                warnings.warn("pages cannot be loaded inside a step on this backend; they are "
-                              f"loaded before it instead ({self.in_step_load_error})")
-            if progress is not None:
-                progress(shape, time.perf_counter() - start)
+        each step program. Programs are loaded from the program store where it has them; the
+        rest are traced one by one and compiled in parallel (XLA compiles outside the GIL).
+        Marks the runner ready: a compile after this is warned about."""
+        start = time.perf_counter()
+        workers = max(1, min(os.cpu_count() or 1, 4))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            futures = {}
+            for shape in self.programs.shapes:   # each compile starts as the next one traces
+                key = self._key(shape)
+                if shape.incoming_pages and self.in_step_load_error is not None:
+                    continue
+                if key in _EXECUTABLES or self._load(key):
+                    self._compiled[key] = _EXECUTABLES[key]
+                else:
+                    try:
+                        futures[pool.submit(self._lower(shape).compile)] = (shape, key)
+                        continue
+                    except Exception as e:  # noqa: BLE001 - a backend that cannot lower the load
+                        self._no_in_step_loads(shape, e)
+                if progress is not None:
+                    progress(shape, time.perf_counter() - start)
+            for future in concurrent.futures.as_completed(futures):
+                shape, key = futures[future]
+                try:
+                    self._store(key, future.result())
+                except Exception as e:  # noqa: BLE001 - see step(): loads go before the step
+                    self._no_in_step_loads(shape, e)
+                if progress is not None:
+                    progress(shape, time.perf_counter() - start)
+        self.compile_s += time.perf_counter() - start
         # the page programs: run once on padding (every id out of range or a no-op)
         k, v = self.gather_pages([0])[0]
         self.scatter_staged([(k, v)], [-1])
@@ -407,10 +428,31 @@ class ModelRunner:
         jax.block_until_ready(self.kv)
         self.ready = True
 
-    def _executable(self, shape: StepShape):
+    def _no_in_step_loads(self, shape: StepShape, error: Exception) -> None:
+        if not shape.incoming_pages:
+            raise error
+        self.in_step_load_error = f"{type(error).__name__}: {error}"[:500]
+        warnings.warn("pages cannot be loaded inside a step on this backend; they are "
+                      f"loaded before it instead ({self.in_step_load_error})")
+
+    def _key(self, shape: StepShape) -> tuple:
         mesh = None if self.mesh is None else tuple(d.id for d in self.mesh.devices.flat)
-        key = (self.config, self.dtype.name, self._model.attention, self.num_pages,
-               self.page_size, shape, mesh)
+        return (self.config, self.dtype.name, self._model.attention, self.num_pages,
+                self.page_size, shape, mesh)
+
+    def _load(self, key: tuple) -> bool:
+        executable = program_store.load(key, self.params)
+        if executable is not None:
+            _EXECUTABLES[key] = executable
+        return executable is not None
+
+    def _store(self, key: tuple, executable) -> None:
+        program_store.save(key, self.params, executable)
+        _EXECUTABLES[key] = executable
+        self._compiled[key] = executable
+
+    def _executable(self, shape: StepShape):
+        key = self._key(shape)
         executable = _EXECUTABLES.get(key)
         if executable is None:          # shared by every runner of the same shapes in-process
             if self.ready:
@@ -418,9 +460,10 @@ class ModelRunner:
                 log.warning("compiling step program %s after the engine was ready (a shape "
                             "outside the program set: a bug)", shape)
             start = time.perf_counter()
-            executable = self._lower(shape).compile()
+            if not self._load(key):
+                self._store(key, self._lower(shape).compile())
             self.compile_s += time.perf_counter() - start
-            _EXECUTABLES[key] = executable
+            executable = _EXECUTABLES[key]
         self._compiled[key] = executable
         return executable
 
