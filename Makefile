@@ -1,11 +1,12 @@
-# The README's two commands: `make demo` (chat with the embedded default model) and `make test`.
+# The README's two commands: `make demo` (chat with the embedded default model) and `make test`
+# (the suite without tests marked slow; `make test-all` runs them too).
 # Both bootstrap a virtual environment in .venv and install what they need.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-all venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,9 @@ demo: $(STAMP)
 	$(PY) -m pensieve_jax.demo
 
 test: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+test-all: $(STAMP)
 	$(PY) -m pytest
 
 clean:

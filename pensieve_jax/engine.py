@@ -31,7 +31,7 @@ from pensieve_jax.engine_stats import COUNTERS, USAGE_COUNTERS, engine_stats
 from pensieve_jax.eviction import make_policy
 from pensieve_jax.host_cache import HostCache
 from pensieve_jax.request import Request, RequestHandle, TokenEvent, check_prompt
-from pensieve_jax.runner import ModelRunner, step_input
+from pensieve_jax.runner import ModelRunner, step_input, token_buckets
 from pensieve_jax.sampling import SamplingParams
 from pensieve_jax.scheduler import Row, Scheduler, SchedulerConfig
 from pensieve_jax.swap import Swapper
@@ -89,16 +89,17 @@ class Engine:
             self.allocator, config.page_size, self.host.allocator if self.host.enabled else None,
             make_policy(config.eviction_policy, c), max(1, config.chunk_tokens // config.page_size),
             sharing=config.prefix_sharing and config.cache_policy == "stateful")
+        ladder = config.token_buckets or token_buckets(config.max_batched_tokens)
         self.scheduler = Scheduler(SchedulerConfig(
             config.max_batched_tokens, config.max_num_seqs,
             int(config.reserve_fraction * num_pages), config.fairness_steps,
-            swap_in_same_step=config.swap_in == "layered"), self.store)
+            swap_in_same_step=config.swap_in == "layered", token_buckets=ladder), self.store)
         compile_cache.enable()
         self.runner = ModelRunner(
             model, num_pages, config.page_size, config.attention, dtype,
             tensor_parallel=config.tensor_parallel, max_num_seqs=config.max_num_seqs,
             max_batched_tokens=config.max_batched_tokens, max_model_len=self.max_model_len,
-            token_ladder=config.token_buckets,
+            token_ladder=ladder,
             layered_loads=config.swap_in == "layered" and self.host.enabled)
         self._rates = TransferCosts(nbytes, config.restore_policy)
         if self.host.enabled:

@@ -33,6 +33,8 @@ class SchedulerConfig:
     fairness_steps: int = 16    # better-cached waiting turns may pass one for this many steps
     order_window: int = 128     # waiting turns considered for cache-aware ordering
     swap_in_same_step: bool = False   # swap-ins land inside the step that runs their turn
+    token_buckets: tuple[int, ...] = ()   # the step programs' token counts (runner.ProgramSet):
+                                          # a mixed step may end its last prefill chunk at one
 
 
 class Row(NamedTuple):
@@ -92,7 +94,25 @@ class Scheduler:
             if not req.loading:       # else it runs once its pages have landed (next step)
                 budget -= self._add_rows(rows, req, budget)
         self.waiting.extendleft(reversed(deferred))
-        return rows
+        return self._fit_to_program(rows)
+
+    def _fit_to_program(self, rows: list[Row]) -> list[Row]:
+        """A step runs in the smallest program that holds its tokens. When it also holds decodes
+        (so another step follows anyway) and its last row is a prefill chunk, end that chunk at
+        the program below if that pads less than it defers: the rest rides along the next step.
+        A prefill alone is never cut (that would only add a step before its first token)."""
+        total = sum(r.end - r.start for r in rows)
+        below = [t for t in self.config.token_buckets if t < total]
+        above = [t for t in self.config.token_buckets if t >= total]
+        if not rows or not below or not above:
+            return rows
+        last, cut = rows[-1], total - below[-1]
+        decodes = any(r.sample and r.end - r.start == 1 for r in rows[:-1])
+        if not decodes or last.end - last.start <= cut or above[0] - total <= cut:
+            return rows
+        if last.end - last.start == 1 and last.sample:
+            return rows
+        return rows[:-1] + [last._replace(end=last.end - cut, sample=False)]
 
     def _order_waiting(self) -> None:
         """Preble's local rule: waiting turns with more of their prompt cached go first, except

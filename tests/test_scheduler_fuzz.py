@@ -122,6 +122,7 @@ class SimConfig:
     max_model_len: int = 64
     ttl: float | None = None
     layered: bool = False          # swap_in="layered": swap-ins land inside the step
+    token_buckets: tuple = ()      # the step programs: mixed steps may cut their last chunk
 
     @classmethod
     def random(cls, rng: random.Random) -> "SimConfig":
@@ -139,7 +140,8 @@ class SimConfig:
             fairness_steps=rng.choice([0, 2, 16]), order_window=rng.choice([1, 3, 128]),
             swap_out_threshold=rng.choice([0.0, 0.25, 0.6]),
             restore=rng.choice(["none", "load", "recompute", "random"]),
-            max_model_len=max_model_len, ttl=rng.choice([None, None, None, 0.05]))
+            max_model_len=max_model_len, ttl=rng.choice([None, None, None, 0.05]),
+            token_buckets=rng.choice([(), (1, 2, 3, 5, 8, 13, 21, 34, 55, 64)]))
 
 
 class SimEngine:
@@ -160,7 +162,8 @@ class SimEngine:
                 "random": lambda first, n: pick.random() < 0.5}[cfg.restore]
         self.scheduler = Scheduler(SchedulerConfig(
             cfg.max_batched_tokens, cfg.max_num_seqs, cfg.reserve_pages, cfg.fairness_steps,
-            cfg.order_window, swap_in_same_step=cfg.layered), self.store)
+            cfg.order_window, swap_in_same_step=cfg.layered,
+            token_buckets=cfg.token_buckets), self.store)
         self.device = [[None] * ps for _ in range(cfg.num_pages)]   # simulated KV per slot
         self.host = [[None] * ps for _ in range(max(cfg.host_pages, 1))]
         self.landing = None          # (swap-ins, host contents read), lands at the next step
