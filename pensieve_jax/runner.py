@@ -3,9 +3,8 @@
 The host plans, the device computes: a step arrives as small NumPy arrays (a ragged token
 batch) and is padded to one program of a set fixed by the engine's configuration before any
 request comes (`ProgramSet`, below): the only shape that varies is the token count, rounded up
-a short ladder of buckets; sequences, pages per sequence and (for the XLA attention) query tiles
-are fixed per bucket, and the attention's cost follows the keys each sequence really has, not
-these bounds. `precompile` compiles the whole set; a compile after that is a bug, warned about
+a short ladder of buckets; sequences and pages per sequence are fixed per bucket, and the
+attention's cost follows the keys each sequence really has, not these bounds. `precompile` compiles the whole set; a compile after that is a bug, warned about
 and counted. The KV pools are donated into every step, so they are updated in place. One
 device-to-host copy per step: the sampled token ids. Page copies between tiers run in fixed
 chunks of PAGE_CHUNK pages, one small program each.

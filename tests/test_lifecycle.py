@@ -122,3 +122,12 @@ def test_close_is_idempotent_and_the_engine_takes_no_work_after_it():
     """)
     assert "closed: [] True False" in out          # `other` still uses the weights
     assert "other closed: False" in out            # not its own: left to the garbage collector
+
+
+def test_the_demo_entry_point_exits_0():
+    """`python -m pensieve_jax.demo` (what `make demo` runs) on a random model, to the end."""
+    proc = subprocess.run([sys.executable, "-m", "pensieve_jax.demo", "--model", "random:tiny",
+                           "--max-tokens", "3"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stats:" in proc.stdout

@@ -34,8 +34,14 @@ class LoadedModel(NamedTuple):
     source: str
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("PENSIEVE_JAX_CACHE", Path.home() / ".cache" / "pensieve-jax"))
+def default_cache_dir() -> Path | None:
+    """$PENSIEVE_JAX_CACHE, else ~/.cache/pensieve-jax; None when that variable turns caches off
+    ("none", "off", "0", ...: as for the compilation cache)."""
+    from pensieve_jax.compile_cache import ENV, OFF
+    value = os.environ.get(ENV)
+    if value is not None and value.strip().lower() in OFF:
+        return None
+    return Path(value or Path.home() / ".cache" / "pensieve-jax")
 
 
 def embedded_model_path(alias: str) -> str:
@@ -104,13 +110,15 @@ def load_model(source: str, dtype="float32", cache_dir: str | Path | None | bool
                              f"nor a converted model ({'pensieve_model.json'})")
 
     cached = None
+    if cache_dir is None:
+        cache_dir = default_cache_dir() or False
     if cache_dir is not False:
         key = hashlib.sha256(f"{path.resolve()}|{dtype.name}".encode())
         for f in ([path] if path.is_file() else sorted(path.iterdir())):
             if f.is_file():   # a directory's own mtime misses files rewritten in place
                 st = f.stat()
                 key.update(f"|{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
-        cached = Path(cache_dir or default_cache_dir()) / f"{path.name}-{key.hexdigest()[:16]}"
+        cached = Path(cache_dir) / f"{path.name}-{key.hexdigest()[:16]}"
         if is_converted_dir(cached):
             return LoadedModel(*load_converted(cached, dtype), str(path))
     config, params, tokenizer = convert(str(path), dtype)

@@ -154,3 +154,5 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path / "c"
     monkeypatch.delenv("PENSIEVE_JAX_CACHE")
     assert default_cache_dir().parts[-2:] == (".cache", "pensieve-jax")
+    monkeypatch.setenv("PENSIEVE_JAX_CACHE", "none")     # off, not a directory named "none"
+    assert default_cache_dir() is None
