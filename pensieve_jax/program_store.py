@@ -12,7 +12,7 @@ everything that shapes a program:
 
 so an edit of the code, an upgrade or another machine makes a new entry instead of loading a
 stale one. A file that fails to load is ignored (and compiled again). Off whenever the
-compilation cache is off. The directory is trusted like the compilation cache: entries are
+compilation cache is off, or with PENSIEVE_JAX_PROGRAM_STORE=0. The directory is trusted like the compilation cache: entries are
 unpickled and run.
 """
 
@@ -34,6 +34,7 @@ from pensieve_jax import compile_cache
 log = logging.getLogger(__name__)
 
 _PACKAGES = ("pensieve_jax", "pallas_kernels")
+ENV = "PENSIEVE_JAX_PROGRAM_STORE"     # "0" / "none" / ...: compile each start (JAX's cache only)
 
 
 @functools.lru_cache(maxsize=1)
@@ -53,7 +54,7 @@ def _code_fingerprint() -> str:
 
 def _path(key: tuple, params: Any) -> Path | None:
     directory = compile_cache.stats().get("dir")
-    if not directory:
+    if not directory or os.environ.get(ENV, "1").strip().lower() in compile_cache.OFF:
         return None
     signature = jax.tree.map(
         lambda a: (tuple(a.shape), str(a.dtype), str(getattr(a, "sharding", ""))), params)

@@ -140,6 +140,7 @@ def make_step(seqs, vocab, rng):
                      np.ones(k, np.float32), np.zeros(k, np.uint32), np.zeros(k, np.int32))
 
 
+@pytest.mark.slow
 def test_runner_mixed_step_matches_sequences_alone(tiny_runner, rng):
     """A step mixing a 100-token prompt, a 70-token continuation and two decodes samples the
     same greedy tokens as each sequence run alone over the same cache (other programs)."""

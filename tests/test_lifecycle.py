@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = 'Engine.from_pretrained("random:tiny", max_model_len=128, page_size=8, num_pages=32, ' \
        'max_num_seqs=4, max_batched_tokens=64)'
@@ -84,6 +86,7 @@ def test_with_closes_the_engine():
     assert "after with: [] True True True" in out
 
 
+@pytest.mark.slow
 def test_close_is_idempotent_and_the_engine_takes_no_work_after_it():
     out = run_script(f"""
         import pytest
@@ -124,6 +127,7 @@ def test_close_is_idempotent_and_the_engine_takes_no_work_after_it():
     assert "other closed: False" in out            # not its own: left to the garbage collector
 
 
+@pytest.mark.slow
 def test_the_demo_entry_point_exits_0():
     """`python -m pensieve_jax.demo` (what `make demo` runs) on a random model, to the end."""
     proc = subprocess.run([sys.executable, "-m", "pensieve_jax.demo", "--model", "random:tiny",

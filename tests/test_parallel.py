@@ -21,6 +21,8 @@ from pensieve_jax.config import PRESETS
 from pensieve_jax.engine import EngineConfig
 from pensieve_jax.model import param_shapes
 
+pytestmark = pytest.mark.slow   # long: `make test-all` runs it (not `make test`)
+
 WORKER = Path(__file__).with_name("tp_worker.py")
 RUNS = ["swaps:xla:1,2,4", "layered:xla:1,2", "short:pallas:1,2,4", "tiny:xla:1,2",
         "errors:xla:0"]

@@ -3,8 +3,12 @@ stateless baseline, with several conversations sharing the batches."""
 
 import threading
 
+import pytest
+
 from pensieve_jax.engine import Engine, EngineConfig
 from pensieve_jax.sampling import SamplingParams
+
+pytestmark = pytest.mark.slow   # long: `make test-all` runs it (not `make test`)
 
 CHATS = [
     ["What is the capital of France?", "What is a famous landmark there?", "How tall is it?"],

@@ -86,8 +86,9 @@ def test_dropped_front_is_recomputed_with_the_new_prompt(stateless, host_pages, 
 
 
 @pytest.mark.parametrize("policy,host_pages,swap_in", [
-    ("pensieve", 200, "next_step"), ("lru", 200, "next_step"), ("pensieve", 24, "next_step"),
-    ("pensieve", 200, "layered")])
+    ("pensieve", 200, "next_step"),
+    *(pytest.param(*p, marks=pytest.mark.slow) for p in [
+        ("lru", 200, "next_step"), ("pensieve", 24, "next_step"), ("pensieve", 200, "layered")])])
 def test_ten_times_oversubscribed_all_paths_in_one_batch(stateless, policy, host_pages, swap_in):
     """20 conversations, device room for ~2: every conversation finishes with the baseline's
     tokens. With a roomy host tier turns come back from host memory; with a small one the

@@ -5,6 +5,9 @@ tokens (per step and over a whole engine run) and nearly the same logits."""
 import json
 
 import bench_attention_mixed
+import pytest
+
+pytestmark = pytest.mark.slow   # long: `make test-all` runs it (not `make test`)
 
 
 def test_bench_attention_mixed_smoke(tmp_path):

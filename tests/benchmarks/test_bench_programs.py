@@ -12,6 +12,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_programs.py"
 
 
+@pytest.mark.slow
 def test_bench_programs_quick_new_engine(tmp_path):
     out = tmp_path / "programs.json"
     subprocess.run([sys.executable, str(SCRIPT), "--quick", "--model", "random:tiny",

@@ -3,6 +3,9 @@
 import json
 
 import bench_router
+import pytest
+
+pytestmark = pytest.mark.slow   # long: `make test-all` runs it (not `make test`)
 
 
 def test_bench_router_tiny(tmp_path):

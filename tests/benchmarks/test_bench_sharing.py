@@ -3,6 +3,9 @@
 import json
 
 import bench_sharing
+import pytest
+
+pytestmark = pytest.mark.slow   # long: `make test-all` runs it (not `make test`)
 
 
 def test_bench_sharing_tiny(tmp_path):

@@ -2,6 +2,9 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+import pytest
+
+pytestmark = pytest.mark.slow   # long: `make test-all` runs it (not `make test`)
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_swap_overlap.py"
 

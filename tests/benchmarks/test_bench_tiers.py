@@ -1,6 +1,9 @@
 import json
 
 import bench_tiers
+import pytest
+
+pytestmark = pytest.mark.slow   # long: `make test-all` runs it (not `make test`)
 
 
 def test_bench_tiers_compares_setups_with_identical_outputs(tmp_path):

@@ -7,6 +7,8 @@ import pytest
 import eval_conversations as ev
 from pensieve_jax.sampling import SamplingParams
 
+pytestmark = pytest.mark.slow   # long: `make test-all` runs it (not `make test`)
+
 CONVERSATIONS = [
     {"id": "a", "system": "Be terse.", "turns": ["hi", "more"]},
     {"id": "b", "messages": [{"role": "user", "content": "one"},

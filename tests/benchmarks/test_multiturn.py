@@ -18,6 +18,8 @@ from multiturn_lib.report import merge_results
 from multiturn_lib.runners import engine_options
 from multiturn_lib.turns import TurnRecord
 
+pytestmark = pytest.mark.slow   # long: `make test-all` runs it (not `make test`)
+
 
 def record(conv, turn, submit, e2e, tokens=10, ttft=0.1, **usage):
     return TurnRecord(conv, turn, submit, ttft, e2e, tokens,
