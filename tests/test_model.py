@@ -133,6 +133,7 @@ def test_llama3_rope_scaling_changes_only_low_frequencies():
     np.testing.assert_allclose(lin, plain / 2.0, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_pallas_backend_matches_xla_in_the_model(model_and_params, rng):
     """The whole model with the Pallas kernel (interpret mode here) against the XLA path."""
     _, params = model_and_params

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = """
@@ -41,6 +43,7 @@ def run(cache: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_a_second_process_loads_the_programs_and_gets_the_same_tokens(tmp_path):
     first = run(tmp_path)
     assert first["traced"] == [8, 16]                       # the ladder for 16 tokens

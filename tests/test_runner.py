@@ -63,6 +63,7 @@ def test_loading_pages_leaves_other_pages_alone(model):
     assert float(jnp.abs(runner.kv.k[:, 5:12]).max()) == 0.0
 
 
+@pytest.mark.slow
 def test_precompile_covers_every_step_and_page_program(model):
     runner = ModelRunner(model, 17, PAGE, layered_loads=True, **SMALL)  # a pool no other test uses
     assert [s.tokens for s in runner.programs.shapes] == [8, 16, 32, 8, 16, 32]

@@ -127,6 +127,7 @@ def test_concurrent_conversations_all_paths_identical(stateless):
     eng.shutdown()
 
 
+@pytest.mark.slow
 def test_one_copy_of_a_long_system_prompt():
     """8 conversations over a 2k-token system prompt: about one copy of it in the pool."""
     system = list(np.random.default_rng(1).integers(0, 256, 2048))
