@@ -284,8 +284,8 @@ class ModelRunner:
     def _page_program(self, name: str):
         """The compiled gather / copy / scatter of PAGE_CHUNK pages (ahead of time, as the
         steps: a jit call would compile again for pools that a step program returned)."""
-        mesh = None if self.mesh is None else tuple(d.id for d in self.mesh.devices.flat)
-        key = (name, self.config, self.dtype.name, self.num_pages, self.page_size, mesh)
+        key = (name, self.config, self.dtype.name, self.num_pages, self.page_size,
+               self._mesh_ids)
         executable = _EXECUTABLES.get(key)
         if executable is None:
             if self.ready:
@@ -434,10 +434,14 @@ class ModelRunner:
         warnings.warn("pages cannot be loaded inside a step on this backend; they are "
                       f"loaded before it instead ({self.in_step_load_error})")
 
+    @property
+    def _mesh_ids(self) -> tuple[int, ...] | None:
+        """The devices the programs run on, for their keys (None: the default device)."""
+        return None if self.mesh is None else tuple(d.id for d in self.mesh.devices.flat)
+
     def _key(self, shape: StepShape) -> tuple:
-        mesh = None if self.mesh is None else tuple(d.id for d in self.mesh.devices.flat)
         return (self.config, self.dtype.name, self._model.attention, self.num_pages,
-                self.page_size, shape, mesh)
+                self.page_size, shape, self._mesh_ids)
 
     def _load(self, key: tuple) -> bool:
         executable = program_store.load(key, self.params)
