@@ -25,6 +25,7 @@ import numpy as np
 from common import environment, write_json
 from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference
 from pensieve_jax.attention import AttentionBatch, KVCache, xla_paged_attention
+from pensieve_jax.runner import kernel_interpret
 
 
 def timeit(fn, *args, iters: int, warmup: int = 3) -> float:
@@ -128,7 +129,7 @@ def main(argv=None) -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
-    interpret = jax.default_backend() != "gpu"
+    interpret = kernel_interpret(jax.devices()[:1])   # by the device's platform (explicit)
     if args.smoke:
         args.heads, args.kv_heads, args.head_dim, args.iters = 4, 2, 64, 2
         cases = [("decode", 4, 1, 64), ("prefill", 1, 32, 96)]

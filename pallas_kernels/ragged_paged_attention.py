@@ -133,15 +133,20 @@ def _check(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens):
         raise ValueError(f"page_size must be a power of two, got {page_size}")
 
 
+def _check_interpret(interpret) -> None:
+    if not isinstance(interpret, bool):
+        raise TypeError(f"interpret must be True or False (explicit, never inferred from the "
+                        f"default backend), got {interpret!r}")
+
+
 @functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "num_splits"))
 def ragged_paged_attention_stacked(q, k_pool, v_pool, layer, page_table, kv_lens, cu_q_lens, *,
-                                   sm_scale: float | None = None, interpret: bool | None = None,
+                                   interpret: bool, sm_scale: float | None = None,
                                    num_splits: int | None = None):
     """Like `ragged_paged_attention`, reading layer `layer` of pools stacked over layers
     [layers, num_pages, page_size, num_kv_heads, head_dim] in place."""
+    _check_interpret(interpret)
     _check(q, k_pool, v_pool, page_table, kv_lens, cu_q_lens)
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
     num_tokens, num_heads, head_dim = q.shape
     _, _, page_size, num_kv_heads, _ = k_pool.shape
     num_seqs, pages_per_seq = page_table.shape
@@ -184,7 +189,11 @@ def ragged_paged_attention_stacked(q, k_pool, v_pool, layer, page_table, kv_lens
     compiler_params = None
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
-        compiler_params = plgpu.CompilerParams(num_warps=4, num_stages=2)
+        # 32-bit operands take twice the registers of 16-bit ones: with 4 warps a float32 tile
+        # of 64 keys x d128 needs 255 registers per thread and spills (ptxas, sm_90a, through
+        # benchmarks/aot_compile.py); with 8 warps about 220 and no spill
+        compiler_params = plgpu.CompilerParams(
+            num_warps=8 if jnp.dtype(q.dtype).itemsize >= 4 else 4, num_stages=2)
     o, m, l = pl.pallas_call(
         kernel,
         grid=(num_kv_heads, num_blocks, splits),
@@ -227,14 +236,17 @@ def ragged_paged_attention_stacked(q, k_pool, v_pool, layer, page_table, kv_lens
 
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, *,
-                           sm_scale: float | None = None, interpret: bool | None = None):
+                           interpret: bool, sm_scale: float | None = None):
     """Causal attention of ragged query rows over paged context (design.md section 5).
 
     q [num_tokens, num_q_heads, head_dim]; k_pages, v_pages [num_pages, page_size, num_kv_heads,
     head_dim]; page_table int32 [num_seqs, max_pages_per_seq]; kv_lens int32 [num_seqs] (context
     length including this step's tokens); cu_q_lens int32 [num_seqs + 1]. Query j of sequence s
     sits at position kv_lens[s] - q_len[s] + j. Rows past cu_q_lens[-1] come back as zeros.
-    interpret None: interpret mode unless running on a GPU.
+    interpret (required): True runs the Pallas interpreter (any backend), False compiles the
+    kernel (Triton; GPU only). Never inferred from the default backend: a program lowered for
+    another platform (ahead of time, for a GPU, on a CPU host) must say which it wants, and
+    being a static argument it keys JAX's trace cache, so an interpreted trace is never reused.
     """
     if k_pages.ndim != 4:
         raise ValueError("k_pages must be [num_pages, page_size, num_kv_heads, head_dim], "

@@ -100,8 +100,12 @@ TILE_ROWS = 16        # prefill rows per tile
 TILE_KEYS = 128       # keys per item of a tile, 16 items per loop iteration
 
 class AttentionFn(Protocol):
+    """interpret: for kernels with an interpreter (Pallas), run it instead of compiling the
+    kernel; the caller decides from the platform it compiles for (backends without one ignore
+    it)."""
+
     def __call__(self, q: jax.Array, kv: KVCache, layer: jax.Array, batch: AttentionBatch, *,
-                 sm_scale: float, mesh: Any = None) -> jax.Array: ...
+                 sm_scale: float, mesh: Any = None, interpret: bool = False) -> jax.Array: ...
 
 
 def _attend(qg: jax.Array, row_pos: jax.Array, row_seq: jax.Array, pair_unit: jax.Array,
@@ -181,7 +185,7 @@ def _attend(qg: jax.Array, row_pos: jax.Array, row_seq: jax.Array, pair_unit: ja
 
 
 def xla_paged_attention(q: jax.Array, kv: KVCache, layer: jax.Array, batch: AttentionBatch, *,
-                        sm_scale: float, mesh: Any = None) -> jax.Array:
+                        sm_scale: float, mesh: Any = None, interpret: bool = False) -> jax.Array:
     """Paged attention in plain XLA over a work list of (query rows, key block) items: the
     fast path on CPU, and the fallback anywhere.
 
@@ -197,9 +201,9 @@ def xla_paged_attention(q: jax.Array, kv: KVCache, layer: jax.Array, batch: Atte
     real rows times their real contexts, whatever its mix, padding or table width. Numerics:
     each query row's scores, mask and softmax are those of a dense per-sequence attention
     (float32 scores, online softmax over key blocks). Under a mesh (heads sharded) XLA
-    partitions it by head from the operands' shardings.
+    partitions it by head from the operands' shardings. interpret is ignored (plain XLA).
     """
-    del mesh
+    del mesh, interpret
     batch = AttentionBatch(*(jnp.asarray(a, jnp.int32) for a in batch))
     kv = KVCache(jnp.asarray(kv.k), jnp.asarray(kv.v))
     num_tokens, num_heads, head_dim = q.shape
@@ -255,15 +259,17 @@ def xla_paged_attention(q: jax.Array, kv: KVCache, layer: jax.Array, batch: Atte
 
 
 def pallas_paged_attention(q: jax.Array, kv: KVCache, layer: jax.Array, batch: AttentionBatch, *,
-                           sm_scale: float, mesh: Any = None) -> jax.Array:
-    """The Pallas kernel (compiled on GPU, interpreted elsewhere).
+                           sm_scale: float, mesh: Any = None, interpret: bool = False) -> jax.Array:
+    """The Pallas kernel: compiled (Triton, GPU only) when interpret is False, interpreted
+    when True; the caller says which (model.Llama's interpret, set by the runner from the
+    platform of its devices), nothing is inferred from the default backend.
     Under a mesh the kernel runs once per shard (shard_map) on that shard's heads and pages."""
     from pallas_kernels import ragged_paged_attention_stacked
     from pensieve_jax.parallel import shard_heads
 
     def kernel(q, k_pool, v_pool, layer, page_table, kv_lens, cu_q_lens):
         return ragged_paged_attention_stacked(q, k_pool, v_pool, layer, page_table, kv_lens,
-                                              cu_q_lens, sm_scale=sm_scale)
+                                              cu_q_lens, sm_scale=sm_scale, interpret=interpret)
     return shard_heads(kernel, mesh, 4)(q, kv.k, kv.v, layer, *batch)
 
 

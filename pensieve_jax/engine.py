@@ -2,6 +2,58 @@
 
 Callers on any thread `submit` turns (or use `generate` / `session`); one background thread owns
 all scheduling state and runs the steps, so requests join and leave at step boundaries.
+
+The overlapped loop (EngineConfig.overlap, on by default; off: schedule, run, postprocess one
+after another). The host plans and dispatches step N+1 while the device runs step N, then
+fetches and postprocesses N while the device runs N+1:
+
+    host    | plan N+1 | dispatch N+1 | fetch N, postprocess N, book N+1 | plan N+2 | ...
+    device  | ...... step N ......... | ........ step N+1 .......................| ...
+
+- Booking (`_dispatched`): when a step is dispatched, what it will have computed is booked at
+  once (KV computed, prompt pages offered for sharing); each row that samples appends a
+  placeholder to its turn's tokens (`Request.pending`). Planning N+1 thus sees every turn of N
+  one token further; a decode row whose input is N's still unknown sample reads it on the
+  device (`token_src`, from N's output: `ModelRunner.dispatch(..., last=N)`), never via host.
+- Postprocessing N (`_postprocess`) puts the sampled tokens in place of the placeholders, checks
+  stop tokens, stop strings and lengths, streams, and finishes turns. A turn found finished at
+  N has (unless the token budget left it out) had its N+1 row dispatched already: that row
+  computes the KV of its last token, which is exactly the cache flush a finished turn runs
+  (conversation.flushing), so it is one; its sampled token is dropped. Stateless turns (and
+  ended conversations) with such a row are released when N+1 is fetched, not before.
+- Everything else drains first (`_drain`: fetch and postprocess the step in flight, then plan
+  with nothing in flight, as the synchronous loop does): an empty plan, a plan that would
+  preempt a running turn (the scheduler raises PreemptionNeeded before it preempts), and
+  whatever the inbox brings except new turns: cancellations, end_conversation, KV export and
+  import, stats, any `call()`.
+
+Why freeing and reusing pages while a step is in flight is safe: the KV pools are donated into
+every program that writes them (steps, page copies, swap-in scatters) and read by the others
+(gathers), each taking the pools the one before returned, so the device runs them in the order
+they are dispatched. A page is freed on the host only once every program that used it for its
+old holder has been dispatched, and a program using it for a new holder is planned, so
+dispatched, after the free:
+
+    page freed (step N in flight)     old holder's programs               new holder's
+    --------------------------------  ----------------------------------  ----------------
+    idle conversation evicted or      steps <= N-1 (its cache flush was   copies and steps
+    expired while planning N+1        fetched before it went idle); the   dispatched from
+                                      swap-out gather: after N            N+1 on
+    waiting turn's KV dropped         none in flight (no rows)            from N+1 on
+    (planning N+1)
+    stateless or ended turn finished  steps <= N                          from N+2 on
+    at N, no row in N+1: released
+    when N is fetched
+    ... with a row in N+1 (its flush) steps <= N+1                        from N+3 on
+    released when N+1 is fetched
+    preempted turn                    never with a step in flight: the    after the drain
+                                      plan is redone after a drain
+    cancelled turn, ended conversa-   never with a step in flight: the    -
+    tion, KV export / import          inbox drains first
+
+Pages are also read while in flight: prompt pages booked (offered for sharing) at N's dispatch
+are written by N, and whatever reads them (another turn's rows, a copy on write) is dispatched
+after N.
 """
 
 from __future__ import annotations
@@ -16,7 +68,7 @@ import threading
 import time
 import uuid
 import weakref
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,15 +83,34 @@ from pensieve_jax.engine_stats import COUNTERS, USAGE_COUNTERS, engine_stats
 from pensieve_jax.eviction import make_policy
 from pensieve_jax.host_cache import HostCache
 from pensieve_jax.request import Request, RequestHandle, TokenEvent, check_prompt
-from pensieve_jax.runner import ModelRunner, step_input, token_buckets
+from pensieve_jax.runner import ModelRunner, StepHandle, step_input, token_buckets
 from pensieve_jax.sampling import SamplingParams
-from pensieve_jax.scheduler import Row, Scheduler, SchedulerConfig
+from pensieve_jax.scheduler import PreemptionNeeded, Row, Scheduler, SchedulerConfig
+from pensieve_jax.self_check import select_attention
 from pensieve_jax.swap import Swapper
 from pensieve_jax.tokenizer import Tokenizer
 from pensieve_jax.transfer_costs import TransferCosts
 from pensieve_jax.weights import DEFAULT_MODEL, LoadedModel, load_model
 
 log = logging.getLogger(__name__)
+
+
+PLACEHOLDER = 0    # a sampled token not fetched yet (the overlapped loop's Request.pending)
+
+
+class _InFlight(NamedTuple):
+    """A step dispatched and not yet fetched (the overlapped loop)."""
+    rows: list[Row]
+    handle: StepHandle
+    dispatched: float        # perf_counter() when dispatched
+    num_tokens: int
+
+
+def _overlaps(fn: Callable[[], None]) -> Callable[[], None]:
+    """Mark an inbox function that may run while a step is in flight (the loop drains the
+    step before any other)."""
+    fn.overlaps = True
+    return fn
 
 
 class EngineOverloaded(RuntimeError):
@@ -95,8 +166,12 @@ class Engine:
             int(config.reserve_fraction * num_pages), config.fairness_steps,
             swap_in_same_step=config.swap_in == "layered", token_buckets=ladder), self.store)
         compile_cache.enable()
+        # config.attention None: "pallas" on a GPU (self-checked against "xla" first, falling
+        # back to it), else "xla"; stats() reports the choice (pensieve_jax/self_check.py)
+        self.attention_choice = select_attention(config.attention, c, config.page_size, dtype,
+                                                 config.tensor_parallel)
         self.runner = ModelRunner(
-            model, num_pages, config.page_size, config.attention, dtype,
+            model, num_pages, config.page_size, self.attention_choice.attention, dtype,
             tensor_parallel=config.tensor_parallel, max_num_seqs=config.max_num_seqs,
             max_batched_tokens=config.max_batched_tokens, max_model_len=self.max_model_len,
             token_ladder=ladder,
@@ -110,6 +185,17 @@ class Engine:
         self.swapper = Swapper(self.runner, self.store, self.host, self._rates,
                                layered=config.swap_in == "layered")
         self._stalled_steps = 0              # steps in a row with work but nothing to run
+        self._inflight: _InFlight | None = None    # overlap: the step the device is running
+        self._next_reqs: set[int] = set()    # ids of turns with a row in the step after it
+        self._last_done = 0.0                # when the last fetched step was complete
+        # where the loop's time goes (seconds): plan_s (land swap-ins, schedule, build the
+        # step's inputs, start page copies), run_s (synchronous: the step; overlapped: its
+        # dispatch), wait_s (overlapped: waiting for a step's tokens), post_s (postprocess and
+        # booking); drains: steps fetched before planning the next (preemption, inbox, ...);
+        # busy_fetches: steps still running when fetched (all the host's work since their
+        # dispatch was hidden behind them)
+        self.loop = {"steps": 0, "plan_s": 0.0, "run_s": 0.0, "wait_s": 0.0, "post_s": 0.0,
+                     "drains": 0, "busy_fetches": 0}
         self._inbox: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -133,6 +219,9 @@ class Engine:
         config = EngineConfig(**options)
         engine = cls(load_model(source, dtype, cache_dir), dtype, config)
         engine._owns_weights = True
+        # the runner holds the weights as its programs take them (copies where its layout or
+        # mesh differs from the loaded one): keep those, not the loaded tree beside them
+        engine.model = engine.model._replace(params=engine.runner.params)
         return engine
 
     def warm_up(self) -> None:
@@ -193,8 +282,9 @@ class Engine:
                                        f"{limit} (max_queued_requests)")
             self._unfinished += 1
         handle = RequestHandle(uuid.uuid4().hex, conversation_id, self.cancel)
-        self._post(lambda: self._add(Request(handle.request_id, prompt, params, seed,
-                                             conversation_id, handle, cache_salt or "")))
+        self._post(_overlaps(lambda: self._add(Request(handle.request_id, prompt, params, seed,
+                                                       conversation_id, handle,
+                                                       cache_salt or ""))))
         return handle
 
     def generate(self, prompt_token_ids, params: SamplingParams | None = None):
@@ -323,12 +413,14 @@ class Engine:
     def _loop(self) -> None:
         ttl = self.config.conversation_ttl_s
         while True:
-            block = not self.scheduler.has_work()
+            block = not self.scheduler.has_work() and self._inflight is None
             try:
                 while True:
                     fn = self._inbox.get(block=block, timeout=ttl / 4 if block and ttl else None)
                     if fn is None:
                         return
+                    if not getattr(fn, "overlaps", False):
+                        self._drain()      # it sees every token sampled so far, no placeholder
                     fn()
                     block = False
             except queue.Empty:
@@ -339,38 +431,128 @@ class Engine:
 
     def step(self) -> int:
         """One engine step (called by the loop thread); returns the number of rows run:
-        land last step's swap-ins, schedule, start this step's copies, run, postprocess."""
+        land last step's swap-ins, schedule, start this step's copies, run, postprocess.
+        Overlapped (config.overlap): run is a dispatch, and what is postprocessed is the step
+        dispatched before this one, which the device ran meanwhile (module docstring)."""
+        start = time.perf_counter()
         try:
             self._land()
-            rows = self.scheduler.schedule()
+            rows = self._schedule()
         except Exception as e:  # a scheduler bug must not kill the loop silently
             self._fail_all(RuntimeError(f"engine scheduling failed: {type(e).__name__}: {e}"))
             return 0
         for req, error in self.scheduler.rejected:
             self._deliver(req, error)
         self.scheduler.rejected.clear()
+        prev = self._inflight
         try:
             self.swapper.start()
             if not rows:
                 self.swapper.flush()
-                self._check_stall()
+                if prev is not None:
+                    self._drain()            # nothing to overlap it with
+                else:
+                    self._check_stall()
                 return 0
-            start = time.perf_counter()
-            tokens = self.runner.step(step_input(rows, self.config.page_size),
-                                      self.swapper.take_incoming())
+            s = step_input(rows, self.config.page_size)
+            src = None if prev is None else self._token_sources(rows)
+            incoming = self.swapper.take_incoming()
+            planned = time.perf_counter()
+            if self.config.overlap:
+                handle = self.runner.dispatch(s, incoming, prev and prev.handle, src)
+            else:
+                tokens = self.runner.step(s, incoming)
+            ran = time.perf_counter()
         except Exception as e:  # fail what is in flight; the pools may be gone (donated)
             self._fail_all(RuntimeError(f"engine step failed: {type(e).__name__}: {e}"))
             return 0
         self._stalled_steps = 0
         num_tokens = sum(r.end - r.start for r in rows)
-        if num_tokens >= 16:      # prefill speed, for the load-or-recompute choice
-            self._rates.prefill(time.perf_counter() - start, num_tokens)
         self.counts["steps"] += 1
         self.counts["step_tokens"] += num_tokens
-        for row, token in zip(rows, tokens):
-            self._postprocess(row, int(token))
+        waited = self.loop["wait_s"]
+        if self.config.overlap:
+            self._next_reqs = {id(r.request) for r in rows}
+            try:
+                if prev is not None and not self._complete(prev):
+                    return 0                 # the fetch failed: everything in flight failed
+            finally:
+                self._next_reqs = set()
+            self._dispatched(rows)
+            self._inflight = _InFlight(rows, handle, planned, num_tokens)
+        else:
+            if num_tokens >= 16:      # prefill speed, for the load-or-recompute choice
+                self._rates.prefill(ran - planned, num_tokens)
+            self._dispatched(rows)
+            for row, token in zip(rows, tokens):
+                self._postprocess(row, int(token))
         self.store.swap_out_ahead(int(self.config.swap_out_threshold * self.allocator.num_pages))
+        loop = self.loop
+        loop["steps"] += 1
+        loop["plan_s"] += planned - start
+        loop["run_s"] += ran - planned
+        loop["post_s"] += time.perf_counter() - ran - (loop["wait_s"] - waited)
         return len(rows)
+
+    def _schedule(self) -> list[Row]:
+        """The next step's rows. With a step in flight, a plan that would preempt a running turn
+        is given up (what it reserved or evicted stays valid) and made again once that step is
+        fetched: a preempted turn must not have a row in flight."""
+        if self._inflight is None:
+            return self.scheduler.schedule()
+        self.scheduler.no_preemption = True
+        try:
+            return self.scheduler.schedule()
+        except PreemptionNeeded:
+            pass
+        finally:
+            self.scheduler.no_preemption = False
+        self._drain()
+        return self.scheduler.schedule()
+
+    def _token_sources(self, rows: list[Row]) -> np.ndarray:
+        """token_src of a step planned while the one before is in flight: for each token row,
+        -1 (its id is known), or the row of the step in flight that samples it."""
+        src = np.full(sum(r.end - r.start for r in rows), -1, np.int32)
+        at = 0
+        for row in rows:
+            req = row.request
+            if req.pending and not row.front:
+                assert req.pending == 1, "more than one step in flight"
+                first = len(req.token_ids) - 1            # the placeholder's position
+                if row.start <= first < row.end:
+                    src[at + first - row.start] = req.pending_row
+            at += row.end - row.start
+        return src
+
+    def _complete(self, f: _InFlight) -> bool:
+        """Fetch a dispatched step's tokens and postprocess it. False if the fetch failed (then
+        every turn in flight has failed)."""
+        if self._inflight is f:
+            self._inflight = None
+        start = time.perf_counter()
+        ready = getattr(f.handle.tokens, "is_ready", None)
+        self.loop["busy_fetches"] += ready is not None and not ready()
+        try:
+            tokens = self.runner.fetch(f.handle)
+        except Exception as e:  # noqa: BLE001 - as a failed step: the pools may be gone
+            self._fail_all(RuntimeError(f"engine step failed: {type(e).__name__}: {e}"))
+            return False
+        done = time.perf_counter()
+        self.loop["wait_s"] += done - start
+        if f.num_tokens >= 16:    # prefill speed: from when the device could start it
+            self._rates.prefill(done - max(f.dispatched, self._last_done), f.num_tokens)
+        self._last_done = done
+        for row, token in zip(f.rows, tokens):
+            self._postprocess(row, int(token))
+        return True
+
+    def _drain(self) -> None:
+        """Fetch and postprocess the step in flight, if any: afterwards no turn has a row in
+        flight nor a placeholder token."""
+        if self._inflight is not None:
+            self.loop["drains"] += 1
+            self._complete(self._inflight)
 
     def settle_copies(self) -> None:
         """Land the swap-ins started at the last step and start the copies planned since
@@ -398,23 +580,41 @@ class Engine:
                 f"running {len(self.scheduler.running)}, waiting {len(self.scheduler.waiting)}"),
                 pools_lost=False)
 
+    def _dispatched(self, rows: list[Row]) -> None:
+        """Book what a step just dispatched computes (steps, page copies and gathers run on
+        the device in dispatch order: whatever is dispatched later sees it). A row that samples
+        appends a placeholder for its token (Request.pending) until the step is fetched."""
+        ps = self.config.page_size
+        for i, row in enumerate(rows):
+            req = row.request
+            req.count_computed(row.start, row.end)
+            if row.front:
+                req.front_done = row.end
+                continue
+            req.conversation.num_computed = row.end
+            if not req.output and row.end // ps > row.start // ps:
+                self.store.register(req.conversation)      # prompt pages done: offer them
+            if row.sample and not req.finished:
+                req.token_ids.append(PLACEHOLDER)
+                req.output.append(PLACEHOLDER)
+                req.pending += 1
+                req.pending_row = i
+
     def _postprocess(self, row: Row, token: int) -> None:
+        """A fetched step's row (booked by _dispatched): its sampled token, stop checks."""
         req = row.request
-        req.count_computed(row.start, row.end)
         if row.front:
-            req.front_done = row.end
             return
-        req.conversation.num_computed = row.end
-        if not req.output and row.end // self.config.page_size > row.start // self.config.page_size:
-            self.store.register(req.conversation)          # prompt pages done: offer them
-        if req.finished:                                   # the cache flush after a turn
-            if row.end == len(req.token_ids):
-                self._release(req)
+        if req.finished:        # the cache flush after a turn (overlapped: maybe a decode
+            if row.end == len(req.token_ids):    # dispatched before the turn was done; its
+                self._release(req)               # token is dropped)
             return
         if not row.sample:
             return
-        req.output.append(token)
-        req.token_ids.append(token)
+        # the placeholder _dispatched appended (steps after this one have booked none yet)
+        assert req.pending == 1 and row.end == len(req.token_ids) - 1, "placeholder out of step"
+        req.pending = 0
+        req.output[-1] = req.token_ids[-1] = token
         if req.first_token_time is None:
             req.first_token_time = time.perf_counter()
         self._check_finish(req, token)
@@ -438,9 +638,11 @@ class Engine:
     def _finish(self, req: Request) -> None:
         out = req.make_output()
         self._count(out)
-        if self.config.cache_policy == "stateless" or req.conversation.id in self.store.closing:
+        if ((self.config.cache_policy == "stateless" or req.conversation.id in self.store.closing)
+                and id(req) not in self._next_reqs):
             self._release(req)
-        else:   # stays running one more step to compute the last token's KV (the cache flush)
+        else:   # stays running one more step to compute the last token's KV (the cache flush;
+            # overlapped, maybe the step dispatched already: released once that is fetched)
             req.conversation.flushing = True
         self._deliver(req, TokenEvent((), out))
 
@@ -483,7 +685,11 @@ class Engine:
         every conversation's cache goes too, else idle conversations keep theirs."""
         self.counts["failed_steps"] += 1
         self.swapper.drop()
+        self._inflight = None
         for req in self.scheduler.abort_all():
+            if req.pending:            # placeholders of a step that will never be fetched
+                del req.token_ids[-req.pending:], req.output[-req.pending:]
+                req.pending = 0
             if req.conversation is not None:
                 self.store.release(req.conversation, keep_kv=False)
             if not req.finished:

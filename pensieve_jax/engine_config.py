@@ -9,6 +9,7 @@ import os
 import jax
 import jax.numpy as jnp
 
+from pensieve_jax.attention import ATTENTION_BACKENDS
 from pensieve_jax.transfer_costs import RESTORE_POLICIES
 from pensieve_jax.weights import LoadedModel
 
@@ -25,7 +26,10 @@ class EngineConfig:
     max_model_len: int | None = None     # None: min(model context, 4096)
     max_batched_tokens: int = 512
     max_num_seqs: int = 64
-    attention: str = "xla"
+    attention: str | None = None         # "xla", "pallas", or None: "pallas" where the engine's
+                                         # device is a GPU (self-checked against "xla" at start,
+                                         # falling back to it), else "xla"
+                                         # (self_check.resolve_attention decides)
     cache_policy: str = "stateful"       # "stateless": drop each turn's KV, share nothing
                                          # (the baseline)
     max_queued_requests: int | None = None     # submit raises EngineOverloaded beyond this
@@ -50,6 +54,9 @@ class EngineConfig:
                                          # off, programs compile on first use
     token_buckets: tuple[int, ...] | None = None   # the token ladder of the step programs
                                          # (None: runner.token_buckets(max_batched_tokens))
+    overlap: bool = True                 # plan and dispatch step N+1 while the device runs
+                                         # step N, then postprocess N (engine.py); False:
+                                         # schedule, run, postprocess one after another
 
     @property
     def precompile_enabled(self) -> bool:
@@ -72,6 +79,9 @@ class EngineConfig:
         for name in ("max_batched_tokens", "max_num_seqs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.attention is not None and self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {sorted(ATTENTION_BACKENDS)} or None "
+                             f"(by platform), got {self.attention!r}")
         if self.cache_policy not in CACHE_POLICIES:
             raise ValueError(f"cache_policy must be one of {CACHE_POLICIES}, "
                              f"got {self.cache_policy!r}")

@@ -50,4 +50,9 @@ def engine_stats(engine: "Engine") -> dict[str, Any]:
                      hit_ratio=counts["cached_tokens"] / max(1, counts["prompt_tokens"])),
         swap=engine.swapper.stats(), eviction_policy=store.policy.name,
         cache_policy=engine.config.cache_policy, page_size=engine.config.page_size,
-        max_model_len=engine.max_model_len)
+        # the attention in use, and how it was chosen (its GPU self-check, a fallback to xla)
+        attention=engine.attention_choice.attention,
+        attention_check=engine.attention_choice.as_dict(),
+        max_model_len=engine.max_model_len,
+        # the engine loop: overlapped or not, and where its time went (Engine.loop)
+        loop=dict(engine.loop, overlap=engine.config.overlap))

@@ -11,6 +11,7 @@ are stored [in, out] and every per-layer leaf has a leading [num_layers] axis.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -60,39 +61,55 @@ class DecoderLayer(nn.Module):
     dtype: Any
     attention: str
     mesh: Any = None         # a jax.sharding.Mesh with axis "tp": heads are split over it
+    interpret: bool = False  # run the attention kernel's interpreter (Pallas off GPU)
 
     @nn.compact
     def __call__(self, carry, layer, rope, slots, batch: AttentionBatch,
-                 incoming: Incoming | None):
+                 incoming: Incoming | None, kernels: dict[str, tuple] | None = None):
         h, kv, arrived = carry
         c = self.config
         if incoming is not None:    # this layer's pages are in; the next layer's start coming
             kv = load_pages(kv, layer, *arrived, incoming.page_ids)
             arrived = fetch_layer(incoming, jnp.minimum(layer + 1, c.num_layers - 1))
-        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype,  # noqa: E731
-                                         param_dtype=self.dtype, name=name)
+
+        def dense(n: int, name: str):
+            if kernels is None:          # this layer's slice of the stacked kernel
+                return nn.Dense(n, use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
+                                name=name)
+            # one array per layer, picked by a switch: XLA CPU copies a dynamic slice of a
+            # stacked kernel before its dot (a second pass over the weights); a branch reads
+            # its own array in place
+            return lambda x: jax.lax.switch(
+                layer, [functools.partial(_matmul, w=w) for w in kernels[name]], x)
         num_tokens = h.shape[0]
+        q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
 
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(h)
-        q = dense(c.num_heads * c.head_dim, "q_proj")(x).reshape(num_tokens, c.num_heads, c.head_dim)
-        k = dense(c.num_kv_heads * c.head_dim, "k_proj")(x).reshape(
-            num_tokens, c.num_kv_heads, c.head_dim)
-        v = dense(c.num_kv_heads * c.head_dim, "v_proj")(x).reshape(
-            num_tokens, c.num_kv_heads, c.head_dim)
+        if kernels is None:
+            q, k, v = (dense(q_width, "q_proj")(x), dense(kv_width, "k_proj")(x),
+                       dense(kv_width, "v_proj")(x))
+        else:                            # fused: one matmul for q, k and v
+            q, k, v = jnp.split(dense(0, "qkv_proj")(x), [q_width, q_width + kv_width], axis=-1)
+        q = q.reshape(num_tokens, c.num_heads, c.head_dim)
+        k = k.reshape(num_tokens, c.num_kv_heads, c.head_dim)
+        v = v.reshape(num_tokens, c.num_kv_heads, c.head_dim)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (constrain(a, self.mesh, HEADS_SPEC) for a in (q, k, v))
 
         kv = write_kv(kv, layer, k, v, slots)
         attn = get_attention(self.attention)(q, kv, layer, batch, sm_scale=c.head_dim ** -0.5,
-                                             mesh=self.mesh)
+                                             mesh=self.mesh, interpret=self.interpret)
         attn = constrain(attn, self.mesh, HEADS_SPEC)
         h = h + dense(c.hidden_size, "o_proj")(attn.reshape(num_tokens, -1))
 
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(h)
-        mlp = nn.silu(dense(c.intermediate_size, "gate_proj")(x)) * dense(
-            c.intermediate_size, "up_proj")(x)
-        h = h + dense(c.hidden_size, "down_proj")(mlp)
+        if kernels is None:
+            gate, up = dense(c.intermediate_size, "gate_proj")(x), dense(
+                c.intermediate_size, "up_proj")(x)
+        else:                            # fused: one matmul for gate and up
+            gate, up = jnp.split(dense(0, "gate_up_proj")(x), 2, axis=-1)
+        h = h + dense(c.hidden_size, "down_proj")(nn.silu(gate) * up)
         return (h, kv, arrived), None
 
 
@@ -109,6 +126,12 @@ class Llama(nn.Module):
     sharded over; attention then runs per shard of heads.
     num_logits: None, or an int32 scalar: only the first num_logits of the R rows need logits
     (a step program's sequences beyond its real ones); the rest come out 0, uncomputed.
+    layer_kernels: None (each layer's matmul kernels are slices of the stacked params), or
+    the kernels one array per layer, {name: (layer 0's, layer 1's, ...)}, without them in
+    params (`unstack_kernels`): the layout for XLA CPU, which copies a slice before its dot.
+    interpret: run the attention kernel's interpreter instead of compiling it ("pallas" off a
+    GPU); explicit, never inferred from the default backend (the runner sets it from the
+    platform of the devices it compiles for).
     incoming: None, or pages in host memory to load into the pools during the step. Layer l's
     pages are written just before layer l writes and reads the pools, and the copy of layer
     l + 1's pages is started then, so it runs while layer l computes (double buffering; the
@@ -119,11 +142,13 @@ class Llama(nn.Module):
     dtype: Any = jnp.float32
     attention: str = "xla"
     mesh: Any = None
+    interpret: bool = False
 
     @nn.compact
     def __call__(self, token_ids, positions, kv: KVCache, batch: AttentionBatch,
                  logits_indices=None, incoming: Incoming | None = None,
-                 num_logits: jax.Array | None = None):
+                 num_logits: jax.Array | None = None,
+                 layer_kernels: dict[str, tuple] | None = None):
         c = self.config
         batch = AttentionBatch(*(jnp.asarray(a, jnp.int32) for a in batch))
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
@@ -132,24 +157,24 @@ class Llama(nn.Module):
         rope = rope_tables(positions, jnp.asarray(c.rope_inv_freq()))
         slots = token_slots(positions, batch, kv.num_pages, kv.page_size)
 
-        layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                         length=c.num_layers)
         arrived = None if incoming is None else fetch_layer(incoming, 0)
-        (h, kv, _), _ = layers(c, self.dtype, self.attention, self.mesh, name="layers")(
+        layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(0,) + (nn.broadcast,) * 5, length=c.num_layers)
+        (h, kv, _), _ = layers(c, self.dtype, self.attention, self.mesh, self.interpret,
+                               name="layers")(
             (h, kv, arrived), jnp.arange(c.num_layers, dtype=jnp.int32), rope, slots, batch,
-            incoming)
+            incoming, layer_kernels)
 
         if logits_indices is not None:
             h = h[logits_indices]
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(h)
-        if c.tie_word_embeddings:
-            weight = embed.embedding.T                                  # [hidden, vocab]
+        if c.tie_word_embeddings:     # [vocab, hidden], contracted on its minor axis as it
+            weight, spec = embed.embedding, "rh,vh->rv"    # lies (a transpose would copy it)
         else:
-            weight = LMHead(c.vocab_size, self.dtype, name="lm_head")(h.shape[-1])
+            weight, spec = LMHead(c.vocab_size, self.dtype, name="lm_head")(h.shape[-1]), "rh,hv->rv"
 
         def head(rows):
-            logits = jnp.dot(rows, weight.astype(self.dtype))
+            logits = jnp.einsum(spec, rows, weight.astype(self.dtype))
             return constrain(logits, self.mesh, VOCAB_SPEC).astype(jnp.float32)
         if num_logits is None:
             return head(h), kv
@@ -191,3 +216,26 @@ def param_shapes(config: ModelConfig, dtype=jnp.float32) -> Any:
                            jax.ShapeDtypeStruct((2,), jnp.int32))
     ids = jax.ShapeDtypeStruct((1,), jnp.int32)
     return jax.eval_shape(model.init, jax.random.key(0), ids, ids, kv, batch)
+
+
+FUSED_KERNELS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
+                 "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+
+
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.dot(x, w)
+
+
+def unstack_kernels(params: Any) -> tuple[Any, dict[str, tuple]]:
+    """Loaded params (every layer leaf stacked, [num_layers, ...]) -> (the same tree without
+    the layers' matmul kernels, those kernels one array per layer: {name: (layer 0's, ...)}),
+    as `Llama.__call__(..., layer_kernels=)` takes them. q/k/v and gate/up are fused
+    (FUSED_KERNELS: their columns side by side), one matmul each."""
+    layers = dict(params["params"]["layers"])
+    stacked = {name: layers.pop(name)["kernel"] for parts in FUSED_KERNELS.values()
+               for name in parts}
+    kernels = {fused: tuple(jnp.concatenate([stacked[p][i] for p in parts], axis=-1)
+                            if len(parts) > 1 else stacked[parts[0]][i]
+                            for i in range(stacked[parts[0]].shape[0]))
+               for fused, parts in FUSED_KERNELS.items()}
+    return {**params, "params": {**params["params"], "layers": layers}}, kernels

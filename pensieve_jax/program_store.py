@@ -11,9 +11,11 @@ everything that shapes a program:
     its devices, XLA_FLAGS, and a hash of every source file of pensieve_jax and pallas_kernels
 
 so an edit of the code, an upgrade or another machine makes a new entry instead of loading a
-stale one. A file that fails to load is ignored (and compiled again). Off whenever the
-compilation cache is off, or with PENSIEVE_JAX_PROGRAM_STORE=0. The directory is trusted like the compilation cache: entries are
-unpickled and run.
+stale one. A file that fails to load is ignored (and compiled again). Opt-in with
+PENSIEVE_JAX_PROGRAM_STORE=1 (and never while the compilation cache is off): on XLA CPU a loaded
+executable has failed at run time with "Function <fusion> not found" (cause not found yet), so
+by default a warm start traces each program and JAX's cache serves the compile. The directory
+is trusted like the compilation cache: entries are unpickled and run.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pensieve_jax import compile_cache
 log = logging.getLogger(__name__)
 
 _PACKAGES = ("pensieve_jax", "pallas_kernels")
-ENV = "PENSIEVE_JAX_PROGRAM_STORE"     # "0" / "none" / ...: compile each start (JAX's cache only)
+ENV = "PENSIEVE_JAX_PROGRAM_STORE"     # "1": on; unset / "0" / "none" / ...: JAX's cache only
 
 
 @functools.lru_cache(maxsize=1)
@@ -54,7 +56,7 @@ def _code_fingerprint() -> str:
 
 def _path(key: tuple, params: Any) -> Path | None:
     directory = compile_cache.stats().get("dir")
-    if not directory or os.environ.get(ENV, "1").strip().lower() in compile_cache.OFF:
+    if not directory or os.environ.get(ENV, "0").strip().lower() in compile_cache.OFF:
         return None
     signature = jax.tree.map(
         lambda a: (tuple(a.shape), str(a.dtype), str(getattr(a, "sharding", ""))), params)

@@ -110,6 +110,12 @@ class Request:
         self.handle = handle
         self.conversation = None          # set at admission (Conversation)
         self.output: list[int] = []
+        # the overlapped engine loop dispatches a turn's next decode before it has the token
+        # that decode reads: token_ids and output end with `pending` placeholders (0, or 1 from
+        # a planned step's view) until the step that samples them is fetched; pending_row is
+        # that step's row which samples the last one (its device output feeds the next step)
+        self.pending = 0
+        self.pending_row = -1
         self.finish_reason: str | None = None
         self.stop_text_index: int | None = None
         self.known_len = 0                # prompt prefix whose KV had existed before this turn

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -31,7 +32,7 @@ import numpy as np
 from pallas_kernels.kv_pages import copy_pages
 from pensieve_jax import parallel, program_store
 from pensieve_jax.attention import AttentionBatch, Incoming, KVCache, init_kv_cache
-from pensieve_jax.model import Llama
+from pensieve_jax.model import Llama, unstack_kernels
 from pensieve_jax.sampling import sample
 from pensieve_jax.weights import LoadedModel
 
@@ -57,6 +58,13 @@ class HostPages(NamedTuple):
     k: np.ndarray            # [layers, n, page_size, kv_heads, head_dim]
     v: np.ndarray            # [layers, n, page_size, kv_heads, head_dim]
     page_ids: list[int]      # [n] device pages
+
+
+class StepHandle(NamedTuple):
+    """A dispatched step (ModelRunner.dispatch): its sampled tokens, still on the device."""
+
+    tokens: jax.Array        # int32 [slots] (max_num_seqs), the first num_seqs real
+    num_seqs: int
 
 
 PAGE_CHUNK = 32   # pages per call of the page gather / scatter / copy programs
@@ -86,6 +94,8 @@ class StepShape:
     seqs: int                # S: page-table rows, min(T, max_num_seqs)
     pages_per_seq: int       # P: page-table width, pages of max_model_len
     incoming_pages: int = 0  # pages loaded layer by layer during the step (0: none)
+    slots: int = 0           # the sampled tokens' width, max_num_seqs for every program of a
+                             # set (0: seqs), so one step's output feeds the next (last_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +130,7 @@ class ProgramSet:
 
     def _shape(self, t: int, incoming: bool) -> StepShape:
         return StepShape(t, min(t, self.max_num_seqs), self.pages_per_seq,
-                         self.incoming_pages if incoming else 0)
+                         self.incoming_pages if incoming else 0, self.max_num_seqs)
 
     @property
     def shapes(self) -> list[StepShape]:
@@ -159,6 +169,108 @@ def _scatter_pages(kv: KVCache, k: jax.Array, v: jax.Array, ids: jax.Array) -> K
     return KVCache(copy_pages(kv.k, k, rows, ids), copy_pages(kv.v, v, rows, ids))
 
 
+# -- the programs, as functions of abstract arguments (ModelRunner and ahead-of-time compiles) --
+
+def kernel_interpret(devices) -> bool:
+    """Whether kernels run their interpreter (Pallas interpret mode) on these devices: anywhere
+    but a GPU. Decided from the devices a program is compiled for, never from the default
+    backend: a program compiled ahead of time for a GPU is built on a CPU host."""
+    return any(d.platform != "gpu" for d in devices)
+
+
+def host_memory_kind(device) -> str | None:
+    """"pinned_host" where the device has that memory kind (layered loads wait there), else
+    None (device memory). Compile-only devices report no memory kinds: None."""
+    kinds = {m.kind for m in device.addressable_memories()}
+    return "pinned_host" if "pinned_host" in kinds else None
+
+
+def runtime_params(params: Any, platform: str) -> Any:
+    """Loaded params as the step programs on `platform` take them. On CPU each layer's matmul
+    kernels become arrays of their own (`model.unstack_kernels`, under "layer_kernels"): XLA
+    CPU copies a layer's slice of a stacked kernel before its dot, a second pass over the
+    weights that cost decode about a sixth of its time. Elsewhere as loaded (stacked): a GPU's
+    matmuls read the slice in place. The kernels are copies: the loaded tree is untouched."""
+    if platform != "cpu" or "layer_kernels" in params:     # or in that layout already
+        return params
+    stripped, kernels = unstack_kernels(params)
+    return {**stripped, "layer_kernels": kernels}
+
+
+def run_step(model: Llama, params, kv, token_ids, positions, batch, logits_indices, temperature,
+             top_k, top_p, seeds, counters, last_tokens, token_src, incoming=None):
+    """One step: the model over the step's token rows (loading `incoming` pages layer by layer
+    when given), then one sampled token per sequence. Returns (tokens [slots], kv): the
+    sampled tokens padded to last_tokens' width (max_num_seqs), so that they can feed the next
+    step whatever its program. token_src [T]: -1 takes token_ids[t], i >= 0 takes
+    last_tokens[i] (the previous step's sample i, still on the device: the overlapped engine
+    loop dispatches a decode before it knows its input token). Every step program jits this
+    (`jit_step`)."""
+    fed = last_tokens[jnp.clip(token_src, 0, last_tokens.shape[0] - 1)]
+    token_ids = jnp.where(token_src >= 0, fed, token_ids)
+    q_lens = batch.cu_q_lens[1:] - batch.cu_q_lens[:-1]
+    real = jnp.max(jnp.where(q_lens > 0, jnp.arange(1, q_lens.shape[0] + 1), 0))
+    kernels = params.get("layer_kernels")     # the per-layer layout (`runtime_params`)
+    logits, kv = model.apply({"params": params["params"]}, token_ids, positions, kv, batch,
+                             logits_indices, incoming, num_logits=real, layer_kernels=kernels)
+    logits = parallel.constrain(logits, model.mesh, parallel.P())   # vocab-sharded -> whole
+    tokens = sample(logits, temperature, top_k, top_p, seeds, counters)
+    return jnp.pad(tokens, (0, last_tokens.shape[0] - tokens.shape[0])), kv
+
+
+def jit_step(model: Llama, param_shardings: Any = None, incoming_sharding: Any = None):
+    """The jitted step program of `model`, pools donated. Under the model's mesh: in/out
+    shardings (params by param_shardings, pools by KV head, step inputs replicated), and with
+    incoming_sharding the variant that also takes host pages (`Incoming`) to load."""
+    fn = functools.partial(run_step, model)
+    if model.mesh is None:
+        return jax.jit(fn, donate_argnums=(1,))
+    rep, kv_sh = parallel.replicated(model.mesh), parallel.kv_sharding(model.mesh)
+    kv2 = KVCache(kv_sh, kv_sh)
+    in_sh = (param_shardings, kv2) + (rep,) * 11
+    if incoming_sharding is not None:
+        in_sh += (Incoming(incoming_sharding, incoming_sharding, rep),)
+    return jax.jit(fn, donate_argnums=(1,), in_shardings=in_sh, out_shardings=(rep, kv2))
+
+
+def lower_step(step, params, kv: KVCache, shape: StepShape, incoming_sharding: Any = None):
+    """Lower the step program `step` (from jit_step) for `shape`. params and kv may be abstract
+    (ShapeDtypeStructs with shardings, e.g. on a compile-only topology's devices: ahead-of-time
+    compilation); the step's inputs are abstract, the incoming pages on incoming_sharding."""
+    t, n, p, m = shape.tokens, shape.seqs, shape.pages_per_seq, shape.incoming_pages
+    i32 = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.int32)     # noqa: E731
+    f32 = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.float32)   # noqa: E731
+    args = (i32(t), i32(t), AttentionBatch(i32(n, p), i32(n), i32(n + 1)), i32(n),
+            f32(n), i32(n), f32(n), jax.ShapeDtypeStruct((n,), jnp.uint32), i32(n),
+            i32(shape.slots or n), i32(t))      # last_tokens, token_src
+    if m:
+        pages = jax.ShapeDtypeStruct((kv.k.shape[0], m) + kv.k.shape[2:], kv.k.dtype,
+                                     sharding=incoming_sharding)
+        args += (Incoming(pages, pages, i32(m)),)
+    with jax.default_matmul_precision("highest" if kv.k.dtype == jnp.float32 else "default"):
+        return step.lower(params, kv, *args)
+
+
+def jit_page_programs(mesh=None) -> dict[str, Any]:
+    """The jitted page programs: "gather", "copy", "scatter" of PAGE_CHUNK pages (pools
+    donated to copy and scatter; under a mesh the pools keep their KV-head sharding)."""
+    kw: dict[str, Any] = {}
+    if mesh is not None:
+        kv_sh = parallel.kv_sharding(mesh)
+        kw = dict(out_shardings=KVCache(kv_sh, kv_sh))
+    return {"gather": jax.jit(_gather_pages, **kw),
+            "copy": jax.jit(_copy_pages, donate_argnums=(0,), **kw),
+            "scatter": jax.jit(_scatter_pages, donate_argnums=(0,), **kw)}
+
+
+def page_program_args(name: str, kv: KVCache) -> tuple:
+    """Abstract arguments after the pools of page program `name` (chunks sharded like kv)."""
+    ids = jax.ShapeDtypeStruct((PAGE_CHUNK,), jnp.int32)
+    chunk = jax.ShapeDtypeStruct((kv.k.shape[0], PAGE_CHUNK) + kv.k.shape[2:], kv.k.dtype,
+                                 sharding=kv.k.sharding)
+    return {"gather": (ids,), "copy": (ids, ids), "scatter": (chunk, chunk, ids)}[name]
+
+
 _EXECUTABLES: dict[tuple, Any] = {}
 
 log = logging.getLogger(__name__)
@@ -177,28 +289,25 @@ class ModelRunner:
         self.num_pages = num_pages
         self.tensor_parallel = tensor_parallel
         self.mesh = parallel.make_mesh(tensor_parallel) if tensor_parallel > 1 else None
+        devices = [jax.devices()[0]] if self.mesh is None else list(self.mesh.devices.flat)
+        self.interpret = kernel_interpret(devices)   # the Pallas kernel's mode, by platform
         self.programs = ProgramSet(
             tuple(token_ladder) if token_ladder else token_buckets(max_batched_tokens),
             max_num_seqs, -(-max_model_len // page_size), INCOMING_PAGES if layered_loads else 0)
-        pages_kw: dict[str, Any] = {}
         # where swap-ins wait for a step that loads them layer by layer: pinned host memory
         # (the device copies it asynchronously) where the backend has it, else device memory
-        kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
-        host_kind = "pinned_host" if "pinned_host" in kinds else None
+        host_kind = host_memory_kind(jax.devices()[0])
+        param_sh = None
         if self.mesh is None:
-            self.params = model.params
+            self.params = runtime_params(model.params, devices[0].platform)
             self._incoming_sharding = jax.sharding.SingleDeviceSharding(
                 jax.devices()[0], memory_kind=host_kind)
         else:
-            rep, kv_sh = parallel.replicated(self.mesh), parallel.kv_sharding(self.mesh)
+            kv_sh = parallel.kv_sharding(self.mesh)
             param_sh = parallel.param_shardings(model.params, self.mesh)
             self.params = parallel.put(model.params, param_sh)
-            kv2 = KVCache(kv_sh, kv_sh)
-            pages_kw = dict(out_shardings=kv2)
             self._kv_sharding = kv_sh
             self._incoming_sharding = kv_sh.with_memory_kind(host_kind) if host_kind else kv_sh
-            in_sh = (param_sh, kv2) + (rep,) * 9
-            host_sh = Incoming(self._incoming_sharding, self._incoming_sharding, rep)
         self.in_step_load_error: str | None = None   # why `step` cannot load pages inside
         self.ready = False            # set once the program set is compiled: later compiles warn
         self.compilations_after_ready: list[str] = []
@@ -207,17 +316,13 @@ class ModelRunner:
         self.padded_tokens = 0
         self._init_kv = None
         self.reset_kv()
-        self._model = Llama(c, self.dtype, attention, self.mesh)
+        self._model = Llama(c, self.dtype, attention, self.mesh, interpret=self.interpret)
         self._compiled: dict[tuple, Any] = {}
         # two programs: plain steps, and steps that also load swapped-in pages layer by layer
-        self._step, self._step_loading = (
-            jax.jit(self._step_impl, donate_argnums=(1,),
-                    **({} if self.mesh is None else
-                       dict(in_shardings=in_sh + extra, out_shardings=(rep, kv2))))
-            for extra in ((), (host_sh,) if self.mesh else ()))
-        self._gather = jax.jit(_gather_pages, **pages_kw)
-        self._copy = jax.jit(_copy_pages, donate_argnums=(0,), **pages_kw)
-        self._scatter = jax.jit(_scatter_pages, donate_argnums=(0,), **pages_kw)
+        self._step = jit_step(self._model, param_sh)
+        self._step_loading = jit_step(self._model, param_sh,
+                                      None if self.mesh is None else self._incoming_sharding)
+        self._pages = jit_page_programs(self.mesh)
 
     # -- page copies (fixed chunks of PAGE_CHUNK pages: one program each) ---------------------
 
@@ -290,14 +395,10 @@ class ModelRunner:
         if executable is None:
             if self.ready:
                 self.compilations_after_ready.append(name)
-            ids = jax.ShapeDtypeStruct((PAGE_CHUNK,), jnp.int32)
-            chunk = jax.ShapeDtypeStruct((self.config.num_layers, PAGE_CHUNK) + self._page_shape(),
-                                         self.dtype, sharding=self.kv.k.sharding)
-            args = {"gather": (ids,), "copy": (ids, ids), "scatter": (chunk, chunk, ids)}[name]
-            fn = {"gather": self._gather, "copy": self._copy, "scatter": self._scatter}[name]
             executable = program_store.load(key, self.kv)
             if executable is None:
-                executable = fn.lower(self.kv, *args).compile()
+                args = page_program_args(name, self.kv)
+                executable = self._pages[name].lower(self.kv, *args).compile()
                 program_store.save(key, self.kv, executable)
             _EXECUTABLES[key] = executable
         return executable
@@ -323,20 +424,25 @@ class ModelRunner:
     def num_compilations(self) -> int:
         return len(self._compiled)
 
-    def _step_impl(self, params, kv, token_ids, positions, batch, logits_indices, temperature, top_k,
-                   top_p, seeds, counters, incoming=None):
-        q_lens = batch.cu_q_lens[1:] - batch.cu_q_lens[:-1]
-        real = jnp.max(jnp.where(q_lens > 0, jnp.arange(1, q_lens.shape[0] + 1), 0))
-        logits, kv = self._model.apply(params, token_ids, positions, kv, batch, logits_indices,
-                                       incoming, num_logits=real)
-        logits = parallel.constrain(logits, self.mesh, parallel.P())   # vocab-sharded -> whole
-        return sample(logits, temperature, top_k, top_p, seeds, counters), kv
-
     def step(self, s: StepInput, incoming: HostPages | None = None) -> np.ndarray:
         """Run one step; returns the sampled token of each sequence, int32 [S]. incoming: host
         pages to write into device pages during the step, layer by layer, each before that
         layer reads the pools (the step's rows may read them). Where the backend cannot
         compile that (in_step_load_error says why), they are written before the step."""
+        return self.fetch(self.dispatch(s, incoming))
+
+    def fetch(self, handle: StepHandle) -> np.ndarray:
+        """The sampled token of each sequence of a dispatched step, int32 [S] (waits for it)."""
+        return parallel.to_host(handle.tokens)[:handle.num_seqs]
+
+    def dispatch(self, s: StepInput, incoming: HostPages | None = None,
+                 last: StepHandle | None = None, token_src: np.ndarray | None = None
+                 ) -> StepHandle:
+        """Start one step and return without waiting for it (no device-to-host copy; `fetch`
+        gets its tokens). last: an earlier step, still running or not, whose sampled tokens
+        rows of this one read: token_src int32 [T] is -1 where token_ids holds the token, i
+        where it is last's sample i. Steps run on the device in the order they are dispatched
+        (every one takes the pools the one before returned)."""
         num_seqs = len(s.kv_lens)
         load = (incoming is not None and self.in_step_load_error is None
                 and self.programs.incoming_pages > 0)
@@ -378,8 +484,21 @@ class ModelRunner:
         if incoming is not None:
             self.scatter_pages(*incoming)
         executable = self._executable(shape)
-        tokens, self.kv = executable(self.params, self.kv, *self._replicate(args[:9]), *args[9:])
-        return parallel.to_host(tokens)[:num_seqs]
+        src = np.full(t, -1, np.int32)
+        if token_src is not None:
+            src[:len(token_src)] = token_src
+        feed = (self._no_tokens() if last is None else last.tokens, self._replicate(src))
+        tokens, self.kv = executable(self.params, self.kv, *self._replicate(args[:9]), *feed,
+                                     *args[9:])
+        return StepHandle(tokens, num_seqs)
+
+    def _no_tokens(self) -> jax.Array:
+        """last_tokens of a step that reads no earlier step's tokens: zeros, on the device."""
+        if getattr(self, "_zero_tokens", None) is None:
+            zeros = np.zeros(self.programs.max_num_seqs, np.int32)
+            self._zero_tokens = (jax.device_put(zeros, jax.devices()[0]) if self.mesh is None
+                                 else self._replicate(zeros))
+        return self._zero_tokens
 
     def _stage_incoming(self, incoming: HostPages, m: int) -> Incoming:
         """Host pages, padded to m pages, in the step's host memory; ids replicated."""
@@ -471,19 +590,8 @@ class ModelRunner:
         return executable
 
     def _lower(self, shape: StepShape):
-        t, n, p, m = shape.tokens, shape.seqs, shape.pages_per_seq, shape.incoming_pages
-        i32 = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.int32)     # noqa: E731
-        f32 = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.float32)   # noqa: E731
-        args = (i32(t), i32(t), AttentionBatch(i32(n, p), i32(n), i32(n + 1)), i32(n),
-                f32(n), i32(n), f32(n), jax.ShapeDtypeStruct((n,), jnp.uint32), i32(n))
-        extra = ()
-        if m:
-            pages = jax.ShapeDtypeStruct((self.config.num_layers, m) + self._page_shape(),
-                                         self.dtype, sharding=self._incoming_sharding)
-            extra = (Incoming(pages, pages, i32(m)),)
-        step = self._step_loading if m else self._step
-        with jax.default_matmul_precision("highest" if self.dtype == jnp.float32 else "default"):
-            return step.lower(self.params, self.kv, *args, *extra)
+        step = self._step_loading if shape.incoming_pages else self._step
+        return lower_step(step, self.params, self.kv, shape, self._incoming_sharding)
 
     def stats(self) -> dict[str, Any]:
         """The program set and what compiling and padding cost."""

@@ -53,6 +53,10 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.rejected: list[tuple[Request, Exception]] = []   # the engine fails these
+        # set while a step is in flight (the engine's overlapped loop plans the next one): a
+        # preemption then raises PreemptionNeeded instead, and the engine plans again once
+        # that step is done (what was reserved or evicted until then stays valid)
+        self.no_preemption = False
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -146,6 +150,8 @@ class Scheduler:
                 continue
             if not may_preempt:
                 return False
+            if self.no_preemption:
+                raise PreemptionNeeded(req.id)
             victim = self.running[-1]
             self._preempt(victim)
             if victim is req:
@@ -274,3 +280,7 @@ class Scheduler:
 
 class ConversationBusy(RuntimeError):
     pass
+
+
+class PreemptionNeeded(Exception):
+    """schedule() would preempt a running turn while no_preemption is set."""

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import run_model
 from pensieve_jax.config import PRESETS, RopeScaling
-from pensieve_jax.model import Llama, apply_rope, rope_tables
+from pensieve_jax.attention import AttentionBatch, init_kv_cache
+from pensieve_jax.model import Llama, apply_rope, rope_tables, unstack_kernels
 from pensieve_jax.weights.assemble import random_params
 
 CONFIG = PRESETS["tiny"]
@@ -141,8 +142,29 @@ def test_pallas_backend_matches_xla_in_the_model(model_and_params, rng):
     table = [[3, 1, 6, 0], [2, 5, 0, 0]]
     outs = []
     for backend in ("xla", "pallas"):
-        model = Llama(CONFIG, attention=backend)
+        model = Llama(CONFIG, attention=backend, interpret=True)   # explicit: CPU here
         _, kv = run_model(model, params, CONFIG, [hist], [0], table[:1])
         logits, _ = run_model(model, params, CONFIG, [new, hist[:1]], [7, 0], table, kv=kv)
         outs.append(logits)
     np.testing.assert_allclose(outs[1], outs[0], atol=2e-5)
+
+
+def test_per_layer_kernels_equal_stacked(model_and_params, rng):
+    """The CPU layout (each layer's matmul kernels an array of its own, picked by a switch;
+    q/k/v and gate/up fused) computes what the stacked layout does, cache included."""
+    model, params = model_and_params
+    stripped, kernels = unstack_kernels(params)
+    assert "q_proj" not in stripped["params"]["layers"]
+    assert len(kernels["qkv_proj"]) == CONFIG.num_layers
+    tokens = rng.integers(0, CONFIG.vocab_size, 9)
+    table = [[5, 0, 3]]
+    kv0 = init_kv_cache(CONFIG.num_layers, 32, 4, CONFIG.num_kv_heads, CONFIG.head_dim)
+    pos = np.arange(9, dtype=np.int32)
+    batch = AttentionBatch(np.asarray(table, np.int32), np.asarray([9], np.int32),
+                           np.asarray([0, 9], np.int32))
+    ref, kv_ref = jax.jit(model.apply)(params, tokens, pos, kv0, batch)
+    out, kv_out = jax.jit(lambda p, k, *a: model.apply(p, *a, layer_kernels=k))(
+        stripped, kernels, tokens, pos, kv0, batch)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(kv_out.k), np.asarray(kv_ref.k), atol=1e-6)
+    assert (np.asarray(out).argmax(-1) == np.asarray(ref).argmax(-1)).all()

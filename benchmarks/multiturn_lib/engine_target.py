@@ -25,25 +25,39 @@ class EngineTarget:
             self._time_steps()
 
     def _time_steps(self) -> None:
-        """Time every model step (the runner returns host tokens, so the call is synchronous):
-        (tokens, sequences, pages of the widest row, longest query, context tokens, seconds)."""
+        """Time every model step: (tokens, sequences, pages of the widest row, longest query,
+        context tokens, seconds). Steps are timed from their dispatch to the fetch of their
+        tokens; with the overlapped loop (EngineConfig.overlap) a step is dispatched while the
+        one before still runs, so its time starts when that one's tokens came back (the device
+        runs steps one after another), which is the device step plus whatever host work was
+        not hidden."""
         runner = getattr(self.engine, "runner", None)
-        step = getattr(runner, "step", None)
-        if step is None or getattr(step, "_timed", False):
-            self.step_log = getattr(step, "_log", self.step_log)
+        dispatch, fetch = getattr(runner, "dispatch", None), getattr(runner, "fetch", None)
+        if dispatch is None or fetch is None or getattr(dispatch, "_timed", False):
+            self.step_log = getattr(dispatch, "_log", self.step_log)
             return
         log = self.step_log
+        started: dict[int, tuple] = {}
+        last_done = [0.0]
 
-        def timed(s, incoming=None):
+        def timed_dispatch(s, *args, **kw):
             start = time.perf_counter()
-            out = step(s, incoming)
+            handle = dispatch(s, *args, **kw)
             q = np.diff(s.cu_q_lens)
-            log.append((len(s.token_ids), len(s.kv_lens), s.page_table.shape[1],
-                        int(q.max(initial=0)), int(np.sum(s.kv_lens)),
-                        time.perf_counter() - start))
+            started[id(handle)] = (start, (len(s.token_ids), len(s.kv_lens), s.page_table.shape[1],
+                                           int(q.max(initial=0)), int(np.sum(s.kv_lens))))
+            return handle
+
+        def timed_fetch(handle):
+            out = fetch(handle)
+            done = time.perf_counter()
+            start, info = started.pop(id(handle), (None, None))
+            if start is not None:
+                log.append(info + (done - max(start, last_done[0]),))
+            last_done[0] = done
             return out
-        timed._timed, timed._log = True, log
-        runner.step = timed
+        timed_dispatch._timed, timed_dispatch._log = True, log
+        runner.dispatch, runner.fetch = timed_dispatch, timed_fetch
 
     def compilations(self) -> int:
         return int(self.engine.stats()["compilations"])

@@ -1,6 +1,5 @@
 """The Pallas kernel (interpret mode on CPU) against its jnp reference, and the KV page moves."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -123,8 +122,13 @@ def test_write_kv_rows_and_copy_pages_match_references():
     np.testing.assert_array_equal(np.asarray(got[:, 1]), np.asarray(stacked_src[:, 4]))
 
 
-def test_interpret_defaults_to_cpu_here():
-    assert jax.default_backend() == "cpu"          # so interpret=None must interpret
+def test_interpret_is_explicit():
+    """interpret is a required bool: never inferred from the default backend (issue 17)."""
     args = make_case(9, [2], [1], heads=2, kv_heads=1)
-    out = ragged_paged_attention(*args)
+    with pytest.raises(TypeError, match="interpret"):
+        ragged_paged_attention(*args)
+    for bad in (None, 1, "yes"):
+        with pytest.raises(TypeError, match="interpret"):
+            ragged_paged_attention(*args, interpret=bad)
+    out = ragged_paged_attention(*args, interpret=True)
     assert rel_err(out, ragged_paged_attention_reference(*args)) < 1e-5
