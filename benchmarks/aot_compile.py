@@ -74,7 +74,8 @@ from pensieve_jax.config import PRESETS, ModelConfig  # noqa: E402
 from pensieve_jax.engine_config import EngineConfig, page_bytes, pool_pages  # noqa: E402
 from pensieve_jax.model import Llama, param_shapes  # noqa: E402
 from pensieve_jax.runner import (PAGE_CHUNK, host_memory_kind, jit_page_programs,  # noqa: E402
-                                 jit_step, kernel_interpret, lower_step, page_program_args)
+                                 jit_step, kernel_interpret, lower_step, page_program_args,
+                                 runtime_params)
 from pensieve_jax.weights import LoadedModel  # noqa: E402
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -393,22 +394,23 @@ class Setup:
 def setup(config: ModelConfig, loaded: LoadedModel, dtype, devices: list, num_pages: int,
           page_size: int) -> Setup:
     tp = len(devices)
+    params = runtime_params(loaded.params, devices[0].platform)   # the layout the runner uses
     shape = (config.num_layers, num_pages, page_size, config.num_kv_heads, config.head_dim)
     interpret = kernel_interpret(devices)
     host_kind = host_memory_kind(devices[0])
     if tp == 1:
         mesh, sharding = None, SingleDeviceSharding(devices[0])
-        param_sh = jax.tree.map(lambda _: sharding, loaded.params)
+        param_sh = jax.tree.map(lambda _: sharding, params)
         kv_sh = sharding
         incoming = SingleDeviceSharding(devices[0], memory_kind=host_kind)
     else:
         mesh = parallel.make_mesh(tp, devices)
-        param_sh = parallel.param_shardings(loaded.params, mesh)
+        param_sh = parallel.param_shardings(params, mesh)
         kv_sh = parallel.kv_sharding(mesh)
         incoming = kv_sh.with_memory_kind(host_kind) if host_kind else kv_sh
     pool = jax.ShapeDtypeStruct(shape, dtype, sharding=kv_sh)
     model = Llama(config, dtype, "pallas", mesh, interpret=interpret)
-    return Setup(model, abstract(loaded.params, param_sh), KVCache(pool, pool),
+    return Setup(model, abstract(params, param_sh), KVCache(pool, pool),
                  None if mesh is None else param_sh, incoming, tuple(devices))
 
 
@@ -600,7 +602,8 @@ def log_row(row: dict) -> dict:
 
 def source_hash() -> str:
     """sha256 of the sources the programs come from (pensieve_jax, pallas_kernels): which
-    working tree a result belongs to, where git_commit only says "modified"."""
+    working tree a result belongs to, where git_commit only says "modified". Taken once, at
+    start (SOURCE_HASH), as the modules were imported."""
     h = hashlib.sha256()
     for package in ("pensieve_jax", "pallas_kernels"):
         for path in sorted((ROOT / package).rglob("*.py")):
@@ -608,10 +611,13 @@ def source_hash() -> str:
     return h.hexdigest()[:16]
 
 
+SOURCE_HASH = source_hash()
+
+
 def run_target(target: Target, args, ptxas: str | None) -> dict:
     print(f"{target.name}: {target.field('device_description_str')} "
           f"({target.proto_path.name})", flush=True)
-    result: dict[str, Any] = {"target": target.describe(), "source_sha256": source_hash(),
+    result: dict[str, Any] = {"target": target.describe(), "source_sha256": SOURCE_HASH,
                               "ptxas": ptxas,
                               "ptxas_options": list(PTXAS_OPTIONS), "engine": []}
     rows: list[dict] = []

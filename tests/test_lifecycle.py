@@ -54,6 +54,7 @@ def checks(stdout: str) -> dict[str, str]:
                 if line.startswith("check "))
 
 
+@pytest.mark.slow   # 28 s (the real model): .ci/run runs it after `make test`
 def test_a_script_that_leaves_the_default_model_open_exits_cleanly():
     """The bug case: generate 8 tokens with the embedded SmolLM2 and return (the turn's cache
     flush step was often still running on the engine thread as the script ended). A second

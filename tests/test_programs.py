@@ -64,6 +64,7 @@ def _turns(rng, n, lo, hi):
     return [list(map(int, rng.integers(0, 256, int(rng.integers(lo, hi))))) for _ in range(n)]
 
 
+@pytest.mark.slow   # 47 s: .ci/run runs it after `make test`
 def test_a_warm_engine_compiles_nothing_while_serving_a_mixed_workload():
     counter = CompileCounter()
     page_bytes = 2 * 2 * 8 * 2 * 16 * 4        # random:tiny, page_size 8, float32

@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import gpu_check
 
 SCRIPT = Path(gpu_check.__file__)
 
 
+@pytest.mark.slow   # ~45 s of CPU: .ci/run runs this file after `make test`
 def test_dry_run_writes_every_phase_with_its_keys_and_no_error(tmp_path):
     out = tmp_path / "gpu"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
