@@ -83,7 +83,8 @@ from pensieve_jax.engine_stats import COUNTERS, USAGE_COUNTERS, engine_stats
 from pensieve_jax.eviction import make_policy
 from pensieve_jax.host_cache import HostCache
 from pensieve_jax.request import Request, RequestHandle, TokenEvent, check_prompt
-from pensieve_jax.runner import ModelRunner, StepHandle, step_input, token_buckets
+from pensieve_jax.runner import (ModelRunner, StepHandle, single_decode_program, step_input,
+                                 token_buckets)
 from pensieve_jax.sampling import SamplingParams
 from pensieve_jax.scheduler import PreemptionNeeded, Row, Scheduler, SchedulerConfig
 from pensieve_jax.self_check import select_attention
@@ -160,7 +161,8 @@ class Engine:
             self.allocator, config.page_size, self.host.allocator if self.host.enabled else None,
             make_policy(config.eviction_policy, c), max(1, config.chunk_tokens // config.page_size),
             sharing=config.prefix_sharing and config.cache_policy == "stateful")
-        ladder = config.token_buckets or token_buckets(config.max_batched_tokens)
+        ladder = config.token_buckets or token_buckets(   # (with a 1-token program on CPU)
+            config.max_batched_tokens, single=single_decode_program(jax.devices()[0].platform))
         self.scheduler = Scheduler(SchedulerConfig(
             config.max_batched_tokens, config.max_num_seqs,
             int(config.reserve_fraction * num_pages), config.fairness_steps,

@@ -53,7 +53,8 @@ class EngineConfig:
                                          # (None: yes, unless env PENSIEVE_JAX_PRECOMPILE=0);
                                          # off, programs compile on first use
     token_buckets: tuple[int, ...] | None = None   # the token ladder of the step programs
-                                         # (None: runner.token_buckets(max_batched_tokens))
+                                         # (None: runner.token_buckets(max_batched_tokens),
+                                         # with a 1-token program first on CPU)
     overlap: bool = True                 # plan and dispatch step N+1 while the device runs
                                          # step N, then postprocess N (engine.py); False:
                                          # schedule, run, postprocess one after another

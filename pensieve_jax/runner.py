@@ -71,12 +71,14 @@ PAGE_CHUNK = 32   # pages per call of the page gather / scatter / copy programs
 INCOMING_PAGES = 64   # pages a "layered" step loads inside it (more: the rest just before it)
 
 
-def token_buckets(max_tokens: int, minimum: int = 8) -> tuple[int, ...]:
+def token_buckets(max_tokens: int, minimum: int = 8, single: bool = False) -> tuple[int, ...]:
     """The token ladder: powers of two from `minimum`, with midpoints 1.5x between 32 and 128
     (where decode batches with a short turn beside them land, and a chat turn's own prefill),
     capped by and ending at max_tokens. 512 -> 8 16 32 48 64 96 128 256 512 (9 programs; each
-    more costs about 4 s of cold start for SmolLM2 on a 2-core CPU, none once stored)."""
-    ladder, size = [], max(1, minimum)
+    more costs about 4 s of cold start for SmolLM2 on a 2-core CPU). single: 1 first too, for
+    one sequence's decode alone (the engine's choice on CPU, `single_decode_program`: there
+    its matmuls become matrix-vector products, a third faster than the row padded to 8)."""
+    ladder, size = [1] if single else [], max(1, minimum)
     while size < max_tokens:
         ladder.append(size)
         if 32 <= size < 128 and size * 3 // 2 < max_tokens:
@@ -84,6 +86,13 @@ def token_buckets(max_tokens: int, minimum: int = 8) -> tuple[int, ...]:
         size *= 2
     ladder.append(max_tokens)
     return tuple(sorted(set(ladder)))
+
+
+def single_decode_program(platform: str) -> bool:
+    """Whether the ladder starts with a 1-token program on `platform`: on CPU a batch-1 decode
+    step ran in 30 ms instead of 47 ms padded to 8 rows (SmolLM2 f32, context 512, 2 cores, same
+    process); a GPU's step is not bound by that."""
+    return platform == "cpu"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,7 +301,8 @@ class ModelRunner:
         devices = [jax.devices()[0]] if self.mesh is None else list(self.mesh.devices.flat)
         self.interpret = kernel_interpret(devices)   # the Pallas kernel's mode, by platform
         self.programs = ProgramSet(
-            tuple(token_ladder) if token_ladder else token_buckets(max_batched_tokens),
+            tuple(token_ladder) if token_ladder else token_buckets(
+                max_batched_tokens, single=single_decode_program(devices[0].platform)),
             max_num_seqs, -(-max_model_len // page_size), INCOMING_PAGES if layered_loads else 0)
         # where swap-ins wait for a step that loads them layer by layer: pinned host memory
         # (the device copies it asynchronously) where the backend has it, else device memory

@@ -39,6 +39,8 @@ def test_token_ladder_is_fine_at_the_low_end_and_ends_at_the_budget():
     assert token_buckets(16) == (8, 16)
     assert token_buckets(100) == (8, 16, 32, 48, 64, 96, 100)
     assert token_buckets(4) == (4,)
+    assert token_buckets(512, single=True)[:3] == (1, 8, 16)    # one decode alone (CPU)
+    assert token_buckets(1, single=True) == (1,)
 
 
 def test_program_set_covers_every_step_up_to_the_budget():
@@ -74,7 +76,7 @@ def test_a_warm_engine_compiles_nothing_while_serving_a_mixed_workload():
         chunk_tokens=8, restore_policy="auto")
     programs = engine.stats()["programs"]
     assert engine.ready and programs["warm"]
-    assert [s["tokens"] for s in programs["shapes"]] == [8, 16, 32, 48] * 2   # + layered loads
+    assert [s["tokens"] for s in programs["shapes"]] == [1, 8, 16, 32, 48] * 2   # + layered; 1: CPU
     assert programs["compilations_after_ready"] == 0
     counter.on = True
 
