@@ -36,10 +36,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-
-# whole stored programs off (JAX's compilation cache stays on): two engines per process loading
-# them from ~/.cache was seen failing with "Function ... not found" (as tests/conftest.py notes)
-os.environ.setdefault("PENSIEVE_JAX_PROGRAM_STORE", "0")
 import statistics
 import threading
 import time

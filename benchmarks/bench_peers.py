@@ -422,12 +422,15 @@ def main(argv=None) -> dict:
         ap.error(f"unknown workloads {sorted(unknown)}")
     result["workloads"] = {n: works.describe()[n] for n in names}
 
+    def measure_bandwidth() -> dict:
+        with Load() as load:
+            out = memory_bandwidth(args.bandwidth_mib or (64 if args.smoke else 1024),
+                                   repeats=3 if args.smoke else 5)
+        out["load"] = load.record
+        return out
+
     print("measuring memory bandwidth...", flush=True)
-    with Load() as load:
-        bw = memory_bandwidth(args.bandwidth_mib or (64 if args.smoke else 1024),
-                              repeats=3 if args.smoke else 5)
-    bw["load"] = load.record
-    result["memory_bandwidth"] = bw
+    result["memory_bandwidth"] = bw = measure_bandwidth()
 
     targets: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench_peers_") as workdir:
@@ -488,11 +491,7 @@ def main(argv=None) -> dict:
             targets[LLAMA].llm.close()
 
     print("measuring memory bandwidth again...", flush=True)
-    with Load() as load:
-        bw_end = memory_bandwidth(args.bandwidth_mib or (64 if args.smoke else 1024),
-                                  repeats=3 if args.smoke else 5)
-    bw_end["load"] = load.record
-    result["memory_bandwidth_end"] = bw_end
+    result["memory_bandwidth_end"] = bw_end = measure_bandwidth()
     bandwidth = max(bw["read_gbs"], bw_end["read_gbs"])
     nbytes = weights_bytes(model)
     floor_tok_s = bandwidth * 1e9 / nbytes

@@ -621,8 +621,6 @@ def phase_budgets(phases: list[str], budget_s: float) -> dict[str, float]:
 def child_env(dry_run: bool) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    # stored whole programs are not what is checked here (a stale one could hide a change)
-    env.setdefault("PENSIEVE_JAX_PROGRAM_STORE", "0")
     if dry_run:
         env.setdefault("PENSIEVE_JAX_PRECOMPILE", "0")
         # compile quickly rather than make fast code: a dry run's timings mean nothing

@@ -76,6 +76,9 @@ class DecoderLayer(nn.Module):
             if kernels is None:          # this layer's slice of the stacked kernel
                 return nn.Dense(n, use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
                                 name=name)
+            return picked(name)
+
+        def picked(name: str):
             # one array per layer, picked by a switch: XLA CPU copies a dynamic slice of a
             # stacked kernel before its dot (a second pass over the weights); a branch reads
             # its own array in place
@@ -89,7 +92,7 @@ class DecoderLayer(nn.Module):
             q, k, v = (dense(q_width, "q_proj")(x), dense(kv_width, "k_proj")(x),
                        dense(kv_width, "v_proj")(x))
         else:                            # fused: one matmul for q, k and v
-            q, k, v = jnp.split(dense(0, "qkv_proj")(x), [q_width, q_width + kv_width], axis=-1)
+            q, k, v = jnp.split(picked("qkv_proj")(x), [q_width, q_width + kv_width], axis=-1)
         q = q.reshape(num_tokens, c.num_heads, c.head_dim)
         k = k.reshape(num_tokens, c.num_kv_heads, c.head_dim)
         v = v.reshape(num_tokens, c.num_kv_heads, c.head_dim)
@@ -108,7 +111,7 @@ class DecoderLayer(nn.Module):
             gate, up = dense(c.intermediate_size, "gate_proj")(x), dense(
                 c.intermediate_size, "up_proj")(x)
         else:                            # fused: one matmul for gate and up
-            gate, up = jnp.split(dense(0, "gate_up_proj")(x), 2, axis=-1)
+            gate, up = jnp.split(picked("gate_up_proj")(x), 2, axis=-1)
         h = h + dense(c.hidden_size, "down_proj")(nn.silu(gate) * up)
         return (h, kv, arrived), None
 

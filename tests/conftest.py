@@ -6,9 +6,10 @@ import os
 os.environ.setdefault("PENSIEVE_JAX_PRECOMPILE", "0")
 # Hermetic: the compilation cache and converted models live in a directory of this session
 # (shared with the servers and scripts tests start), never the user's. Stored whole programs
-# (pensieve_jax/program_store.py) stay off: the module-scoped fixture below frees compiled
-# programs between modules, and an executable loaded from the store was seen to lose kernels
-# another freed program shared ("Function ... not found"); test_program_store turns it on.
+# (pensieve_jax/program_store.py) are off by default, as they must be here: the module-scoped
+# fixture below frees compiled programs between modules, and an executable loaded from the
+# store was seen to lose kernels another freed program shared ("Function ... not found");
+# test_program_store turns it on.
 if "PENSIEVE_JAX_CACHE" not in os.environ:
     import atexit
     import shutil
@@ -16,7 +17,6 @@ if "PENSIEVE_JAX_CACHE" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="pensieve-test-cache-")
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ["PENSIEVE_JAX_CACHE"] = _cache
-os.environ.setdefault("PENSIEVE_JAX_PROGRAM_STORE", "0")
 
 import jax  # noqa: E402
 import numpy as np
