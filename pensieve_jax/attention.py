@@ -97,7 +97,8 @@ MASK_VALUE = -1e30
 # than with tiles of 64 rows and blocks of 512 keys, 512-token prefills about the same.
 LAST_ROWS_KEYS = 128  # keys per item of the last rows (decodes), 8 items per loop iteration
 TILE_ROWS = 16        # prefill rows per tile
-TILE_KEYS = 128       # keys per item of a tile, 16 items per loop iteration
+TILE_KEYS = 128       # keys per item of a tile
+TILE_ITEMS = 16       # items per loop iteration of the tiles
 
 class AttentionFn(Protocol):
     """interpret: for kernels with an interpreter (Pallas), run it instead of compiling the
@@ -249,7 +250,7 @@ def xla_paged_attention(q: jax.Array, kv: KVCache, layer: jax.Array, batch: Atte
 
         def tile_rows(out):
             tiles = _attend(tile_q, row_pos, row_seq, pair_unit, pair_seq, kv, layer, batch,
-                            sm_scale, 16, TILE_KEYS)
+                            sm_scale, TILE_ITEMS, TILE_KEYS)
             tiles = tiles.reshape(units * TILE_ROWS, num_kv_heads, group, head_dim)[:num_tokens]
             return jnp.where(is_last[:, None, None, None], out, tiles)
         out = jax.lax.cond(jnp.any(prefill), tile_rows, lambda out: out, out)

@@ -1,21 +1,25 @@
-"""Whole compiled step programs on disk, so a warm start neither traces nor compiles them.
+"""Traced step programs on disk, so a warm start neither traces nor compiles them.
 
 JAX's persistent compilation cache (compile_cache) skips XLA's compile, but each program must
-still be traced and lowered first to find its cache key (about a second per step program for
-SmolLM2 on a 2-core CPU, more than the load). This store keeps the executables themselves
-(`jax.experimental.serialize_executable`) under `<compilation cache dir>/programs/`, keyed by
-everything that shapes a program:
+still be traced and lowered first to find its cache key: about a second per step program for
+SmolLM2 on a 2-core CPU, most of a warm start. This store keeps each step program as traced
+(`jax.export`: the StableHLO module with its calling convention, serialized) under
+`<compilation cache dir>/programs/`, keyed by everything that shapes a program:
 
     the program's own key (model config, dtype, attention, pool, shape, devices), the
     parameter tree's shapes, dtypes and shardings, jax and jaxlib versions, the backend and
     its devices, XLA_FLAGS, and a hash of every source file of pensieve_jax and pallas_kernels
 
 so an edit of the code, an upgrade or another machine makes a new entry instead of loading a
-stale one. A file that fails to load is ignored (and compiled again). Opt-in with
-PENSIEVE_JAX_PROGRAM_STORE=1 (and never while the compilation cache is off): on XLA CPU a loaded
-executable has failed at run time with "Function <fusion> not found" (cause not found yet), so
-by default a warm start traces each program and JAX's cache serves the compile. The directory
-is trusted like the compilation cache: entries are unpickled and run.
+stale one. A warm start reads the module (milliseconds), lowers a call of it (about 0.15 s)
+and compiles that, which JAX's cache answers. Cold and warm starts compile the same call, so
+the cache serves the second. What cannot be exported (a backend or custom call jax.export
+does not take) is traced as before; an entry that fails to load is ignored and traced again.
+
+On by default; PENSIEVE_JAX_PROGRAM_STORE=0 (or none, off) turns it off, and it is off while
+the compilation cache is. The directory is trusted like the compilation cache: its modules
+run. (An earlier store kept serialized XLA executables; on XLA CPU a loaded one failed with
+"Function <fusion> not found", so this one keeps what precedes the compile instead.)
 """
 
 from __future__ import annotations
@@ -24,19 +28,24 @@ import functools
 import hashlib
 import logging
 import os
-import pickle
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
+from jax import export
 
 from pensieve_jax import compile_cache
+from pensieve_jax.attention import AttentionBatch, Incoming, KVCache
 
 log = logging.getLogger(__name__)
 
 _PACKAGES = ("pensieve_jax", "pallas_kernels")
-ENV = "PENSIEVE_JAX_PROGRAM_STORE"     # "1": on; unset / "0" / "none" / ...: JAX's cache only
+ENV = "PENSIEVE_JAX_PROGRAM_STORE"     # "0" / "none" / "off": JAX's cache only
+SUFFIX = ".jaxexport"
+
+for _tuple in (AttentionBatch, Incoming, KVCache):    # the step programs' argument trees
+    export.register_namedtuple_serialization(_tuple, serialized_name=f"pensieve_jax.{_tuple.__name__}")
 
 
 @functools.lru_cache(maxsize=1)
@@ -54,41 +63,67 @@ def _code_fingerprint() -> str:
     return h.hexdigest()
 
 
+def enabled() -> bool:
+    """The store is on: not turned off by the environment, and a compilation cache is in use."""
+    if os.environ.get(ENV, "1").strip().lower() in compile_cache.OFF:
+        return False
+    return bool(compile_cache.stats().get("dir"))
+
+
 def _path(key: tuple, params: Any) -> Path | None:
     directory = compile_cache.stats().get("dir")
-    if not directory or os.environ.get(ENV, "0").strip().lower() in compile_cache.OFF:
+    if not directory or not enabled():
         return None
     signature = jax.tree.map(
         lambda a: (tuple(a.shape), str(a.dtype), str(getattr(a, "sharding", ""))), params)
     h = hashlib.sha256(_code_fingerprint().encode())
     h.update(repr((key, jax.tree.structure(params), jax.tree.leaves(signature))).encode())
-    return Path(directory) / "programs" / f"{h.hexdigest()[:40]}.pkl"
+    return Path(directory) / "programs" / f"{h.hexdigest()[:40]}{SUFFIX}"
 
 
-def load(key: tuple, params: Any):
-    """The stored executable for key (with these parameters' shapes), or None."""
+def load(key: tuple, params: Any) -> export.Exported | None:
+    """The stored program for key (with these parameters' shapes), or None."""
     path = _path(key, params)
     if path is None or not path.exists():
         return None
     try:
-        from jax.experimental import serialize_executable
-        return serialize_executable.deserialize_and_load(*pickle.loads(path.read_bytes()))
-    except Exception as e:  # noqa: BLE001 - a stale or partial entry: compile instead
+        return export.deserialize(bytearray(path.read_bytes()))
+    except Exception as e:  # noqa: BLE001 - a stale or partial entry: trace instead
         log.warning("ignoring stored program %s (%s: %s)", path.name, type(e).__name__, e)
         return None
 
 
-def save(key: tuple, params: Any, compiled) -> None:
-    """Store a compiled program (best effort: a failure is logged, never raised)."""
+def save(key: tuple, params: Any, exported: export.Exported) -> None:
+    """Store a traced program (best effort: a failure is logged, never raised)."""
     path = _path(key, params)
     if path is None:
         return
     try:
-        from jax.experimental import serialize_executable
-        blob = pickle.dumps(serialize_executable.serialize(compiled))
+        blob = exported.serialize()
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as f:
             f.write(blob)
         os.replace(f.name, path)
-    except Exception as e:  # noqa: BLE001 - a backend that cannot serialize: compile each time
-        log.warning("cannot store compiled program (%s: %s)", type(e).__name__, e)
+    except Exception as e:  # noqa: BLE001 - what cannot be serialized is traced each time
+        log.warning("cannot store traced program (%s: %s)", type(e).__name__, e)
+
+
+def exported(key: tuple, params: Any, trace: Callable[[], export.Exported]
+             ) -> export.Exported | None:
+    """The program for key: loaded from the store, else trace() (a jax.export of it) and
+    stored. None when the store is off or the program cannot be exported: lower it directly."""
+    if not enabled():
+        return None
+    program = load(key, params)
+    if program is not None:
+        return program
+    try:
+        program = trace()
+    except Exception as e:  # noqa: BLE001 - e.g. a custom call jax.export does not take
+        log.debug("step program %s not exportable (%s: %s)", key[-2:], type(e).__name__, e)
+        return None
+    save(key, params, program)
+    return program
+
+
+__all__ = ["ENV", "enabled", "exported", "load", "save"]

@@ -246,6 +246,27 @@ def lower_step(step, params, kv: KVCache, shape: StepShape, incoming_sharding: A
     """Lower the step program `step` (from jit_step) for `shape`. params and kv may be abstract
     (ShapeDtypeStructs with shardings, e.g. on a compile-only topology's devices: ahead-of-time
     compilation); the step's inputs are abstract, the incoming pages on incoming_sharding."""
+    with _precision(kv):
+        return step.lower(params, kv, *step_args(kv, shape, incoming_sharding))
+
+
+def export_step(step, params, kv: KVCache, shape: StepShape) -> jax.export.Exported:
+    """The step program `step` for `shape`, traced and exported (program_store keeps it)."""
+    with _precision(kv):
+        return jax.export.export(step)(params, kv, *step_args(kv, shape))
+
+
+def lower_exported(program: jax.export.Exported, params, kv: KVCache, shape: StepShape):
+    """Lower a call of an exported step program (pools donated, as jit_step's)."""
+    return jax.jit(program.call, donate_argnums=(1,)).lower(params, kv, *step_args(kv, shape))
+
+
+def _precision(kv: KVCache):
+    return jax.default_matmul_precision("highest" if kv.k.dtype == jnp.float32 else "default")
+
+
+def step_args(kv: KVCache, shape: StepShape, incoming_sharding: Any = None) -> tuple:
+    """A step program's abstract arguments after params and pools, for `shape`."""
     t, n, p, m = shape.tokens, shape.seqs, shape.pages_per_seq, shape.incoming_pages
     i32 = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.int32)     # noqa: E731
     f32 = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.float32)   # noqa: E731
@@ -256,8 +277,7 @@ def lower_step(step, params, kv: KVCache, shape: StepShape, incoming_sharding: A
         pages = jax.ShapeDtypeStruct((kv.k.shape[0], m) + kv.k.shape[2:], kv.k.dtype,
                                      sharding=incoming_sharding)
         args += (Incoming(pages, pages, i32(m)),)
-    with jax.default_matmul_precision("highest" if kv.k.dtype == jnp.float32 else "default"):
-        return step.lower(params, kv, *args)
+    return args
 
 
 def jit_page_programs(mesh=None) -> dict[str, Any]:
@@ -405,11 +425,8 @@ class ModelRunner:
         if executable is None:
             if self.ready:
                 self.compilations_after_ready.append(name)
-            executable = program_store.load(key, self.kv)
-            if executable is None:
-                args = page_program_args(name, self.kv)
-                executable = self._pages[name].lower(self.kv, *args).compile()
-                program_store.save(key, self.kv, executable)
+            args = page_program_args(name, self.kv)
+            executable = self._pages[name].lower(self.kv, *args).compile()
             _EXECUTABLES[key] = executable
         return executable
 
@@ -519,8 +536,8 @@ class ModelRunner:
 
     def precompile(self, progress: Callable[[StepShape, float], None] | None = None) -> None:
         """Compile every program of the set (steps, page copies); progress(shape, seconds) after
-        each step program. Programs are loaded from the program store where it has them; the
-        rest are traced one by one and compiled in parallel (XLA compiles outside the GIL).
+        each step program. Programs are traced (or read from the program store) one by one
+        and compiled in parallel (XLA compiles outside the GIL; JAX's cache answers warm ones).
         Marks the runner ready: a compile after this is warned about."""
         start = time.perf_counter()
         workers = max(1, min(os.cpu_count() or 1, 4))
@@ -530,7 +547,7 @@ class ModelRunner:
                 key = self._key(shape)
                 if shape.incoming_pages and self.in_step_load_error is not None:
                     continue
-                if key in _EXECUTABLES or self._load(key):
+                if key in _EXECUTABLES:
                     self._compiled[key] = _EXECUTABLES[key]
                 else:
                     try:
@@ -572,14 +589,7 @@ class ModelRunner:
         return (self.config, self.dtype.name, self._model.attention, self.num_pages,
                 self.page_size, shape, self._mesh_ids)
 
-    def _load(self, key: tuple) -> bool:
-        executable = program_store.load(key, self.params)
-        if executable is not None:
-            _EXECUTABLES[key] = executable
-        return executable is not None
-
     def _store(self, key: tuple, executable) -> None:
-        program_store.save(key, self.params, executable)
         _EXECUTABLES[key] = executable
         self._compiled[key] = executable
 
@@ -592,8 +602,7 @@ class ModelRunner:
                 log.warning("compiling step program %s after the engine was ready (a shape "
                             "outside the program set: a bug)", shape)
             start = time.perf_counter()
-            if not self._load(key):
-                self._store(key, self._lower(shape).compile())
+            self._store(key, self._lower(shape).compile())
             self.compile_s += time.perf_counter() - start
             executable = _EXECUTABLES[key]
         self._compiled[key] = executable
@@ -601,6 +610,14 @@ class ModelRunner:
 
     def _lower(self, shape: StepShape):
         step = self._step_loading if shape.incoming_pages else self._step
+        # traced once per machine and code version (program_store); not the variants that
+        # take host pages (their memory kinds) nor those over a mesh (their shardings)
+        if self.mesh is None and not shape.incoming_pages:
+            program = program_store.exported(
+                self._key(shape), self.params,
+                lambda: export_step(step, self.params, self.kv, shape))
+            if program is not None:
+                return lower_exported(program, self.params, self.kv, shape)
         return lower_step(step, self.params, self.kv, shape, self._incoming_sharding)
 
     def stats(self) -> dict[str, Any]:

@@ -5,11 +5,8 @@ import os
 # tests of the warm-up itself ask for it with EngineConfig(precompile=True).
 os.environ.setdefault("PENSIEVE_JAX_PRECOMPILE", "0")
 # Hermetic: the compilation cache and converted models live in a directory of this session
-# (shared with the servers and scripts tests start), never the user's. Stored whole programs
-# (pensieve_jax/program_store.py) are off by default, as they must be here: the module-scoped
-# fixture below frees compiled programs between modules, and an executable loaded from the
-# store was seen to lose kernels another freed program shared ("Function ... not found");
-# test_program_store turns it on.
+# (shared with the servers and scripts tests start), never the user's; traced step programs
+# (pensieve_jax/program_store.py) are kept there too, as a user's are.
 if "PENSIEVE_JAX_CACHE" not in os.environ:
     import atexit
     import shutil

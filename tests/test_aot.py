@@ -37,9 +37,11 @@ def test_interpret_follows_the_devices_platform():
     assert kernel_interpret([Gpu(), jax.devices()[0]]) is True
 
 
-def test_the_aot_seam_lowers_the_runners_own_step_program():
+def test_the_aot_seam_lowers_the_runners_own_step_program(monkeypatch):
     """lower_step over abstract params and pools (as aot_compile.py does) gives the program
-    the runner compiles, kernel mode included."""
+    the runner traces, kernel mode included (with the program store off: on, the runner
+    compiles a call of that program as exported)."""
+    monkeypatch.setenv("PENSIEVE_JAX_PROGRAM_STORE", "0")
     import jax
     import jax.numpy as jnp
 

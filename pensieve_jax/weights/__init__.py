@@ -124,4 +124,8 @@ def load_model(source: str, dtype="float32", cache_dir: str | Path | None | bool
     config, params, tokenizer = convert(str(path), dtype)
     if cached is not None:
         save_converted(cached, config, params, tokenizer, dtype, source=str(path))
+        # loaded back as every later start loads it (the same config and arrays, so the same
+        # step programs: JAX's compilation cache and the program store serve the next start)
+        del params
+        return LoadedModel(*load_converted(cached, dtype), str(path))
     return LoadedModel(config, params, tokenizer, str(path))
