@@ -68,12 +68,12 @@ from jax.sharding import SingleDeviceSharding  # noqa: E402
 
 from benchmarks.common import environment, write_json  # noqa: E402
 from benchmarks.program_set import program_set  # noqa: E402
-from pensieve_jax import parallel  # noqa: E402
-from pensieve_jax.attention import KVCache  # noqa: E402
-from pensieve_jax.config import PRESETS, ModelConfig  # noqa: E402
-from pensieve_jax.engine_config import EngineConfig, page_bytes, pool_pages  # noqa: E402
-from pensieve_jax.model import Llama, param_shapes  # noqa: E402
-from pensieve_jax.runner import (PAGE_CHUNK, host_memory_kind, jit_page_programs,  # noqa: E402
+from pensieve_jax.model import parallel  # noqa: E402
+from pensieve_jax.model.attention import KVCache  # noqa: E402
+from pensieve_jax.model.config import PRESETS, ModelConfig  # noqa: E402
+from pensieve_jax.engine.config import EngineConfig, page_bytes, pool_pages  # noqa: E402
+from pensieve_jax.model.llama import Llama, param_shapes  # noqa: E402
+from pensieve_jax.runner.model_runner import (PAGE_CHUNK, host_memory_kind, jit_page_programs,  # noqa: E402
                                  jit_step, kernel_interpret, lower_step, page_program_args,
                                  runtime_params)
 from pensieve_jax.weights import LoadedModel  # noqa: E402

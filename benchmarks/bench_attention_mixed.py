@@ -41,9 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import environment, write_json
-from pensieve_jax import attention
-from pensieve_jax.attention import AttentionBatch, KVCache
-from pensieve_jax.runner import ModelRunner, StepInput
+from pensieve_jax.model import attention
+from pensieve_jax.model.attention import AttentionBatch, KVCache
+from pensieve_jax.runner.model_runner import ModelRunner, StepInput
 from pensieve_jax.weights import load_model
 
 
@@ -181,8 +181,8 @@ def score_pairs(s: StepInput, runner: ModelRunner) -> dict[str, int]:
 
 def engine_check(args) -> dict:
     """Greedy tokens of a whole engine run (chunked prompts mixed with decodes) per backend."""
-    from pensieve_jax.engine import Engine
-    from pensieve_jax.sampling import SamplingParams
+    from pensieve_jax.engine.engine import Engine
+    from pensieve_jax.engine.sampling import SamplingParams
     out = {}
     for name, backend in BACKENDS.items():
         engine = Engine.from_pretrained(args.model, args.dtype, attention=backend,

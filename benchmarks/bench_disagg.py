@@ -38,8 +38,8 @@ def _text(rng: random.Random, n: int) -> str:
 def bench_move(model, options: dict, lengths: list[int], reps: int, seed: int) -> list[dict]:
     import grpc
 
-    from pensieve_jax.engine import Engine, EngineConfig
-    from pensieve_jax.sampling import SamplingParams
+    from pensieve_jax.engine.engine import Engine, EngineConfig
+    from pensieve_jax.engine.sampling import SamplingParams
     from serving.mempool import GRPC_OPTIONS, CostModel
     from serving.pensieve.v1 import pensieve_pb2 as pb
     from serving.pensieve.v1 import pensieve_pb2_grpc as pb_grpc
@@ -132,7 +132,7 @@ def _delta(after, before):
 
 def bench_disagg(model, model_name: str, options: dict, users: int, turns: int,
                  prompt_len: int, max_tokens: int, seed: int) -> list[dict]:
-    from pensieve_jax.sampling import SamplingParams
+    from pensieve_jax.engine.sampling import SamplingParams
     from serving.client import connect
     from serving.cluster import BackgroundCluster, ClusterConfig
 

@@ -43,9 +43,9 @@ import time
 import numpy as np
 
 from common import environment, write_json
-from pensieve_jax.config import PRESETS
-from pensieve_jax.engine import Engine, EngineConfig
-from pensieve_jax.sampling import SamplingParams
+from pensieve_jax.model.config import PRESETS
+from pensieve_jax.engine.engine import Engine, EngineConfig
+from pensieve_jax.engine.sampling import SamplingParams
 from pensieve_jax.tokenizer import Tokenizer
 from pensieve_jax.weights import LoadedModel, load_model
 from pensieve_jax.weights.assemble import random_params

@@ -13,7 +13,7 @@ Workloads (token ids drawn at random, the same ids for both systems in each repe
                   users, no think time): generated tok/s
 
 Systems:
-  pensieve   the engine (pensieve_jax.engine.Engine, default EngineConfig) on the model in
+  pensieve   the engine (pensieve_jax.engine.engine.Engine, default EngineConfig) on the model in
              float32, greedy, its step programs compiled before anything is timed; turns go
              through engine.submit under a conversation id (the kept cache), as in
              multiturn_lib.
@@ -164,7 +164,7 @@ class Workloads:
 # -- systems ------------------------------------------------------------------------------------
 
 def build_pensieve(args, model) -> tuple[Any, dict]:
-    from pensieve_jax.engine import Engine, EngineConfig
+    from pensieve_jax.engine.engine import Engine, EngineConfig
     from peers.pensieve_target import PensieveTarget
     options = dict(max_num_seqs=2, max_model_len=512, max_batched_tokens=64, page_size=64,
                    token_buckets=(64,)) \

@@ -62,7 +62,7 @@ def _text(rng: random.Random, n: int) -> str:
 
 def replay(target: str, workload: wl.Workload, seed: int) -> tuple[list[dict], float]:
     """Run the workload against `target`; one record per turn and the wall time."""
-    from pensieve_jax.sampling import SamplingParams
+    from pensieve_jax.engine.sampling import SamplingParams
     from serving.client import connect
 
     client = connect(target, timeout=600)

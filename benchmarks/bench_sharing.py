@@ -23,8 +23,8 @@ import numpy as np
 
 import workload as wl
 from common import environment, write_json
-from pensieve_jax.engine import Engine, EngineConfig
-from pensieve_jax.sampling import SamplingParams
+from pensieve_jax.engine.engine import Engine, EngineConfig
+from pensieve_jax.engine.sampling import SamplingParams
 from pensieve_jax.weights import load_model
 
 SETUPS = {   # name: (cache_policy, prefix_sharing)

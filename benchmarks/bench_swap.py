@@ -33,8 +33,8 @@ import numpy as np
 
 from common import environment, median_s, write_json
 from pallas_kernels.kv_pages import copy_pages
-from pensieve_jax.config import PRESETS
-from pensieve_jax.runner import PAGE_CHUNK
+from pensieve_jax.model.config import PRESETS
+from pensieve_jax.runner.model_runner import PAGE_CHUNK
 
 
 def memory_kinds() -> list[str]:

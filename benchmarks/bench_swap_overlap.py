@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import environment, median_s, write_json
-from pensieve_jax.config import PRESETS
-from pensieve_jax.runner import PAGE_CHUNK, HostPages, ModelRunner, StepInput
+from pensieve_jax.model.config import PRESETS
+from pensieve_jax.runner.model_runner import PAGE_CHUNK, HostPages, ModelRunner, StepInput
 from pensieve_jax.tokenizer import Tokenizer
 from pensieve_jax.weights import LoadedModel, random_params
 

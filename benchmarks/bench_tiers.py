@@ -19,8 +19,8 @@ import time
 import numpy as np
 
 from common import environment, write_json
-from pensieve_jax.engine import Engine, EngineConfig
-from pensieve_jax.sampling import SamplingParams
+from pensieve_jax.engine.engine import Engine, EngineConfig
+from pensieve_jax.engine.sampling import SamplingParams
 from pensieve_jax.weights import load_model
 
 SETUPS = {   # name: (cache_policy, host tier?, eviction policy, swap_in)

@@ -27,8 +27,8 @@ import jax  # noqa: E402
 from common import environment, write_json  # noqa: E402
 from model_step import make_runner, make_step, program, time_step  # noqa: E402
 
-from pensieve_jax.config import ModelConfig  # noqa: E402
-from pensieve_jax.runner import ModelRunner  # noqa: E402
+from pensieve_jax.model.config import ModelConfig  # noqa: E402
+from pensieve_jax.runner.model_runner import ModelRunner  # noqa: E402
 from pensieve_jax.tokenizer import Tokenizer  # noqa: E402
 from pensieve_jax.weights import LoadedModel, load_model, random_params  # noqa: E402
 

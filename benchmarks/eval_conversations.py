@@ -276,7 +276,7 @@ def main(argv: Sequence[str] | None = None, engine=None) -> int:
     conversations = read_conversations(args.input)
     if args.limit is not None:
         conversations = conversations[:args.limit]
-    from pensieve_jax.sampling import SamplingParams
+    from pensieve_jax.engine.sampling import SamplingParams
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     own = engine is None
@@ -284,7 +284,7 @@ def main(argv: Sequence[str] | None = None, engine=None) -> int:
         if not (set(str(c.id) for c in conversations) - completed_ids(args.output)):
             print(f"all {len(conversations)} conversations are already in {args.output}")
             return 0
-        from pensieve_jax.engine import Engine
+        from pensieve_jax.engine.engine import Engine
         options = {"max_num_seqs": max(1, args.concurrency),
                    "max_batched_tokens": args.max_batched_tokens}
         if args.max_model_len:

@@ -20,7 +20,7 @@ next phase runs.
                    its plain-jnp reference on ragged mixed batches (decodes, prefills, chunks
                    over cached context, padding rows) in several head layouts: float32 at matmul
                    precision "highest" (a GPU's default is TF32) and bfloat16, each within
-                   pensieve_jax.self_check.TOLERANCE; whether the lowered program holds the
+                   pensieve_jax.model.self_check.TOLERANCE; whether the lowered program holds the
                    Triton call; and on decode (batch 64, 4k context, 32/8 heads, d128, bf16)
                    against JAX's own Pallas `paged_attention`: both errors and both times.
   decode_bandwidth a device-to-device copy's bandwidth (bytes read + written; and a bf16 matmul)
@@ -173,7 +173,7 @@ def start_backend(ph: Phase) -> None:
     GPU, compiled on one (explicit, from the backend this phase runs on)."""
     import jax
     if ph.name != "environment":    # (which needs no more than jax)
-        from pensieve_jax import compile_cache
+        from pensieve_jax.runner import compile_cache
         compile_cache.enable()      # phases that compile the same program share it
     backend = jax.default_backend()
     ph.interpret = ph.dry_run or backend != "gpu"
@@ -266,7 +266,7 @@ def triton_in_lowered(p, interpret: bool) -> bool:
 def kernel_case(layout, dtype: str, seqs, interpret: bool) -> dict:
     """The kernel against the reference on one ragged batch (precision highest)."""
     import jax
-    from pensieve_jax import self_check as sc
+    from pensieve_jax.model import self_check as sc
     heads, kv_heads, head_dim, page_size = layout
     with jax.default_matmul_precision("highest"):
         p = sc.random_problem(heads, kv_heads, head_dim, page_size, dtype, seqs, seed=1,
@@ -325,7 +325,7 @@ def decode_vs_jax(ph: Phase) -> dict:
     theirs = jax_paged_decode(ph.interpret, table.shape[1], s["page_size"])
     ref = jax.jit(ragged_paged_attention_reference)(q, k, v, table, kv_lens, cu)
     row: dict[str, Any] = {**s, "dtype": "bfloat16"}
-    from pensieve_jax.self_check import max_abs_err, tolerance
+    from pensieve_jax.model.self_check import max_abs_err, tolerance
     iters = 2 if ph.dry_run else 30
     row["ours_max_abs_err"] = max_abs_err(ours(q, k, v, table, kv_lens, cu), ref)
     row["ours_s"] = timeit(ours, q, k, v, table, kv_lens, cu, iters=iters)
@@ -352,7 +352,7 @@ def phase_kernel(ph: Phase) -> dict:
                 cases.append({"layout": list(layout), "dtype": dtype, "ok": False,
                               "error": error_text(e)})
             ph.save()
-    from pensieve_jax.self_check import random_problem
+    from pensieve_jax.model.self_check import random_problem
     p = random_problem(*kernel_layouts(ph.dry_run)[0], "bfloat16")
     ph.result["triton_in_program"] = triton_in_lowered(p, ph.interpret)
     ph.save()
@@ -401,7 +401,7 @@ def prefill_case(name: str, q_len: int, ctx: int, ph: Phase) -> dict:
     import jax.numpy as jnp
     from bench_kernels import contiguous, make, timeit
     from pallas_kernels import ragged_paged_attention
-    from pensieve_jax.self_check import max_abs_err
+    from pensieve_jax.model.self_check import max_abs_err
     s = decode_shape(ph.dry_run)
     heads, kv_heads, head_dim, page_size = s["heads"], s["kv_heads"], s["head_dim"], s["page_size"]
     q, k, v, table, kv_lens, cu = make(1, q_len, ctx, heads, kv_heads, head_dim, page_size,
@@ -465,8 +465,8 @@ def overlap_runner(s: dict, attention: str):
     (as its main builds it): the step programs that load pages layer by layer included."""
     import jax.numpy as jnp
     from bench_swap_overlap import step_input
-    from pensieve_jax.config import PRESETS
-    from pensieve_jax.runner import ModelRunner
+    from pensieve_jax.model.config import PRESETS
+    from pensieve_jax.runner.model_runner import ModelRunner
     from pensieve_jax.tokenizer import Tokenizer
     from pensieve_jax.weights import LoadedModel, random_params
     config, dtype = PRESETS[s["preset"]], jnp.dtype(s["dtype"])
@@ -484,8 +484,8 @@ def phase_swap(ph: Phase) -> dict:
     import jax.numpy as jnp
     import bench_swap
     import bench_swap_overlap
-    from pensieve_jax.config import PRESETS
-    from pensieve_jax.self_check import resolve_attention
+    from pensieve_jax.model.config import PRESETS
+    from pensieve_jax.model.self_check import resolve_attention
     s = swap_settings(ph.dry_run)
     c = PRESETS[s["preset"]]
     bw = bench_swap.measure(c.num_layers, 16, c.num_kv_heads, c.head_dim, jnp.dtype(s["dtype"]),

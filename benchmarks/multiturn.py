@@ -25,7 +25,7 @@ SamplingParams(max_tokens=answer_len, ignore_eos=True), so every policy does the
 greedy, produces the same tokens). --text replays a dataset's real user messages through the
 chat template (engine sessions) with the model's own replies (stops at end of turn).
 
-The engine runs a fixed set of step programs (one per token bucket; pensieve_jax.runner's
+The engine runs a fixed set of step programs (one per token bucket; pensieve_jax.runner.model_runner's
 ProgramSet), each compiled once (seconds on CPU), which must not land in the measured numbers.
 So before measuring: (1) --precompile all (the default) builds each policy's engine and compiles
 its whole program set with `engine.warm_up()` (seconds and program count in the results, under

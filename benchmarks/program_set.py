@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks.common import environment, write_json  # noqa: E402
-from pensieve_jax.config import PRESETS  # noqa: E402
-from pensieve_jax.engine_config import EngineConfig  # noqa: E402
-from pensieve_jax.model import param_shapes  # noqa: E402
-from pensieve_jax.runner import ModelRunner, ProgramSet, token_buckets  # noqa: E402
+from pensieve_jax.model.config import PRESETS  # noqa: E402
+from pensieve_jax.engine.config import EngineConfig  # noqa: E402
+from pensieve_jax.model.llama import param_shapes  # noqa: E402
+from pensieve_jax.runner.model_runner import ModelRunner, ProgramSet, token_buckets  # noqa: E402
 from pensieve_jax.weights import LoadedModel  # noqa: E402
 
 

@@ -6,9 +6,9 @@
     print(engine.tokenizer.decode(engine.generate(ids, SamplingParams(max_tokens=64))))
 """
 
-from pensieve_jax.config import ModelConfig, RopeScaling
-from pensieve_jax.engine import Engine, EngineConfig
-from pensieve_jax.sampling import SamplingParams
+from pensieve_jax.model.config import ModelConfig, RopeScaling
+from pensieve_jax.engine.engine import Engine, EngineConfig
+from pensieve_jax.engine.sampling import SamplingParams
 from pensieve_jax.weights import DEFAULT_MODEL, ModelLoadError, load_model
 
 __all__ = ["DEFAULT_MODEL", "Engine", "EngineConfig", "ModelConfig", "ModelLoadError",

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from pensieve_jax.engine import Engine
-from pensieve_jax.sampling import SamplingParams
+from pensieve_jax.engine.engine import Engine
+from pensieve_jax.engine.sampling import SamplingParams
 from pensieve_jax.weights import DEFAULT_MODEL
 
 TURNS = (

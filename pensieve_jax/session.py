@@ -24,12 +24,12 @@ import threading
 import uuid
 from typing import TYPE_CHECKING, AsyncIterator, Iterable, Iterator, Sequence
 
-from pensieve_jax.engine import EngineClosed
-from pensieve_jax.request import RequestHandle, RequestOutput, Usage
-from pensieve_jax.sampling import SamplingParams
+from pensieve_jax.engine.engine import EngineClosed
+from pensieve_jax.engine.request import RequestHandle, RequestOutput, Usage
+from pensieve_jax.engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from pensieve_jax.engine import Engine
+    from pensieve_jax.engine.engine import Engine
 
 ROLES = ("system", "user", "assistant", "tool")
 

@@ -24,8 +24,8 @@ import logging
 import signal
 import sys
 
-from pensieve_jax.engine import EngineConfig
-from pensieve_jax.sampling import SamplingParams
+from pensieve_jax.engine.engine import EngineConfig
+from pensieve_jax.engine.sampling import SamplingParams
 
 DEFAULT_PORT = 50051
 
@@ -196,7 +196,7 @@ async def _router(args: argparse.Namespace) -> None:
 # -- serve ------------------------------------------------------------------------------------
 
 async def _serve(args: argparse.Namespace) -> int:
-    from pensieve_jax.engine import Engine
+    from pensieve_jax.engine.engine import Engine
     from serving.metrics import Metrics
     from serving.server import PensieveServer, describe_programs, warm_up_later
 

@@ -20,8 +20,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import grpc
 
-from pensieve_jax.request import Usage
-from pensieve_jax.sampling import SamplingParams
+from pensieve_jax.engine.request import Usage
+from pensieve_jax.engine.sampling import SamplingParams
 from pensieve_jax.session import (Chunk, Reply, SessionClosed, TurnMethods, check_messages,
                                   turn_messages)
 from serving.errors import NotFound, from_rpc_error

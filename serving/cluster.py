@@ -107,7 +107,7 @@ class Cluster:
         return self.router.target
 
     async def _start_in_process(self):
-        from pensieve_jax.engine import Engine, EngineConfig
+        from pensieve_jax.engine.engine import Engine, EngineConfig
         from pensieve_jax.weights import load_model
         from serving.server import PensieveServer, warm_up_later
         c = self.config

@@ -13,9 +13,9 @@ cost model a router uses to move a conversation by KV transfer or by recomputati
     CacheReport  what the cache holds: per conversation, the leading token ids whose KV is on
               device or host, versioned so a router polling it gets only the changes (a
               router's global prefix tree learns evictions and imports from it;
-              pensieve_jax/cache_report.py)
+              pensieve_jax/kvcache/report.py)
 
-The engine side (pensieve_jax/kv_transfer.py) does one page gather per export and one scatter
+The engine side (pensieve_jax/kvcache/transfer.py) does one page gather per export and one scatter
 per import; the wire carries chunk_bytes of pages per message.
 """
 
@@ -31,8 +31,8 @@ from typing import AsyncIterator, Iterator, NamedTuple
 import grpc
 import numpy as np
 
-from pensieve_jax.cache import OutOfPages
-from pensieve_jax.kv_transfer import ExportedKV, KVLayout, NoSuchConversation, _np_dtype
+from pensieve_jax.kvcache.pages import OutOfPages
+from pensieve_jax.kvcache.transfer import ExportedKV, KVLayout, NoSuchConversation, _np_dtype
 from serving.errors import ConversationNotFound, TurnInProgress, status_for
 from serving.pensieve.v1 import pensieve_pb2 as pb
 from serving.pensieve.v1 import pensieve_pb2_grpc as pb_grpc
@@ -115,7 +115,7 @@ async def from_chunks(chunks: AsyncIterator[pb.KVChunk]) -> Received:
 
 
 def cache_report_to_proto(r) -> pb.CacheReportResponse:
-    """A pensieve_jax.cache_report.CacheReport as its message."""
+    """A pensieve_jax.kvcache.report.CacheReport as its message."""
     return pb.CacheReportResponse(
         epoch=r.epoch, version=r.version, full=r.full, removed=r.removed,
         num_conversations=r.num_conversations, page_size=r.page_size,
@@ -150,7 +150,7 @@ class MemPoolService(pb_grpc.MemPoolServicer):
         await context.abort(code, message)
 
     async def Match(self, request: pb.MatchRequest, context) -> pb.MatchResponse:
-        from pensieve_jax import kv_transfer
+        from pensieve_jax.kvcache import transfer as kv_transfer
         try:
             own, shared = await asyncio.to_thread(kv_transfer.call_settled, self.engine,
                                                   lambda: kv_transfer.match(
@@ -252,7 +252,7 @@ class MemPoolService(pb_grpc.MemPoolServicer):
     def tracker(self):
         """The engine's CacheTracker (made on first use)."""
         if self._tracker is None:
-            from pensieve_jax.cache_report import CacheTracker
+            from pensieve_jax.kvcache.report import CacheTracker
             self._tracker = CacheTracker(self.engine)
         return self._tracker
 

@@ -27,10 +27,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pensieve_jax.request import Usage
+from pensieve_jax.engine.request import Usage
 
 if TYPE_CHECKING:
-    from pensieve_jax.engine import Engine
+    from pensieve_jax.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 

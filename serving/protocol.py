@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from pensieve_jax.request import Usage
-from pensieve_jax.sampling import SamplingParams
+from pensieve_jax.engine.request import Usage
+from pensieve_jax.engine.sampling import SamplingParams
 from serving.pensieve.v1 import pensieve_pb2 as pb
 
 _OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "seed")

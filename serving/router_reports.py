@@ -10,7 +10,7 @@ its cache capacity (the tree's LRU capacity estimate) and, unless the router was
 role, its role.
 
 Cache reports: every cache_report_interval_s the router polls each replica's
-MemPool.CacheReport (pensieve_jax/cache_report.py): per conversation there, the token ids whose
+MemPool.CacheReport (pensieve_jax/kvcache/report.py): per conversation there, the token ids whose
 KV it still holds, versioned so that only changes travel. The tree keeps one keyed holder per
 replica conversation (`PrefixTree.hold`) and each report resets it: prefixes a replica let go
 (evicted, ended, expired) stop counting for it, prefixes it holds that the router did not route

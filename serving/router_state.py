@@ -38,7 +38,7 @@ def load_router_tokenizer(model: str | None):
     if not model:
         return None
     if model.startswith("random:"):
-        from pensieve_jax.config import PRESETS
+        from pensieve_jax.model.config import PRESETS
         from pensieve_jax.tokenizer import Tokenizer
         return Tokenizer.byte_level(PRESETS[model.split(":", 1)[1]].vocab_size)
     from pensieve_jax.weights import load_model

@@ -38,7 +38,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pensieve_jax.engine import Engine, EngineConfig
+from pensieve_jax.engine.engine import Engine, EngineConfig
 from pensieve_jax.session import Session, TurnStream, check_messages
 from serving.errors import ConversationNotFound, NotReady, ShuttingDown, TurnInProgress, \
     status_for

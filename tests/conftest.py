@@ -6,7 +6,7 @@ import os
 os.environ.setdefault("PENSIEVE_JAX_PRECOMPILE", "0")
 # Hermetic: the compilation cache and converted models live in a directory of this session
 # (shared with the servers and scripts tests start), never the user's; traced step programs
-# (pensieve_jax/program_store.py) are kept there too, as a user's are.
+# (pensieve_jax/runner/program_store.py) are kept there too, as a user's are.
 if "PENSIEVE_JAX_CACHE" not in os.environ:
     import atexit
     import shutil
@@ -19,7 +19,7 @@ import jax  # noqa: E402
 import numpy as np
 import pytest
 
-from pensieve_jax.attention import AttentionBatch, init_kv_cache
+from pensieve_jax.model.attention import AttentionBatch, init_kv_cache
 
 
 def dense_attention(q, k, v, q_pos, sm_scale):
@@ -93,7 +93,7 @@ def _release_compiled_programs():
     the whole suite in one process segfaulted inside the XLA compiler late in the run (twice,
     at the same test, which passes alone), which points at this growth."""
     yield
-    from pensieve_jax import runner
+    from pensieve_jax.runner import model_runner as runner
     runner._EXECUTABLES.clear()
     jax.clear_caches()
     gc.collect()

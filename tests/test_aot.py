@@ -28,7 +28,7 @@ def plugin_installed() -> bool:
 def test_interpret_follows_the_devices_platform():
     import jax
 
-    from pensieve_jax.runner import kernel_interpret
+    from pensieve_jax.runner.model_runner import kernel_interpret
 
     class Gpu:
         platform = "gpu"
@@ -45,9 +45,9 @@ def test_the_aot_seam_lowers_the_runners_own_step_program(monkeypatch):
     import jax
     import jax.numpy as jnp
 
-    from pensieve_jax.attention import KVCache
-    from pensieve_jax.model import Llama
-    from pensieve_jax.runner import ModelRunner, jit_step, lower_step
+    from pensieve_jax.model.attention import KVCache
+    from pensieve_jax.model.llama import Llama
+    from pensieve_jax.runner.model_runner import ModelRunner, jit_step, lower_step
     from pensieve_jax.weights import load_model
 
     model = load_model("random:tiny", "float32")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import dense_attention
-from pensieve_jax.attention import (AttentionBatch, KVCache, get_attention, token_slots,
+from pensieve_jax.model.attention import (AttentionBatch, KVCache, get_attention, token_slots,
                                     write_kv, xla_paged_attention)
 
 

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pensieve_jax.attention import (LAST_ROWS_KEYS, TILE_KEYS, TILE_ROWS, AttentionBatch,
+from pensieve_jax.model.attention import (LAST_ROWS_KEYS, TILE_KEYS, TILE_ROWS, AttentionBatch,
                                     KVCache, xla_paged_attention)
-from pensieve_jax.runner import ModelRunner, StepInput, step_input
+from pensieve_jax.runner.model_runner import ModelRunner, StepInput, step_input
 from pensieve_jax.weights import load_model
 from test_attention import reference
 

@@ -1,4 +1,4 @@
-"""pensieve_jax.compile_cache: JAX's persistent compilation cache, checked across processes (a
+"""pensieve_jax.runner.compile_cache: JAX's persistent compilation cache, checked across processes (a
 fresh process each time: the cache is per process state in jax.config)."""
 
 import json
@@ -7,12 +7,12 @@ import pathlib
 import subprocess
 import sys
 
-from pensieve_jax import compile_cache
+from pensieve_jax.runner import compile_cache
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = """
 import json, os
-from pensieve_jax import compile_cache
+from pensieve_jax.runner import compile_cache
 if os.environ.get("FIRST_ENABLE"):           # as a program's own choice before the Engine's
     compile_cache.enable(os.environ["FIRST_ENABLE"])
 used = compile_cache.enable()

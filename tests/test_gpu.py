@@ -1,6 +1,6 @@
 """On a GPU only (marked `gpu`, skipped elsewhere): the compiled Pallas kernel (interpret=False)
 against its plain-jnp reference, float32 at matmul precision "highest" (a GPU's default is TF32)
-and bfloat16 within pensieve_jax.self_check.TOLERANCE; the Triton call in its program; and the
+and bfloat16 within pensieve_jax.model.self_check.TOLERANCE; the Triton call in its program; and the
 engine with attention="pallas" on the GPU giving the same greedy tokens stateful and stateless.
 
     python -m pytest -m gpu tests/test_gpu.py
@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from pensieve_jax import self_check as sc
+from pensieve_jax.model import self_check as sc
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu",
@@ -57,7 +57,7 @@ def test_startup_self_check_passes_on_this_gpu(dtype):
 
 
 def _turns(engine, turns, conversation_id):
-    from pensieve_jax.sampling import SamplingParams
+    from pensieve_jax.engine.sampling import SamplingParams
     seq, outs = [], []
     for new in turns:
         seq = seq + list(new)
@@ -69,7 +69,7 @@ def _turns(engine, turns, conversation_id):
 
 
 def test_engine_pallas_stateful_equals_stateless(highest_precision):
-    from pensieve_jax.engine import Engine
+    from pensieve_jax.engine.engine import Engine
     rng = np.random.default_rng(3)
     conversations = [[rng.integers(0, 500, n).tolist() for n in (23, 5, 40, 9)]
                      for _ in range(3)]
@@ -88,7 +88,7 @@ def test_engine_pallas_stateful_equals_stateless(highest_precision):
 
 
 def test_engine_defaults_to_the_self_checked_kernel_on_a_gpu():
-    from pensieve_jax.engine import Engine
+    from pensieve_jax.engine.engine import Engine
     with Engine.from_pretrained("random:tiny", "bfloat16", max_model_len=128,
                                 max_batched_tokens=16, max_num_seqs=2, num_pages=16) as engine:
         check = engine.stats()["attention_check"]

@@ -35,8 +35,8 @@ def engine_threads():
 def all_deleted(tree):
     return all(a.is_deleted() for a in jax.tree_util.tree_leaves(tree))
 
-from pensieve_jax.engine import Engine, EngineClosed
-from pensieve_jax.sampling import SamplingParams
+from pensieve_jax.engine.engine import Engine, EngineClosed
+from pensieve_jax.engine.sampling import SamplingParams
 """
 
 

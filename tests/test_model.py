@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import run_model
-from pensieve_jax.config import PRESETS, RopeScaling
-from pensieve_jax.attention import AttentionBatch, init_kv_cache
-from pensieve_jax.model import Llama, apply_rope, rope_tables, unstack_kernels
+from pensieve_jax.model.config import PRESETS, RopeScaling
+from pensieve_jax.model.attention import AttentionBatch, init_kv_cache
+from pensieve_jax.model.llama import Llama, apply_rope, rope_tables, unstack_kernels
 from pensieve_jax.weights.assemble import random_params
 
 CONFIG = PRESETS["tiny"]
@@ -76,7 +76,7 @@ def test_padding_rows_do_not_touch_the_cache(model_and_params, rng):
 
 
 def test_logits_indices_select_rows(model_and_params, rng):
-    from pensieve_jax.attention import AttentionBatch, init_kv_cache
+    from pensieve_jax.model.attention import AttentionBatch, init_kv_cache
     model, params = model_and_params
     tokens = rng.integers(0, CONFIG.vocab_size, 6).astype(np.int32)
     kv = init_kv_cache(CONFIG.num_layers, 8, 4, CONFIG.num_kv_heads, CONFIG.head_dim)
@@ -95,7 +95,7 @@ def test_bfloat16_model_tracks_float32(rng):
     tokens = rng.integers(0, config.vocab_size, 8)
     ref, _ = run_model(Llama(config), params32, config, [tokens], [0], [[0, 1]])
     kv16 = None
-    from pensieve_jax.attention import init_kv_cache
+    from pensieve_jax.model.attention import init_kv_cache
     kv16 = init_kv_cache(config.num_layers, 32, 4, config.num_kv_heads, config.head_dim,
                          jnp.bfloat16)
     out, kv16 = run_model(Llama(config, jnp.bfloat16), params16, config, [tokens], [0], [[0, 1]],

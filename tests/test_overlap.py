@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pensieve_jax.engine import Engine
-from pensieve_jax.runner import PAGE_CHUNK, ModelRunner, StepHandle, StepInput
-from pensieve_jax.sampling import SamplingParams
+from pensieve_jax.engine.engine import Engine
+from pensieve_jax.runner.model_runner import PAGE_CHUNK, ModelRunner, StepHandle, StepInput
+from pensieve_jax.engine.sampling import SamplingParams
 from pensieve_jax.weights import load_model
 
 HASH = 1 << 24          # slot values stay exact in the float32 host tier

@@ -16,10 +16,10 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from pensieve_jax import parallel
-from pensieve_jax.config import PRESETS
-from pensieve_jax.engine import EngineConfig
-from pensieve_jax.model import param_shapes
+from pensieve_jax.model import parallel
+from pensieve_jax.model.config import PRESETS
+from pensieve_jax.engine.engine import EngineConfig
+from pensieve_jax.model.llama import param_shapes
 
 pytestmark = pytest.mark.slow   # long: `make test-all` runs it (not `make test`)
 

@@ -1,9 +1,9 @@
 """The prefix index and the store's page sharing, without a model: reference counts, copy on
 write, eviction order, and restoring from pages other conversations hold."""
 
-from pensieve_jax.cache import PageAllocator
-from pensieve_jax.conversations import ConversationStore
-from pensieve_jax.prefix_index import PrefixIndex
+from pensieve_jax.kvcache.pages import PageAllocator
+from pensieve_jax.kvcache.conversations import ConversationStore
+from pensieve_jax.kvcache.prefix_index import PrefixIndex
 
 PS = 4
 

@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import json, time
 import numpy as np
-from pensieve_jax import compile_cache, runner as runner_module
-from pensieve_jax.runner import ModelRunner, StepInput
+from pensieve_jax.runner import compile_cache, model_runner as runner_module
+from pensieve_jax.runner.model_runner import ModelRunner, StepInput
 from pensieve_jax.weights import load_model
 compile_cache.enable()
 runner = ModelRunner(load_model("random:tiny", "float32"), 16, 8, max_num_seqs=2,

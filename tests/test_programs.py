@@ -13,10 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from pensieve_jax.engine import Engine
-from pensieve_jax.engine_config import EngineConfig
-from pensieve_jax.runner import ProgramSet, token_buckets
-from pensieve_jax.sampling import SamplingParams
+from pensieve_jax.engine.engine import Engine
+from pensieve_jax.engine.config import EngineConfig
+from pensieve_jax.runner.model_runner import ProgramSet, token_buckets
+from pensieve_jax.engine.sampling import SamplingParams
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pensieve_jax.runner import HostPages, ModelRunner, StepInput
+from pensieve_jax.runner.model_runner import HostPages, ModelRunner, StepInput
 from pensieve_jax.weights import load_model
 
 PAGE = 8

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from pensieve_jax.sampling import sample
+from pensieve_jax.runner.sampler import sample
 
 
 def run(logits, temperature, top_k, top_p, seeds, counters):

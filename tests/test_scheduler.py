@@ -1,10 +1,10 @@
 """Scheduler and conversation store without a model: budgets, chunking, eviction, preemption."""
 
-from pensieve_jax.cache import PageAllocator
-from pensieve_jax.conversations import ConversationStore
-from pensieve_jax.request import Request, RequestHandle
-from pensieve_jax.sampling import SamplingParams
-from pensieve_jax.scheduler import Scheduler, SchedulerConfig
+from pensieve_jax.kvcache.pages import PageAllocator
+from pensieve_jax.kvcache.conversations import ConversationStore
+from pensieve_jax.engine.request import Request, RequestHandle
+from pensieve_jax.engine.sampling import SamplingParams
+from pensieve_jax.engine.scheduler import Scheduler, SchedulerConfig
 
 PS = 4
 
@@ -122,7 +122,7 @@ def test_edited_history_truncates_to_the_common_prefix():
 def test_a_mixed_step_ends_its_last_prefill_chunk_at_a_program_boundary():
     """With decodes in the step, a last prefill chunk that would pad the step up to the next
     program is cut at the one below (the rest runs next step); a prefill alone never is."""
-    from pensieve_jax.scheduler import Row
+    from pensieve_jax.engine.scheduler import Row
     ladder = (8, 16, 32, 48, 64, 96, 128)
     sched = Scheduler(SchedulerConfig(128, 64, token_buckets=ladder), None)
     decodes = [Row(object(), 10 + i, 11 + i, True) for i in range(30)]

@@ -33,16 +33,16 @@ import random
 
 import pytest
 
-from pensieve_jax import conversations as conversations_module
-from pensieve_jax import eviction as eviction_module
-from pensieve_jax import prefix_index as prefix_index_module
-from pensieve_jax.cache import PageAllocator
-from pensieve_jax.config import PRESETS
-from pensieve_jax.conversations import ConversationStore
-from pensieve_jax.eviction import LRUPolicy, PensievePolicy
-from pensieve_jax.request import Request
-from pensieve_jax.sampling import SamplingParams
-from pensieve_jax.scheduler import Scheduler, SchedulerConfig
+from pensieve_jax.kvcache import conversations as conversations_module
+from pensieve_jax.kvcache import eviction as eviction_module
+from pensieve_jax.kvcache import prefix_index as prefix_index_module
+from pensieve_jax.kvcache.pages import PageAllocator
+from pensieve_jax.model.config import PRESETS
+from pensieve_jax.kvcache.conversations import ConversationStore
+from pensieve_jax.kvcache.eviction import LRUPolicy, PensievePolicy
+from pensieve_jax.engine.request import Request
+from pensieve_jax.engine.sampling import SamplingParams
+from pensieve_jax.engine.scheduler import Scheduler, SchedulerConfig
 
 VOCAB = 40
 STOP = 0                # a stop token (some turns end early)
@@ -742,7 +742,7 @@ def test_a_turn_with_two_ranges_does_not_push_the_step_past_max_num_seqs(clock):
 def test_registering_pages_that_left_the_device_adds_no_dead_index_nodes():
     """A conversation registered while its last pages are on host or dropped used to leave
     nodes with no copy and no children, never pruned: the index grew forever."""
-    from pensieve_jax.prefix_index import PrefixIndex
+    from pensieve_jax.kvcache.prefix_index import PrefixIndex
     index = PrefixIndex(4)
     index.insert("", list(range(12)), [5, -1, -1])
     assert index.stats() == {"nodes": 1, "device_pages": 1, "host_pages": 0}

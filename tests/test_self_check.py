@@ -1,4 +1,4 @@
-"""pensieve_jax/self_check.py: which attention an engine runs (by platform), the start-up
+"""pensieve_jax/model/self_check.py: which attention an engine runs (by platform), the start-up
 self-check of the Pallas kernel against the XLA path, and the fallback to XLA on a mismatch
 (forced here on CPU with a wrong or raising kernel and a device that says it is a GPU)."""
 
@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import jax.numpy as jnp
 import pytest
 
-from pensieve_jax import self_check
-from pensieve_jax.config import PRESETS
-from pensieve_jax.engine import Engine
-from pensieve_jax.engine_config import EngineConfig
-from pensieve_jax.self_check import (SelfCheckResult, attention_self_check, resolve_attention,
+from pensieve_jax.model import self_check
+from pensieve_jax.model.config import PRESETS
+from pensieve_jax.engine.engine import Engine
+from pensieve_jax.engine.config import EngineConfig
+from pensieve_jax.model.self_check import (SelfCheckResult, attention_self_check, resolve_attention,
                                      select_attention)
 from pensieve_jax.weights import load_model
 
@@ -61,7 +61,7 @@ def test_select_attention_checks_only_the_kernel_on_a_gpu():
 
 
 def test_select_attention_falls_back_loudly(caplog):
-    with caplog.at_level(logging.ERROR, logger="pensieve_jax.self_check"):
+    with caplog.at_level(logging.ERROR, logger="pensieve_jax.model.self_check"):
         choice = select_attention(None, TINY, 16, "float32", device=FAKE_GPU,
                                   check=lambda *a, **k: result(False, err=0.5))
     assert (choice.requested, choice.attention, choice.fallback) == (None, "xla", True)

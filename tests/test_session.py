@@ -5,8 +5,8 @@ import threading
 
 import pytest
 
-from pensieve_jax.engine import Engine
-from pensieve_jax.sampling import SamplingParams
+from pensieve_jax.engine.engine import Engine
+from pensieve_jax.engine.sampling import SamplingParams
 from pensieve_jax.session import Chunk, IncrementalDetokenizer, SessionClosed
 from pensieve_jax.tokenizer import Tokenizer
 

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from pensieve_jax.sampling import SamplingParams
+from pensieve_jax.engine.sampling import SamplingParams
 from test_engine import make, settle
 
 P = SamplingParams(max_tokens=6, ignore_eos=True)
@@ -172,10 +172,10 @@ def test_sharing_off_keeps_private_copies(stateless):
 
 
 def test_waiting_turns_with_cached_prompts_go_first_within_the_fairness_bound():
-    from pensieve_jax.cache import PageAllocator
-    from pensieve_jax.conversations import ConversationStore
-    from pensieve_jax.request import Request
-    from pensieve_jax.scheduler import Scheduler, SchedulerConfig
+    from pensieve_jax.kvcache.pages import PageAllocator
+    from pensieve_jax.kvcache.conversations import ConversationStore
+    from pensieve_jax.engine.request import Request
+    from pensieve_jax.engine.scheduler import Scheduler, SchedulerConfig
 
     store = ConversationStore(PageAllocator(64), 8)
     warm = store.get_or_create("warm", SYSTEM)

@@ -5,8 +5,8 @@ import threading
 
 import pytest
 
-from pensieve_jax.engine import Engine, EngineConfig
-from pensieve_jax.sampling import SamplingParams
+from pensieve_jax.engine.engine import Engine, EngineConfig
+from pensieve_jax.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow   # long: `make test-all` runs it (not `make test`)
 

@@ -7,9 +7,9 @@ it; fixtures/make_smollm2_reference.py made the fixture offline (see its docstri
 import numpy as np
 
 from conftest import run_model
-from pensieve_jax.engine import Engine, EngineConfig
-from pensieve_jax.model import Llama
-from pensieve_jax.sampling import SamplingParams
+from pensieve_jax.engine.engine import Engine, EngineConfig
+from pensieve_jax.model.llama import Llama
+from pensieve_jax.engine.sampling import SamplingParams
 
 
 def test_logits_match_transformers(smollm2, hf_reference):

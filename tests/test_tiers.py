@@ -5,14 +5,14 @@ import threading
 
 import pytest
 
-from pensieve_jax.cache import PageAllocator
-from pensieve_jax.config import PRESETS
-from pensieve_jax.conversations import ConversationStore
-from pensieve_jax.engine_config import SWAP_IN_MODES
-from pensieve_jax.eviction import LRUPolicy, PensievePolicy, make_policy
-from pensieve_jax.request import Request
-from pensieve_jax.sampling import SamplingParams
-from pensieve_jax.scheduler import Scheduler, SchedulerConfig
+from pensieve_jax.kvcache.pages import PageAllocator
+from pensieve_jax.model.config import PRESETS
+from pensieve_jax.kvcache.conversations import ConversationStore
+from pensieve_jax.engine.config import SWAP_IN_MODES
+from pensieve_jax.kvcache.eviction import LRUPolicy, PensievePolicy, make_policy
+from pensieve_jax.engine.request import Request
+from pensieve_jax.engine.sampling import SamplingParams
+from pensieve_jax.engine.scheduler import Scheduler, SchedulerConfig
 from test_engine import conversation_turns, make, random_turns, settle
 
 P = SamplingParams(max_tokens=8, ignore_eos=True)

@@ -17,9 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from pensieve_jax.config import ModelConfig  # noqa: E402
-from pensieve_jax.engine import Engine, EngineConfig  # noqa: E402
-from pensieve_jax.sampling import SamplingParams  # noqa: E402
+from pensieve_jax.model.config import ModelConfig  # noqa: E402
+from pensieve_jax.engine.engine import Engine, EngineConfig  # noqa: E402
+from pensieve_jax.engine.sampling import SamplingParams  # noqa: E402
 from pensieve_jax.tokenizer import Tokenizer  # noqa: E402
 from pensieve_jax.weights import LoadedModel, load_model, random_params  # noqa: E402
 

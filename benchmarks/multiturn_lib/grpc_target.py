@@ -43,7 +43,7 @@ class _GrpcTokenConversation:
         self.conversation_id: str | None = None
 
     def turn(self, new_ids: list[int], text: str | None, max_tokens: int) -> TurnResult:
-        from pensieve_jax.sampling import SamplingParams
+        from pensieve_jax.engine.sampling import SamplingParams
         from serving.protocol import usage_from_proto
         self.seq = self.seq + list(new_ids)
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)

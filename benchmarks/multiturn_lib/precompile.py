@@ -1,6 +1,6 @@
 """Compiling before measuring: the engine's whole step program set (`engine.warm_up()`,
 --precompile all) through JAX's persistent compilation cache. The engine derives its program
-set from its configuration (pensieve_jax.runner.ProgramSet), so nothing here guesses shapes."""
+set from its configuration (pensieve_jax.runner.model_runner.ProgramSet), so nothing here guesses shapes."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ def warm_up(engine) -> dict[str, Any]:
 
 
 def enable_compile_cache(path: str | None) -> str | None:
-    """JAX's persistent compilation cache (pensieve_jax.compile_cache): a program compiled once
+    """JAX's persistent compilation cache (pensieve_jax.runner.compile_cache): a program compiled once
     (by either policy's engine, or an earlier run) loads in a fraction of its compile time.
     path None: $PENSIEVE_JAX_CACHE, else the default directory; "none": off (engines built
     later leave it off too). Returns the directory in use (None: off)."""
-    from pensieve_jax import compile_cache
+    from pensieve_jax.runner import compile_cache
     return compile_cache.enable(path)

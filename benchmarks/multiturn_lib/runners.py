@@ -56,7 +56,7 @@ def make_engine(policy: str, model, convs, args):
     (engine.warm_up(), timed) before any pass; engines of the same shapes share compiled
     programs in-process, so the second policy's warm-up is nearly free. none: programs compile
     on first use (the warm-up passes do the compiling)."""
-    from pensieve_jax.engine import Engine, EngineConfig
+    from pensieve_jax.engine.engine import Engine, EngineConfig
     max_ctx = max(_context_bound(c, args.text) for c in convs)
     max_len = args.max_model_len or max(1024, max_ctx)
     config = EngineConfig(

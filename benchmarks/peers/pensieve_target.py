@@ -37,7 +37,7 @@ class _PensieveConversation:
 
     def turn(self, new_ids: list[int], text: str | None, max_tokens: int):
         from multiturn_lib.turns import TurnResult, usage_dict
-        from pensieve_jax.sampling import SamplingParams
+        from pensieve_jax.engine.sampling import SamplingParams
         self.seq = self.seq + list(new_ids)
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)   # greedy
         start = time.perf_counter()

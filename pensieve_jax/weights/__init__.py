@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
-from pensieve_jax.config import PRESETS, ModelConfig
+from pensieve_jax.model.config import PRESETS, ModelConfig
 from pensieve_jax.tokenizer import Tokenizer
 from pensieve_jax.weights.assemble import ModelLoadError, random_params
 from pensieve_jax.weights.checkpoint import is_converted_dir, load_converted, save_converted
@@ -37,7 +37,7 @@ class LoadedModel(NamedTuple):
 def default_cache_dir() -> Path | None:
     """$PENSIEVE_JAX_CACHE, else ~/.cache/pensieve-jax; None when that variable turns caches off
     ("none", "off", "0", ...: as for the compilation cache)."""
-    from pensieve_jax.compile_cache import ENV, OFF
+    from pensieve_jax.runner.compile_cache import ENV, OFF
     value = os.environ.get(ENV)
     if value is not None and value.strip().lower() in OFF:
         return None

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pensieve_jax.config import ModelConfig
-from pensieve_jax.model import param_shapes
+from pensieve_jax.model.config import ModelConfig
+from pensieve_jax.model.llama import param_shapes
 
 
 class ModelLoadError(ValueError):

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from pensieve_jax.config import ModelConfig
-from pensieve_jax.model import param_shapes
+from pensieve_jax.model.config import ModelConfig
+from pensieve_jax.model.llama import param_shapes
 from pensieve_jax.tokenizer import Tokenizer
 from pensieve_jax.weights.assemble import ModelLoadError
 

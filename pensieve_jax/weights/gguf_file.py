@@ -7,7 +7,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from pensieve_jax.config import ModelConfig, RopeScaling
+from pensieve_jax.model.config import ModelConfig, RopeScaling
 from pensieve_jax.tokenizer import Tokenizer, TokenizerError
 from pensieve_jax.weights.assemble import ModelLoadError, assemble_params
 

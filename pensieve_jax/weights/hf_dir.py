@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from safetensors import safe_open
 
-from pensieve_jax.config import ModelConfig
+from pensieve_jax.model.config import ModelConfig
 from pensieve_jax.tokenizer import Tokenizer
 from pensieve_jax.weights.assemble import ModelLoadError, assemble_params
 

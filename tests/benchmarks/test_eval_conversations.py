@@ -5,7 +5,7 @@ import json
 import pytest
 
 import eval_conversations as ev
-from pensieve_jax.sampling import SamplingParams
+from pensieve_jax.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow   # long: `make test-all` runs it (not `make test`)
 

@@ -125,7 +125,7 @@ def test_precompile_option_and_compile_cache(monkeypatch):
     assert parser.parse_args([]).precompile == "all"
     assert parser.parse_args(["--precompile", "grid"]).precompile == "grid"   # old value: all
     assert parser.parse_args([]).compile_cache is None
-    from pensieve_jax import compile_cache     # the package's switch ("none": off for good)
+    from pensieve_jax.runner import compile_cache     # the package's switch ("none": off for good)
     seen = []
     monkeypatch.setattr(compile_cache, "enable", lambda path=None: seen.append(path) or "dir")
     assert enable_compile_cache("none") == enable_compile_cache(None) == "dir"

@@ -11,8 +11,8 @@ import time
 import grpc
 import pytest
 
-from pensieve_jax.engine import Engine, EngineConfig
-from pensieve_jax.sampling import SamplingParams
+from pensieve_jax.engine.engine import Engine, EngineConfig
+from pensieve_jax.engine.sampling import SamplingParams
 from serving.pensieve.v1 import pensieve_pb2 as pb
 from serving.pensieve.v1 import pensieve_pb2_grpc as pb_grpc
 from serving.server import BackgroundServer

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 import serving.server
-from pensieve_jax.cache_report import CacheTracker
+from pensieve_jax.kvcache.report import CacheTracker
 from pensieve_jax.session import turn_messages
 from serving.client import connect
 from serving.cluster import BackgroundCluster, ClusterConfig

@@ -9,9 +9,9 @@ import grpc
 import numpy as np
 import pytest
 
-from pensieve_jax import kv_transfer
-from pensieve_jax.kv_transfer import KVMismatch, layout_of
-from pensieve_jax.scheduler import ConversationBusy
+from pensieve_jax.kvcache import transfer as kv_transfer
+from pensieve_jax.kvcache.transfer import KVMismatch, layout_of
+from pensieve_jax.engine.scheduler import ConversationBusy
 from pensieve_jax.session import Session
 from serving.client import connect
 from serving.cluster import BackgroundCluster, ClusterConfig

@@ -7,7 +7,7 @@ import json
 import grpc
 import pytest
 
-from pensieve_jax.sampling import SamplingParams
+from pensieve_jax.engine.sampling import SamplingParams
 from serving.client import connect
 from serving.cluster import BackgroundCluster, ClusterConfig
 from serving.errors import NotFound

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pensieve_jax.sampling import SamplingParams
+from pensieve_jax.engine.sampling import SamplingParams
 from serving.client import connect
 from serving.cluster import BackgroundCluster, ClusterConfig
 from serving.errors import NotFound

@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import serving.server
-from pensieve_jax.engine import Engine, EngineConfig
+from pensieve_jax.engine.engine import Engine, EngineConfig
 from serving.cluster import BackgroundCluster, ClusterConfig
 from serving.errors import NotReady
 from serving.pensieve.v1 import pensieve_pb2 as pb

@@ -13,8 +13,8 @@ import pytest
 from safetensors.numpy import save_file
 
 import pensieve_jax.weights.hf_dir as hf_dir_module
-from pensieve_jax.config import PRESETS, RopeScaling
-from pensieve_jax.model import param_shapes
+from pensieve_jax.model.config import PRESETS, RopeScaling
+from pensieve_jax.model.llama import param_shapes
 from pensieve_jax.tokenizer import Tokenizer
 from pensieve_jax.weights import load_model
 from pensieve_jax.weights.assemble import ModelLoadError

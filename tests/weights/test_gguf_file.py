@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from tokenizers import pre_tokenizers
 
-from pensieve_jax.attention import AttentionBatch, init_kv_cache
-from pensieve_jax.config import PRESETS, ModelConfig, RopeScaling
-from pensieve_jax.model import Llama, param_shapes
+from pensieve_jax.model.attention import AttentionBatch, init_kv_cache
+from pensieve_jax.model.config import PRESETS, ModelConfig, RopeScaling
+from pensieve_jax.model.llama import Llama, param_shapes
 from pensieve_jax.weights import load_model
 from pensieve_jax.weights.assemble import ModelLoadError, random_params
 from pensieve_jax.weights.gguf_file import (SUPPORTED_TYPES, config_from_metadata, dequantize,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import pensieve_jax.weights as weights
-from pensieve_jax.config import PRESETS
-from pensieve_jax.model import param_shapes
+from pensieve_jax.model.config import PRESETS
+from pensieve_jax.model.llama import param_shapes
 from pensieve_jax.weights import default_cache_dir, load_model
 from pensieve_jax.weights.assemble import ModelLoadError
 

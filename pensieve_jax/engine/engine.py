@@ -74,23 +74,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pensieve_jax import compile_cache
-from pensieve_jax.compile_watch import CompileWatch, progress_bar
-from pensieve_jax.cache import PageAllocator
-from pensieve_jax.conversations import ConversationStore
-from pensieve_jax.engine_config import EngineConfig, page_bytes, page_shape, pool_pages
-from pensieve_jax.engine_stats import COUNTERS, USAGE_COUNTERS, engine_stats
-from pensieve_jax.eviction import make_policy
-from pensieve_jax.host_cache import HostCache
-from pensieve_jax.request import Request, RequestHandle, TokenEvent, check_prompt
-from pensieve_jax.runner import (ModelRunner, StepHandle, single_decode_program, step_input,
+from pensieve_jax.runner import compile_cache
+from pensieve_jax.runner.compile_watch import CompileWatch, progress_bar
+from pensieve_jax.kvcache.pages import PageAllocator
+from pensieve_jax.kvcache.conversations import ConversationStore
+from pensieve_jax.engine.config import EngineConfig, page_bytes, page_shape, pool_pages
+from pensieve_jax.engine.stats import COUNTERS, USAGE_COUNTERS, engine_stats
+from pensieve_jax.kvcache.eviction import make_policy
+from pensieve_jax.kvcache.host_cache import HostCache
+from pensieve_jax.engine.request import Request, RequestHandle, TokenEvent, check_prompt
+from pensieve_jax.runner.model_runner import (ModelRunner, StepHandle, single_decode_program, step_input,
                                  token_buckets)
-from pensieve_jax.sampling import SamplingParams
-from pensieve_jax.scheduler import PreemptionNeeded, Row, Scheduler, SchedulerConfig
-from pensieve_jax.self_check import select_attention
-from pensieve_jax.swap import Swapper
+from pensieve_jax.engine.sampling import SamplingParams
+from pensieve_jax.engine.scheduler import PreemptionNeeded, Row, Scheduler, SchedulerConfig
+from pensieve_jax.model.self_check import select_attention
+from pensieve_jax.kvcache.swap import Swapper
 from pensieve_jax.tokenizer import Tokenizer
-from pensieve_jax.transfer_costs import TransferCosts
+from pensieve_jax.kvcache.transfer_costs import TransferCosts
 from pensieve_jax.weights import DEFAULT_MODEL, LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ class Engine:
             swap_in_same_step=config.swap_in == "layered", token_buckets=ladder), self.store)
         compile_cache.enable()
         # config.attention None: "pallas" on a GPU (self-checked against "xla" first, falling
-        # back to it), else "xla"; stats() reports the choice (pensieve_jax/self_check.py)
+        # back to it), else "xla"; stats() reports the choice (pensieve_jax/model/self_check.py)
         self.attention_choice = select_attention(config.attention, c, config.page_size, dtype,
                                                  config.tensor_parallel)
         self.runner = ModelRunner(
@@ -701,12 +701,12 @@ class Engine:
                 self.store.truncate(conv, 0)
             self.runner.reset_kv()
 
-    # -- KV transfer between engines (pensieve_jax/kv_transfer.py) ----------------------------
+    # -- KV transfer between engines (pensieve_jax/kvcache/transfer.py) ----------------------------
 
     def export_kv(self, conversation_id: str, start: int = 0, limit: int | None = None):
         """An idle conversation's held KV prefix as kv_transfer.ExportedKV (token ids, k/v
         pages from the page holding token `start`, at most `limit` tokens)."""
-        from pensieve_jax import kv_transfer
+        from pensieve_jax.kvcache import transfer as kv_transfer
         return kv_transfer.call_settled(self, lambda: kv_transfer.export_kv(
             self, conversation_id, start, limit))
 
@@ -715,6 +715,6 @@ class Engine:
         """Make an idle conversation hold token_ids with KV pages k, v (from first_page on);
         None: the anonymous conversation sharing the longest prefix (or a new one). Returns
         its id. Raises KVMismatch, ConversationBusy or OutOfPages."""
-        from pensieve_jax import kv_transfer
+        from pensieve_jax.kvcache import transfer as kv_transfer
         return kv_transfer.call_settled(self, lambda: kv_transfer.import_kv(
             self, conversation_id, token_ids, k, v, layout, first_page, cache_salt or ""))

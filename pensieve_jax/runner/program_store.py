@@ -35,8 +35,8 @@ from typing import Any, Callable
 import jax
 from jax import export
 
-from pensieve_jax import compile_cache
-from pensieve_jax.attention import AttentionBatch, Incoming, KVCache
+from pensieve_jax.runner import compile_cache
+from pensieve_jax.model.attention import AttentionBatch, Incoming, KVCache
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ for _tuple in (AttentionBatch, Incoming, KVCache):    # the step programs' argum
 @functools.lru_cache(maxsize=1)
 def _code_fingerprint() -> str:
     h = hashlib.sha256()
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     for package in _PACKAGES:
         for path in sorted((root / package).rglob("*.py")):
             h.update(str(path.relative_to(root)).encode())

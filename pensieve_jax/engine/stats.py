@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pensieve_jax.engine import Engine
+    from pensieve_jax.engine.engine import Engine
 
 USAGE_COUNTERS = ("prompt_tokens", "cached_tokens", "cached_host_tokens", "cached_shared_tokens",
                   "prefilled_tokens", "recomputed_tokens", "completion_tokens")   # sums of Usage

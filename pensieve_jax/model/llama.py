@@ -18,10 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pensieve_jax.attention import (AttentionBatch, Incoming, KVCache, get_attention, load_pages,
+from pensieve_jax.model.attention import (AttentionBatch, Incoming, KVCache, get_attention, load_pages,
                                     token_slots, write_kv)
-from pensieve_jax.config import ModelConfig
-from pensieve_jax.parallel import HEADS_SPEC, VOCAB_SPEC, constrain
+from pensieve_jax.model.config import ModelConfig
+from pensieve_jax.model.parallel import HEADS_SPEC, VOCAB_SPEC, constrain
 
 
 class RMSNorm(nn.Module):
@@ -125,7 +125,7 @@ class Llama(nn.Module):
     __call__(token_ids [T] int32, positions [T] int32, kv: KVCache, batch: AttentionBatch,
              logits_indices [R] int32 | None) -> (logits [R or T, vocab] float32, kv)
 
-    mesh: None, or a Mesh with axis "tp" (pensieve_jax.parallel) that params and pools are
+    mesh: None, or a Mesh with axis "tp" (pensieve_jax.model.parallel) that params and pools are
     sharded over; attention then runs per shard of heads.
     num_logits: None, or an int32 scalar: only the first num_logits of the R rows need logits
     (a step program's sequences beyond its real ones); the rest come out 0, uncomputed.

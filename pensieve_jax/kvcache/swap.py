@@ -21,10 +21,10 @@ import time
 
 import jax
 
-from pensieve_jax.conversations import ConversationStore
-from pensieve_jax.host_cache import HostCache
-from pensieve_jax.runner import HostPages, ModelRunner
-from pensieve_jax.transfer_costs import TransferCosts
+from pensieve_jax.kvcache.conversations import ConversationStore
+from pensieve_jax.kvcache.host_cache import HostCache
+from pensieve_jax.runner.model_runner import HostPages, ModelRunner
+from pensieve_jax.kvcache.transfer_costs import TransferCosts
 
 
 class Swapper:

@@ -9,8 +9,8 @@ import os
 import jax
 import jax.numpy as jnp
 
-from pensieve_jax.attention import ATTENTION_BACKENDS
-from pensieve_jax.transfer_costs import RESTORE_POLICIES
+from pensieve_jax.model.attention import ATTENTION_BACKENDS
+from pensieve_jax.kvcache.transfer_costs import RESTORE_POLICIES
 from pensieve_jax.weights import LoadedModel
 
 CACHE_POLICIES = ("stateful", "stateless")

@@ -13,7 +13,7 @@ import queue
 import time
 from typing import Callable, Iterator, NamedTuple, Sequence
 
-from pensieve_jax.sampling import SamplingParams
+from pensieve_jax.engine.sampling import SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)

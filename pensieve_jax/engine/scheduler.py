@@ -21,8 +21,8 @@ import dataclasses
 import itertools
 from typing import NamedTuple
 
-from pensieve_jax.conversations import ConversationStore, common_prefix
-from pensieve_jax.request import Request
+from pensieve_jax.kvcache.conversations import ConversationStore, common_prefix
+from pensieve_jax.engine.request import Request
 
 
 @dataclasses.dataclass(frozen=True)

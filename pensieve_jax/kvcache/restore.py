@@ -1,13 +1,13 @@
 """Bringing a conversation's KV back before its turn runs: from its own tiers, from pages other
 conversations hold (prompt sharing), or by recomputing one range. Mixed into ConversationStore
-(pensieve_jax/conversations.py), whose page bookkeeping it uses."""
+(pensieve_jax/kvcache/conversations.py), whose page bookkeeping it uses."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
-    from pensieve_jax.conversations import Conversation
+    from pensieve_jax.kvcache.conversations import Conversation
 
 
 class SwapIn(NamedTuple):

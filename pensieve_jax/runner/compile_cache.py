@@ -1,7 +1,7 @@
 """JAX's persistent compilation cache, on by default: a program compiled once (by this process,
 an earlier run, another replica) loads from disk in a fraction of its compile time.
 
-    from pensieve_jax import compile_cache
+    from pensieve_jax.runner import compile_cache
     compile_cache.enable()        # -> "/home/me/.cache/pensieve_jax/xla" (the Engine does this)
     compile_cache.stats()         # {"dir": ..., "requests": 12, "hits": 12, "misses": 0, ...}
 

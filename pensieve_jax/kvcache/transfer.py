@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numpy as np
 
-from pensieve_jax.cache import OutOfPages
-from pensieve_jax.conversations import Conversation, common_prefix
-from pensieve_jax.scheduler import ConversationBusy
+from pensieve_jax.kvcache.pages import OutOfPages
+from pensieve_jax.kvcache.conversations import Conversation, common_prefix
+from pensieve_jax.engine.scheduler import ConversationBusy
 
 if TYPE_CHECKING:
-    from pensieve_jax.engine import Engine
+    from pensieve_jax.engine.engine import Engine
 
 __all__ = ["ConversationBusy", "ExportedKV", "KVLayout", "KVMismatch", "NoSuchConversation",
            "OutOfPages", "export_kv", "held_tokens", "import_kv", "layout_of", "match"]

@@ -9,7 +9,7 @@ and counted. The KV pools are donated into every step, so they are updated in pl
 device-to-host copy per step: the sampled token ids. Page copies between tiers run in fixed
 chunks of PAGE_CHUNK pages, one small program each.
 
-With tensor_parallel > 1 the params and pools live on a mesh (pensieve_jax.parallel): the step
+With tensor_parallel > 1 the params and pools live on a mesh (pensieve_jax.model.parallel): the step
 is jitted with NamedSharding in/out shardings, step inputs are replicated, and page gathers /
 scatters for the host tier keep every device's KV heads on that device.
 """
@@ -30,10 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.kv_pages import copy_pages
-from pensieve_jax import parallel, program_store
-from pensieve_jax.attention import AttentionBatch, Incoming, KVCache, init_kv_cache
-from pensieve_jax.model import Llama, unstack_kernels
-from pensieve_jax.sampling import sample
+from pensieve_jax.model import parallel
+from pensieve_jax.runner import program_store
+from pensieve_jax.model.attention import AttentionBatch, Incoming, KVCache, init_kv_cache
+from pensieve_jax.model.llama import Llama, unstack_kernels
+from pensieve_jax.runner.sampler import sample
 from pensieve_jax.weights import LoadedModel
 
 

@@ -266,7 +266,7 @@ def pallas_paged_attention(q: jax.Array, kv: KVCache, layer: jax.Array, batch: A
     platform of its devices), nothing is inferred from the default backend.
     Under a mesh the kernel runs once per shard (shard_map) on that shard's heads and pages."""
     from pallas_kernels import ragged_paged_attention_stacked
-    from pensieve_jax.parallel import shard_heads
+    from pensieve_jax.model.parallel import shard_heads
 
     def kernel(q, k_pool, v_pool, layer, page_table, kv_lens, cu_q_lens):
         return ragged_paged_attention_stacked(q, k_pool, v_pool, layer, page_table, kv_lens,

@@ -3,7 +3,7 @@
 `EngineConfig.attention` None means "pallas" where the engine's device is a GPU (the kernel is
 compiled there) and "xla" elsewhere; `resolve_attention` is the one place that decides it.
 Where the choice is "pallas" on a GPU, `select_attention` first runs the kernel and the XLA
-path (`pensieve_jax.attention.xla_paged_attention`) on one tiny ragged batch on the engine's
+path (`pensieve_jax.model.attention.xla_paged_attention`) on one tiny ragged batch on the engine's
 device (a decode, a prefill, a prefill chunk over cached context; the model's head layout per
 device, its page size and dtype) and compares them. On a mismatch, or an error in either call,
 it logs at ERROR level and the engine falls back to "xla"; `Engine.stats()` reports the
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pensieve_jax.attention import (ATTENTION_BACKENDS, AttentionBatch, KVCache,
+from pensieve_jax.model.attention import (ATTENTION_BACKENDS, AttentionBatch, KVCache,
                                     xla_paged_attention)
 
 log = logging.getLogger(__name__)

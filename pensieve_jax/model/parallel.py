@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from pensieve_jax.config import ModelConfig
+from pensieve_jax.model.config import ModelConfig
 
 AXIS = "tp"
 

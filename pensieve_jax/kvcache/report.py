@@ -28,10 +28,10 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Iterable, NamedTuple
 
-from pensieve_jax.kv_transfer import held_tokens
+from pensieve_jax.kvcache.transfer import held_tokens
 
 if TYPE_CHECKING:
-    from pensieve_jax.engine import Engine
+    from pensieve_jax.engine.engine import Engine
 
 __all__ = ["CacheReport", "CacheTracker", "Held", "scan"]
 

@@ -28,10 +28,10 @@ import itertools
 import time
 from typing import Callable
 
-from pensieve_jax.cache import PageAllocator
-from pensieve_jax.eviction import EvictionMixin, EvictionPolicy, LRUPolicy
-from pensieve_jax.prefix_index import PrefixIndex, common_prefix
-from pensieve_jax.restore import RestoreMixin, RestorePlan, SwapIn
+from pensieve_jax.kvcache.pages import PageAllocator
+from pensieve_jax.kvcache.eviction import EvictionMixin, EvictionPolicy, LRUPolicy
+from pensieve_jax.kvcache.prefix_index import PrefixIndex, common_prefix
+from pensieve_jax.kvcache.restore import RestoreMixin, RestorePlan, SwapIn
 
 __all__ = ["Conversation", "ConversationStore", "RestorePlan", "SwapIn", "common_prefix"]
 
@@ -62,7 +62,7 @@ class Conversation:
 
 class ConversationStore(RestoreMixin, EvictionMixin):
     """Every conversation of an engine and the pages it holds; restoring a returning one
-    (pensieve_jax/restore.py) and evicting idle ones (pensieve_jax/eviction.py) are mixed in."""
+    (pensieve_jax/kvcache/restore.py) and evicting idle ones (pensieve_jax/kvcache/eviction.py) are mixed in."""
 
     def __init__(self, allocator: PageAllocator, page_size: int,
                  host_allocator: PageAllocator | None = None,

@@ -12,8 +12,8 @@ import time
 import jax
 import numpy as np
 
-from pensieve_jax.cache import PageAllocator
-from pensieve_jax.runner import pages_to_host
+from pensieve_jax.kvcache.pages import PageAllocator
+from pensieve_jax.runner.model_runner import pages_to_host
 
 
 class HostCache:

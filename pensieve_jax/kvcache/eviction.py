@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
-from pensieve_jax.config import ModelConfig
+from pensieve_jax.model.config import ModelConfig
 
 
 class EvictionPolicy(Protocol):
@@ -64,7 +64,7 @@ def make_policy(name: str, config: ModelConfig) -> EvictionPolicy:
 
 
 class EvictionMixin:
-    """Chunk eviction for ConversationStore (pensieve_jax/conversations.py): idle
+    """Chunk eviction for ConversationStore (pensieve_jax/kvcache/conversations.py): idle
     conversations' chunks leave the device (to host or dropped) and the host tier."""
 
     def make_room(self, num_pages: int, to_host_only: bool = False) -> bool:

@@ -1,0 +1,1 @@
+"""The engine layer: requests, the scheduler, the step loop, sampling, statistics."""
