@@ -73,9 +73,10 @@ from pensieve_jax.model.attention import KVCache  # noqa: E402
 from pensieve_jax.model.config import PRESETS, ModelConfig  # noqa: E402
 from pensieve_jax.engine.config import EngineConfig, page_bytes, pool_pages  # noqa: E402
 from pensieve_jax.model.llama import Llama, param_shapes  # noqa: E402
-from pensieve_jax.runner.model_runner import (PAGE_CHUNK, host_memory_kind, jit_page_programs,  # noqa: E402
-                                 jit_step, kernel_interpret, lower_step, page_program_args,
-                                 runtime_params)
+from pensieve_jax.runner.page_programs import (PAGE_CHUNK, jit_page_programs,  # noqa: E402
+                                               page_program_args)
+from pensieve_jax.runner.step_program import (host_memory_kind, jit_step,  # noqa: E402
+                                              kernel_interpret, lower_step, runtime_params)
 from pensieve_jax.weights import LoadedModel  # noqa: E402
 
 TRITON_CALL = "__gpu$xla.gpu.triton"

@@ -43,7 +43,8 @@ import numpy as np
 from common import environment, write_json
 from pensieve_jax.model import attention
 from pensieve_jax.model.attention import AttentionBatch, KVCache
-from pensieve_jax.runner.model_runner import ModelRunner, StepInput
+from pensieve_jax.runner.model_runner import ModelRunner
+from pensieve_jax.runner.step_program import StepInput
 from pensieve_jax.weights import load_model
 
 
@@ -146,7 +147,7 @@ def logits_fn(runner: ModelRunner, s: StepInput):
     batch = AttentionBatch(pad(s.page_table, (n, p)), pad(s.kv_lens, (n,)), cu.astype(np.int32))
     rows = np.arange(len(s.token_ids), dtype=np.int32)
     with jax.default_matmul_precision("highest"):
-        logits, _ = jax.jit(runner._model.apply)(
+        logits, _ = jax.jit(runner.model.apply)(
             runner.params, pad(s.token_ids, (t,)), pad(s.positions, (t,)), runner.kv, batch, rows)
     return np.asarray(logits)
 

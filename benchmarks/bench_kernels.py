@@ -25,7 +25,7 @@ import numpy as np
 from common import environment, write_json
 from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference
 from pensieve_jax.model.attention import AttentionBatch, KVCache, xla_paged_attention
-from pensieve_jax.runner.model_runner import kernel_interpret
+from pensieve_jax.runner.step_program import kernel_interpret
 
 
 def timeit(fn, *args, iters: int, warmup: int = 3) -> float:

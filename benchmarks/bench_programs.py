@@ -209,7 +209,7 @@ class PaddingCounter:
     wraps runner.step and pads as its runner does (a power-of-two bucket of tokens)."""
 
     def __init__(self, engine):
-        from pensieve_jax.runner.model_runner import bucket
+        from pensieve_jax.runner.programs import bucket
         runner = engine.runner
         step, minimum = runner.step, runner.buckets.min_tokens
         self.real = self.padded = 0

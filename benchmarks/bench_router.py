@@ -125,7 +125,7 @@ def summarize(records: list[dict], wall_s: float) -> dict[str, Any]:
 def run_policy(policy: str, workloads: dict[str, wl.Workload], model, args) -> dict[str, Any]:
     from serving.client import connect
     from serving.cluster import BackgroundCluster, ClusterConfig
-    from serving.routing import E2Config
+    from serving.router import E2Config
 
     config = ClusterConfig(args.model, args.replicas, policy,
                            engine_options=tuple(engine_options(args).items()),

@@ -34,7 +34,7 @@ import numpy as np
 from common import environment, median_s, write_json
 from pallas_kernels.kv_pages import copy_pages
 from pensieve_jax.model.config import PRESETS
-from pensieve_jax.runner.model_runner import PAGE_CHUNK
+from pensieve_jax.runner.page_programs import PAGE_CHUNK
 
 
 def memory_kinds() -> list[str]:

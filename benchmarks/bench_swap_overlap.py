@@ -35,7 +35,9 @@ import numpy as np
 
 from common import environment, median_s, write_json
 from pensieve_jax.model.config import PRESETS
-from pensieve_jax.runner.model_runner import PAGE_CHUNK, HostPages, ModelRunner, StepInput
+from pensieve_jax.runner.model_runner import ModelRunner
+from pensieve_jax.runner.page_programs import PAGE_CHUNK
+from pensieve_jax.runner.step_program import HostPages, StepInput
 from pensieve_jax.tokenizer import Tokenizer
 from pensieve_jax.weights import LoadedModel, random_params
 

@@ -47,7 +47,7 @@ NOTE = ("CPU numbers are not meaningful for speed: the 'devices' are forced host
 def collectives(runner: ModelRunner) -> dict[str, int]:
     """Collective ops in the step programs the runner ran (a scan body's ops count once)."""
     ops = Counter()
-    for exe in runner._compiled.values():
+    for exe in runner.compiler.compiled.values():
         ops.update(re.findall(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|"
                               r"collective-permute)(?:-start)?\(", exe.as_text()))
     return dict(ops)

@@ -21,7 +21,8 @@ import time
 import numpy as np
 
 from common import environment, write_json
-from pensieve_jax.runner.model_runner import ModelRunner, StepInput
+from pensieve_jax.runner.model_runner import ModelRunner
+from pensieve_jax.runner.step_program import StepInput
 from pensieve_jax.weights import load_model
 
 

@@ -29,7 +29,8 @@ from benchmarks.common import environment, write_json  # noqa: E402
 from pensieve_jax.model.config import PRESETS  # noqa: E402
 from pensieve_jax.engine.config import EngineConfig  # noqa: E402
 from pensieve_jax.model.llama import param_shapes  # noqa: E402
-from pensieve_jax.runner.model_runner import ModelRunner, ProgramSet, token_buckets  # noqa: E402
+from pensieve_jax.runner.model_runner import ModelRunner  # noqa: E402
+from pensieve_jax.runner.programs import ProgramSet, token_buckets  # noqa: E402
 from pensieve_jax.weights import LoadedModel  # noqa: E402
 
 
@@ -82,7 +83,7 @@ def main() -> None:
                              layered_loads=bool(programs.incoming_pages))
         for row, shape in zip(rows, runner.programs.shapes):
             start = time.perf_counter()
-            text = runner._lower(shape).as_text()
+            text = runner.compiler.lower(shape).as_text()
             row["lower_s"] = round(time.perf_counter() - start, 2)
             row["stablehlo_lines"] = text.count("\n")
             print(f"  lowered {shape.tokens:>4} tokens in {row['lower_s']:.2f} s "

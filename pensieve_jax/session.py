@@ -11,7 +11,8 @@ every earlier turn) plus the chat-template continuation for the new message, so 
 finds the whole history in its cache and prefills only the new turn.
 
 A session may start from an earlier history (`engine.session(history=[...])`, messages with a
-role and content); a turn may also be a list of messages ending with the user's.
+role and content), or continue from given token ids (`session.continue_from(ids)`); a turn may
+also be a list of messages ending with the user's.
 `stream_chunks` gives the text pieces together with their token ids, and `cancel()` (from any
 thread) stops the running turn.
 """
@@ -24,7 +25,7 @@ import threading
 import uuid
 from typing import TYPE_CHECKING, AsyncIterator, Iterable, Iterator, Sequence
 
-from pensieve_jax.engine.engine import EngineClosed
+from pensieve_jax.engine.errors import EngineClosed
 from pensieve_jax.engine.request import RequestHandle, RequestOutput, Usage
 from pensieve_jax.engine.sampling import SamplingParams
 
@@ -85,30 +86,34 @@ def turn_messages(text: str | Sequence[dict[str, str]]) -> list[dict[str, str]]:
 
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text pieces. Holds back an incomplete UTF-8
-    character, and (when stop strings are set) a tail that could still become one."""
+    character, and (when stop strings are set) a tail that could still become one. Each id is
+    decoded once: by the engine (its TokenEvent.text, passed to `add`), else here
+    (Tokenizer.text_stream)."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
-        self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.sent = 0
         self.stop = stop
         self.holdback = max((len(s) for s in stop), default=1) - 1
+        self._stream = tokenizer.text_stream()
+        self._text = ""
 
     def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return self._text
 
-    def add(self, ids) -> str:
+    def add(self, ids, text: str | None = None) -> str:
+        """The next ids and their text (None: decoded here); returns the piece to show now."""
         self.ids.extend(ids)
-        text = self.text()
-        if text.endswith("\ufffd"):
-            return ""
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        self._text += text if text is not None else "".join(self._stream.step(i) for i in ids)
+        text = self._text
+        hits = [i for i in (text.find(s, max(0, self.sent - self.holdback)) for s in self.stop)
+                if i >= 0]
         upto = max(self.sent, min(hits) if hits else len(text) - self.holdback)
         piece, self.sent = text[self.sent:upto], upto
         return piece
 
     def finish(self, end: int | None = None) -> str:
-        text = self.text()
+        text = self._text
         end = len(text) if end is None else end
         piece = text[self.sent:end] if end > self.sent else ""
         self.sent = max(self.sent, end)
@@ -133,7 +138,7 @@ class TurnStream:
             if event.output is not None:
                 self.output = event.output
                 return
-            piece = self.detok.add(event.token_ids)
+            piece = self.detok.add(event.token_ids, event.text)
             ids, self._held = self._held, tuple(event.token_ids)
             self._sent += len(ids)
             if piece or ids:
@@ -212,6 +217,18 @@ class Session(TurnMethods):
         self._closed = False
         self._lock = threading.Lock()       # one turn at a time
         self._turn: TurnStream | None = None
+
+    def continue_from(self, token_ids: Sequence[int],
+                      earlier: Iterable[dict[str, str]] = ()) -> None:
+        """Continue the conversation from exactly `token_ids`: its whole token history so far
+        (prompts and replies of every earlier turn), e.g. as a router held it when it moved the
+        conversation to this engine. `earlier` messages (checked like `history`) first join the
+        history. The next turn's prompt extends these ids where the chat template's rendering
+        of the history starts with them. Call it between turns."""
+        earlier = check_messages(earlier)
+        self.history += earlier
+        self._template_history += earlier
+        self._ids = list(token_ids)
 
     def _prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         tok = self.engine.tokenizer

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import jinja2
 import jinja2.sandbox
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+from tokenizers.decoders import DecodeStream
 
 # Pre-tokenizer regexes by GGUF `tokenizer.ggml.pre` (the split llama.cpp applies before BPE).
 _GPT2_PATTERN = (r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
@@ -82,6 +83,10 @@ class Tokenizer:
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
             ids = [self.bos_token_id] + ids
         return ids
+
+    def text_stream(self, skip_special_tokens: bool = True) -> "TextStream":
+        """Incremental decoding of a growing reply, one token at a time (TextStream)."""
+        return TextStream(self.backend, skip_special_tokens)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         ids = [int(i) for i in ids]
@@ -196,6 +201,22 @@ class Tokenizer:
     @classmethod
     def from_saved(cls, tokenizer_json: str, settings: dict[str, Any]) -> "Tokenizer":
         return cls(HFTokenizer.from_str(tokenizer_json), **settings)
+
+
+class TextStream:
+    """A reply's text as its tokens come, each token decoded once (the tokenizers library's
+    DecodeStream): `step(id)` returns the new text ("" while a character is incomplete) and
+    `text` is all of it so far, as decode(ids, skip_special_tokens) would give it."""
+
+    def __init__(self, backend: HFTokenizer, skip_special_tokens: bool = True):
+        self._backend = backend
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self.text = ""
+
+    def step(self, token_id: int) -> str:
+        piece = self._stream.step(self._backend, int(token_id)) or ""
+        self.text += piece
+        return piece
 
 
 def _raise_template_error(message: str):

@@ -36,17 +36,37 @@ class Generation(Reply):
     conversation_id: str = ""
 
 
+# UNAVAILABLE (a server not listening yet or going away, a router with no healthy replica) is
+# retried by gRPC itself: up to 3 attempts, 0.2-2 s apart, within the call's deadline. gRPC
+# retries only a call that has received no response yet; a Chat call's first response says the
+# server accepted the turn, so no conversation runs a turn twice (Generate keeps no state).
+RETRY_POLICY = {"maxAttempts": 3, "initialBackoff": "0.2s", "maxBackoff": "2s",
+                "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
+SERVICE_CONFIG = json.dumps({"methodConfig": [
+    {"name": [{"service": pb.DESCRIPTOR.services_by_name["Pensieve"].full_name}],
+     "retryPolicy": RETRY_POLICY}]})
+
+
 def _partial_usage(n: int) -> Usage:
     return Usage(0, 0, 0, 0, n, 0.0, 0.0)
 
 
+class _Forgotten(Exception):
+    """The server no longer knows a conversation that RemoteSession(resume=True) may resume."""
+
+
 class Client:
-    """A connection to a Pensieve server. timeout: a deadline (seconds) for every call."""
+    """A connection to a Pensieve server. timeout: a deadline (seconds) for every call.
+    options: gRPC channel options; a "grpc.service_config" among them replaces SERVICE_CONFIG
+    (its retry policy)."""
 
     def __init__(self, target: str, timeout: float | None = None,
                  options: Sequence[tuple[str, Any]] | None = None):
         self.target = target
         self.timeout = timeout
+        options = list(options or ())
+        if not any(name == "grpc.service_config" for name, _ in options):
+            options.append(("grpc.service_config", SERVICE_CONFIG))
         self.channel = grpc.insecure_channel(target, options=options)
         self.stub = pb_grpc.PensieveStub(self.channel)
 
@@ -160,51 +180,58 @@ class RemoteSession(TurnMethods):
             yield from self._turn(messages, params)
 
     def _turn(self, messages, params) -> Iterator[Chunk]:
-        for attempt in range(2):
-            request = pb.ChatRequest(
-                conversation_id=self.conversation_id or "",
-                messages=messages_to_proto(messages if self.conversation_id else
-                                           self.history + messages),
-                sampling=sampling_to_proto(params), cache_salt=self.cache_salt or "")
-            call = self._call = self.client.stub.Chat(request, timeout=self.client.timeout)
-            self._cancelled = False
-            pieces: list[str] = []
-            ids: list[int] = []
-            final = None
-            received = False
-            try:
-                for response in call:
-                    received = True
-                    if response.conversation_id:
-                        self.conversation_id = response.conversation_id
-                    if response.finish_reason:
-                        final = response
-                    if response.text or response.token_ids or not final:
-                        pieces.append(response.text)
-                        ids.extend(response.token_ids)
-                        yield Chunk(response.text, tuple(response.token_ids))
-            except GeneratorExit:
-                call.cancel()
+        # The channel retries UNAVAILABLE (SERVICE_CONFIG). Resuming a forgotten conversation is
+        # no retry gRPC can make: the request changes (the whole history, as a new conversation).
+        try:
+            yield from self._send(messages, params)
+        except _Forgotten:
+            self.conversation_id = None
+            yield from self._send(messages, params)
+
+    def _send(self, messages, params) -> Iterator[Chunk]:
+        """One Chat call for the turn; _Forgotten if it should be sent again from the history."""
+        request = pb.ChatRequest(
+            conversation_id=self.conversation_id or "",
+            messages=messages_to_proto(messages if self.conversation_id else
+                                       self.history + messages),
+            sampling=sampling_to_proto(params), cache_salt=self.cache_salt or "")
+        call = self._call = self.client.stub.Chat(request, timeout=self.client.timeout)
+        self._cancelled = False
+        pieces: list[str] = []
+        ids: list[int] = []
+        final = None
+        received = False
+        try:
+            for response in call:
+                received = True
+                if response.conversation_id:
+                    self.conversation_id = response.conversation_id
+                if response.finish_reason:
+                    final = response
+                if response.text or response.token_ids or not final:
+                    pieces.append(response.text)
+                    ids.extend(response.token_ids)
+                    yield Chunk(response.text, tuple(response.token_ids))
+        except GeneratorExit:
+            call.cancel()
+            self._record(messages, pieces, ids, None)
+            raise
+        except grpc.RpcError as e:
+            if (self.resume and not received and self.conversation_id and
+                    e.code() == grpc.StatusCode.NOT_FOUND and
+                    any(m["role"] == "assistant" for m in self.history)):
+                raise _Forgotten() from None
+            err = from_rpc_error(e)
+            # stopped mid-turn (cancel() or the deadline): the server kept the partial reply
+            if self.conversation_id and (self._cancelled or
+                                         e.code() == grpc.StatusCode.DEADLINE_EXCEEDED):
                 self._record(messages, pieces, ids, None)
-                raise
-            except grpc.RpcError as e:
-                if (attempt == 0 and self.resume and not received and self.conversation_id and
-                        e.code() == grpc.StatusCode.NOT_FOUND and
-                        any(m["role"] == "assistant" for m in self.history)):
-                    self.conversation_id = None       # forgotten: start it again from history
-                    continue
-                err = from_rpc_error(e)
-                # stopped mid-turn (cancel() or the deadline): the server kept the partial reply
-                if self.conversation_id and (self._cancelled or
-                                             e.code() == grpc.StatusCode.DEADLINE_EXCEEDED):
-                    self._record(messages, pieces, ids, None)
-                if not self._cancelled:
-                    raise err from None
-            finally:
-                self._call = None
-            if final is not None:
-                self._record(messages, pieces, ids, final)
-            return
+            if not self._cancelled:
+                raise err from None
+        finally:
+            self._call = None
+        if final is not None:
+            self._record(messages, pieces, ids, final)
 
     def _record(self, messages, pieces, ids, final: pb.ChatResponse | None) -> None:
         text = "".join(pieces)

@@ -9,7 +9,7 @@ with the router. `--subprocess`: each replica is a `pensieve serve` process; on 
 GPUs replica i sees only GPU i % n (CUDA_VISIBLE_DEVICES).
 
 Each replica opens its port with gRPC health NOT_SERVING while its engine compiles its programs
-(serving/server.py, warm-up); `start()` returns, and the router takes calls, once every replica
+(serving/server/warm_up.py); `start()` returns, and the router takes calls, once every replica
 reports SERVING.
 
     with BackgroundCluster(ClusterConfig("random:tiny", replicas=3)) as cluster:
@@ -28,9 +28,8 @@ import threading
 import time
 from typing import Any, Callable
 
-from serving.router import MAX_CONVERSATIONS, RouterServer
-from serving.router_state import load_router_tokenizer
-from serving.routing import E2Config
+from serving.cli_options import engine_flags
+from serving.router import MAX_CONVERSATIONS, E2Config, RouterServer, load_router_tokenizer
 
 _SERVING_LINE = re.compile(r"pensieve: serving .* on (\S+:\d+)")
 READY_TIMEOUT_S = 3600.0      # how long a replica may take to be SERVING (its warm-up)
@@ -133,8 +132,7 @@ class Cluster:
         for i, role in enumerate(c.roles):
             cmd = [sys.executable, "-m", "serving", "serve", "--model", c.model, "--dtype",
                    c.dtype, "--host", c.host, "--port", "0", "--role", role]
-            for name, value in c.engine_options:
-                cmd += [f"--{name.replace('_', '-')}", str(value)]
+            cmd += engine_flags(dict(c.engine_options))
             env = dict(os.environ)
             if c.gpus:
                 env["CUDA_VISIBLE_DEVICES"] = str(i % c.gpus)
@@ -157,7 +155,7 @@ class Cluster:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        from serving.router_state import SERVICE_NAME
+        from serving.router import SERVICE_NAME
         deadline = time.monotonic() + READY_TIMEOUT_S
         for i, (proc, target) in enumerate(zip(self.processes, targets)):
             with grpc.insecure_channel(target) as channel:

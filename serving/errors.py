@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import grpc
 
-from pensieve_jax.engine.engine import EngineOverloaded
-from pensieve_jax.engine.scheduler import ConversationBusy
+from pensieve_jax.engine.errors import EngineOverloaded
+from pensieve_jax.kvcache.errors import ConversationBusy
 from pensieve_jax.session import SessionClosed
 
 

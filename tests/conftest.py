@@ -89,11 +89,11 @@ def hf_reference():
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """After each test module, drop the step programs the runners share process-wide
-    (runner._EXECUTABLES) and JAX's caches. XLA's CPU executables keep their code mapped;
+    (runner/step_compiler.EXECUTABLES) and JAX's caches. XLA's CPU executables keep their code mapped;
     the whole suite in one process segfaulted inside the XLA compiler late in the run (twice,
     at the same test, which passes alone), which points at this growth."""
     yield
-    from pensieve_jax.runner import model_runner as runner
-    runner._EXECUTABLES.clear()
+    from pensieve_jax.runner import step_compiler
+    step_compiler.EXECUTABLES.clear()
     jax.clear_caches()
     gc.collect()

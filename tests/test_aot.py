@@ -28,7 +28,7 @@ def plugin_installed() -> bool:
 def test_interpret_follows_the_devices_platform():
     import jax
 
-    from pensieve_jax.runner.model_runner import kernel_interpret
+    from pensieve_jax.runner.step_program import kernel_interpret
 
     class Gpu:
         platform = "gpu"
@@ -47,20 +47,21 @@ def test_the_aot_seam_lowers_the_runners_own_step_program(monkeypatch):
 
     from pensieve_jax.model.attention import KVCache
     from pensieve_jax.model.llama import Llama
-    from pensieve_jax.runner.model_runner import ModelRunner, jit_step, lower_step
+    from pensieve_jax.runner.model_runner import ModelRunner
+    from pensieve_jax.runner.step_program import jit_step, lower_step
     from pensieve_jax.weights import load_model
 
     model = load_model("random:tiny", "float32")
     runner = ModelRunner(model, 16, 8, "pallas", max_num_seqs=2, max_batched_tokens=8,
                          max_model_len=32)
-    assert runner.interpret is True and runner._model.interpret is True
+    assert runner.interpret is True and runner.model.interpret is True
     shape = runner.programs.shapes[0]
     pool = jax.ShapeDtypeStruct(runner.kv.k.shape, jnp.float32)
     # the runner's params as it holds them (their layout may depend on the platform)
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), runner.params)
     aot = lower_step(jit_step(Llama(model.config, jnp.float32, "pallas", interpret=True)),
                      params, KVCache(pool, pool), shape)
-    assert aot.as_text() == runner._lower(shape).as_text()
+    assert aot.as_text() == runner.compiler.lower(shape).as_text()
 
 
 @pytest.mark.skipif(not plugin_installed(), reason="the CUDA plugin is not installed "

@@ -12,7 +12,9 @@ import pytest
 
 from pensieve_jax.model.attention import (LAST_ROWS_KEYS, TILE_KEYS, TILE_ROWS, AttentionBatch,
                                     KVCache, xla_paged_attention)
-from pensieve_jax.runner.model_runner import ModelRunner, StepInput, step_input
+from pensieve_jax.engine.step_input import step_input
+from pensieve_jax.runner.model_runner import ModelRunner
+from pensieve_jax.runner.step_program import StepInput
 from pensieve_jax.weights import load_model
 from test_attention import reference
 

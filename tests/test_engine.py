@@ -266,7 +266,7 @@ def test_queue_limit_and_conversation_ttl():
     eng = make(max_queued_requests=2, conversation_ttl_s=2.0)
     a = eng.submit([1, 2, 3], SamplingParams(max_tokens=40, ignore_eos=True), "ttl-a")
     b = eng.submit([4, 5, 6], SamplingParams(max_tokens=40, ignore_eos=True))
-    from pensieve_jax.engine.engine import EngineOverloaded
+    from pensieve_jax.engine.errors import EngineOverloaded
     with pytest.raises(EngineOverloaded, match="max_queued_requests"):
         eng.submit([7], GREEDY)
     a.result(), b.result()

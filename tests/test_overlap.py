@@ -24,7 +24,9 @@ import numpy as np
 import pytest
 
 from pensieve_jax.engine.engine import Engine
-from pensieve_jax.runner.model_runner import PAGE_CHUNK, ModelRunner, StepHandle, StepInput
+from pensieve_jax.runner.model_runner import ModelRunner
+from pensieve_jax.runner.page_programs import PAGE_CHUNK
+from pensieve_jax.runner.step_program import StepHandle, StepInput
 from pensieve_jax.engine.sampling import SamplingParams
 from pensieve_jax.weights import load_model
 

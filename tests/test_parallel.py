@@ -119,8 +119,8 @@ def test_partition_specs_are_megatron_style():
 
 
 def test_cli_flag_reaches_engine_config():
-    from serving.cli import build_parser, engine_options
-    args = build_parser().parse_args(["serve", "--model", "random:tiny", "--tensor-parallel", "2"])
+    from serving.cli import engine_options, parse_args
+    args = parse_args(["serve", "--model", "random:tiny", "--tensor-parallel", "2"])
     assert EngineConfig(**engine_options(args)).tensor_parallel == 2
 
 

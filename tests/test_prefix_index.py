@@ -114,16 +114,16 @@ def test_restore_takes_pages_back_from_the_index_and_recomputes_one_range():
     b = computed(s, "b", list(range(16)))            # computed separately: private copies
     assert set(a.pages).isdisjoint(b.pages)
     for i in (0, 1, 3):
-        s._release_page(b, i)                        # b lost pages 0, 1, 3; a has them all
+        s.ledger.release_page(b, i)                        # b lost pages 0, 1, 3; a has them all
     plan = s.plan_restore(b)
     assert plan.front == (0, 0) and plan.shared_tokens == 12
     assert b.pages[:2] == a.pages[:2] and b.pages[3] == a.pages[3]
-    s._release_page(a, 1)                            # now no one has page 1 of the prefix
-    s._release_page(b, 1)
+    s.ledger.release_page(a, 1)                            # now no one has page 1 of the prefix
+    s.ledger.release_page(b, 1)
     plan = s.plan_restore(b)
     assert plan.front == (4, 8) and plan.new_pages == 1 and b.pages[3] == a.pages[3]
     for conv in (a, b):
-        s._release_page(conv, 3)                     # ... nor page 3: b's own page 2 between
+        s.ledger.release_page(conv, 3)                     # ... nor page 3: b's own page 2 between
     own_page_2 = b.pages[2]                          # them is recomputed too (one range)
     plan = s.plan_restore(b)
     assert plan.front == (4, 16) and plan.new_pages == 3

@@ -15,15 +15,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import json, time
 import numpy as np
-from pensieve_jax.runner import compile_cache, model_runner as runner_module
-from pensieve_jax.runner.model_runner import ModelRunner, StepInput
+from pensieve_jax.runner import compile_cache, step_compiler
+from pensieve_jax.runner.model_runner import ModelRunner
+from pensieve_jax.runner.step_program import StepInput
 from pensieve_jax.weights import load_model
 compile_cache.enable()
 runner = ModelRunner(load_model("random:tiny", "float32"), 16, 8, max_num_seqs=2,
                      max_batched_tokens=16, max_model_len=64)
 traced = []
-export_step = runner_module.export_step
-runner_module.export_step = lambda step, p, kv, shape: traced.append(shape.tokens) or export_step(
+export_step = step_compiler.export_step
+step_compiler.export_step = lambda step, p, kv, shape: traced.append(shape.tokens) or export_step(
     step, p, kv, shape)
 runner.precompile()
 tokens = []

@@ -15,7 +15,7 @@ import pytest
 
 from pensieve_jax.engine.engine import Engine
 from pensieve_jax.engine.config import EngineConfig
-from pensieve_jax.runner.model_runner import ProgramSet, token_buckets
+from pensieve_jax.runner.programs import ProgramSet, token_buckets
 from pensieve_jax.engine.sampling import SamplingParams
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"

@@ -4,7 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pensieve_jax.runner.model_runner import HostPages, ModelRunner, StepInput
+from pensieve_jax.runner.model_runner import ModelRunner
+
+from pensieve_jax.runner.step_program import HostPages, StepInput
 from pensieve_jax.weights import load_model
 
 PAGE = 8
@@ -66,16 +68,16 @@ def test_loading_pages_leaves_other_pages_alone(model):
 @pytest.mark.slow
 def test_precompile_covers_every_step_and_page_program(model):
     runner = ModelRunner(model, 17, PAGE, layered_loads=True, **SMALL)  # a pool no other test uses
-    assert [s.tokens for s in runner.programs.shapes] == [8, 16, 32, 8, 16, 32]
+    assert [s.tokens for s in runner.programs.shapes] == [1, 8, 16, 32] * 2   # CPU: 1 first
     runner.precompile()
-    assert runner.ready and runner.num_compilations == 6
+    assert runner.ready and len(runner.compiler.compiled) == 8
     k, v = random_pages(model, 2, seed=1)
     runner.step(one_sequence_step([1, 2, 6], 2 * PAGE, 4), HostPages(k, v, [1, 2]))
     runner.step(one_sequence_step([1, 2, 6], 2 * PAGE, 20))   # no pages to load
     runner.step(one_sequence_step([1, 2, 6, 7], 3 * PAGE, 7))
     runner.copy_pages([(1, 3)] * 40)            # more than one chunk
     runner.gather_pages_host([1, 2, 3])
-    assert runner.num_compilations == 6 and runner.compilations_after_ready == []
+    assert len(runner.compiler.compiled) == 8 and runner.compilations_after_ready == []
 
 
 def test_a_step_larger_than_the_largest_program_is_refused(model):
@@ -91,9 +93,13 @@ def test_a_backend_that_cannot_compile_the_load_gets_the_pages_before_the_step(m
     step = one_sequence_step(ids + [11], 3 * PAGE, 2)
     runner = ModelRunner(model, 18, PAGE, layered_loads=True, **SMALL)   # a pool of its own
 
-    def cannot(*args, **kw):
-        raise NotImplementedError("no host offloading here")
-    monkeypatch.setattr(runner._step_loading, "lower", cannot)
+    lower = runner.compiler.lower
+
+    def cannot(shape):
+        if shape.incoming_pages:
+            raise NotImplementedError("no host offloading here")
+        return lower(shape)
+    monkeypatch.setattr(runner.compiler, "lower", cannot)
     with pytest.warns(UserWarning, match="loaded before it instead"):
         got = runner.step(step, HostPages(k, v, ids))
     assert "no host offloading" in runner.in_step_load_error

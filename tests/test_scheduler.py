@@ -122,18 +122,17 @@ def test_edited_history_truncates_to_the_common_prefix():
 def test_a_mixed_step_ends_its_last_prefill_chunk_at_a_program_boundary():
     """With decodes in the step, a last prefill chunk that would pad the step up to the next
     program is cut at the one below (the rest runs next step); a prefill alone never is."""
-    from pensieve_jax.engine.scheduler import Row
+    from pensieve_jax.engine.scheduler import Row, fit_to_program
     ladder = (8, 16, 32, 48, 64, 96, 128)
-    sched = Scheduler(SchedulerConfig(128, 64, token_buckets=ladder), None)
     decodes = [Row(object(), 10 + i, 11 + i, True) for i in range(30)]
     prefill = Row(object(), 0, 40, True)
-    rows = sched._fit_to_program(decodes + [prefill])          # 70 tokens: 96 -> 64
+    rows = fit_to_program(decodes + [prefill], ladder)           # 70 tokens: 96 -> 64
     assert rows[:30] == decodes and rows[30].end == 34 and not rows[30].sample
     assert sum(r.end - r.start for r in rows) == 64
-    assert sched._fit_to_program([prefill]) == [prefill]          # alone: no extra step
+    assert fit_to_program([prefill], ladder) == [prefill]         # alone: no extra step
     near = decodes + [Row(object(), 0, 60, True)]                 # 90 tokens: 6 of padding
-    assert sched._fit_to_program(near) == near
+    assert fit_to_program(near, ladder) == near
     short = decodes[:20] + [Row(object(), 0, 3, True)]            # 23: the chunk is too short
-    assert sched._fit_to_program(short) == short
-    assert Scheduler(SchedulerConfig(128, 64), None)._fit_to_program(decodes + [prefill]) == \
+    assert fit_to_program(short, ladder) == short
+    assert fit_to_program(decodes + [prefill], ()) == \
         decodes + [prefill]                                       # no ladder, no cut

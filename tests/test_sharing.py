@@ -175,7 +175,7 @@ def test_waiting_turns_with_cached_prompts_go_first_within_the_fairness_bound():
     from pensieve_jax.kvcache.pages import PageAllocator
     from pensieve_jax.kvcache.conversations import ConversationStore
     from pensieve_jax.engine.request import Request
-    from pensieve_jax.engine.scheduler import Scheduler, SchedulerConfig
+    from pensieve_jax.engine.scheduler import Scheduler, SchedulerConfig, order_waiting
 
     store = ConversationStore(PageAllocator(64), 8)
     warm = store.get_or_create("warm", SYSTEM)
@@ -191,7 +191,7 @@ def test_waiting_turns_with_cached_prompts_go_first_within_the_fairness_bound():
         for r in (req("miss-1", user(1, 30)), req("miss-2", user(2, 30)),
                   req("hit", SYSTEM + user(3))):
             sched.add(r)
-        sched._order_waiting()
+        sched.waiting = order_waiting(sched.waiting, store, sched.config)
         assert [r.id for r in sched.waiting] == want
 
 

@@ -19,45 +19,57 @@ SWAP_IN_MODES = ("next_step", "layered")
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
+    """The engine's options. `pensieve serve --help` shows each field's docstring as its help
+    text (one line each: tyro would keep a wrapped docstring's line breaks)."""
+
     page_size: int = 16
-    num_pages: int | None = None         # None: from kv_cache_bytes / kv_cache_fraction
-    kv_cache_bytes: int | None = None    # per device; None: kv_cache_fraction of free memory
-    kv_cache_fraction: float = 0.6       # (on CPU: 512 MiB, capped at what the seqs can use)
-    max_model_len: int | None = None     # None: min(model context, 4096)
+    """Tokens per KV page (a power of two)."""
+    num_pages: int | None = None
+    """Device KV pages; None: from kv_cache_bytes / kv_cache_fraction."""
+    kv_cache_bytes: int | None = None
+    """KV cache bytes per device; None: kv_cache_fraction of free memory."""
+    kv_cache_fraction: float = 0.6
+    """Share of free device memory for the KV cache (on CPU: 512 MiB, capped at what the seqs can use)."""
+    max_model_len: int | None = None
+    """Longest conversation in tokens; None: min(model context, 4096)."""
     max_batched_tokens: int = 512
+    """Tokens one engine step runs at most."""
     max_num_seqs: int = 64
-    attention: str | None = None         # "xla", "pallas", or None: "pallas" where the engine's
-                                         # device is a GPU (self-checked against "xla" at start,
-                                         # falling back to it), else "xla"
-                                         # (self_check.resolve_attention decides)
-    cache_policy: str = "stateful"       # "stateless": drop each turn's KV, share nothing
-                                         # (the baseline)
-    max_queued_requests: int | None = None     # submit raises EngineOverloaded beyond this
-    host_cache_bytes: int = 0            # host-memory tier for idle conversations (0: none)
-    eviction_policy: str = "pensieve"    # or "lru": which idle chunk leaves a tier first
-    chunk_tokens: int = 32               # eviction granularity (rounded to whole pages)
-    swap_out_threshold: float = 0.25     # copy idle chunks to host when fewer pages are free
-    reserve_fraction: float = 0.10       # pages new turns leave free for running ones
-    conversation_ttl_s: float | None = None    # idle conversations are forgotten after this
-    restore_policy: str = "auto"         # host pages: "load", "recompute", or "auto" (the
-                                         # cheaper by measured bandwidth and prefill speed)
-    prefix_sharing: bool = True          # conversations share cached pages of common prefixes
-    fairness_steps: int = 16             # a waiting turn is passed over for better-cached ones
-                                         # for at most this many steps
-    tensor_parallel: int = 1             # devices the weights and KV heads are split over
-    swap_in: str = "next_step"           # host -> device page loads: "next_step" (copied while
-                                         # one step runs; the turn runs from the next step) or
-                                         # "layered" (loaded inside the turn's own step, layer by
-                                         # layer, each copy overlapping the layer before)
-    precompile: bool | None = None       # compile every step program when the engine is built
-                                         # (None: yes, unless env PENSIEVE_JAX_PRECOMPILE=0);
-                                         # off, programs compile on first use
-    token_buckets: tuple[int, ...] | None = None   # the token ladder of the step programs
-                                         # (None: runner.token_buckets(max_batched_tokens),
-                                         # with a 1-token program first on CPU)
-    overlap: bool = True                 # plan and dispatch step N+1 while the device runs
-                                         # step N, then postprocess N (engine.py); False:
-                                         # schedule, run, postprocess one after another
+    """Sequences one engine step runs at most."""
+    attention: str | None = None      # None: self_check.resolve_attention decides
+    """"xla", "pallas", or None: "pallas" on a GPU if it passes a self-check against "xla" at start, else "xla"."""
+    cache_policy: str = "stateful"
+    """"stateful", or "stateless": drop each turn's KV, share nothing (the baseline)."""
+    max_queued_requests: int | None = None
+    """Queued turns beyond which submit raises EngineOverloaded; None: no limit."""
+    host_cache_bytes: int = 0
+    """Bytes of the host-memory tier for idle conversations (0: none)."""
+    eviction_policy: str = "pensieve"
+    """"pensieve" or "lru": which idle chunk leaves a tier first."""
+    chunk_tokens: int = 32
+    """Eviction granularity in tokens (rounded to whole pages)."""
+    swap_out_threshold: float = 0.25
+    """Copy idle chunks to host when fewer than this share of the pages are free."""
+    reserve_fraction: float = 0.10
+    """Share of the pages new turns leave free for running ones."""
+    conversation_ttl_s: float | None = None
+    """Seconds after which an idle conversation is forgotten; None: never."""
+    restore_policy: str = "auto"
+    """Host pages: "load", "recompute", or "auto" (the cheaper by measured bandwidth and prefill speed)."""
+    prefix_sharing: bool = True
+    """Conversations share cached pages of common prefixes."""
+    fairness_steps: int = 16
+    """Steps a waiting turn may at most be passed over for better-cached ones."""
+    tensor_parallel: int = 1
+    """Devices the weights and KV heads are split over."""
+    swap_in: str = "next_step"
+    """"next_step": load host pages while a step runs, for the next; "layered": in the turn's step, layer by layer."""
+    precompile: bool | None = None
+    """Compile every step program at start (None: yes, unless env PENSIEVE_JAX_PRECOMPILE=0); off: on first use."""
+    token_buckets: tuple[int, ...] | None = None
+    """Step programs' token ladder; None: runner.token_buckets(max_batched_tokens), on CPU with 1 first."""
+    overlap: bool = True      # engine.py
+    """Plan and dispatch step N+1 while the device runs step N, then postprocess N; off: one after another."""
 
     @property
     def precompile_enabled(self) -> bool:

@@ -59,6 +59,8 @@ class RequestOutput:
 class TokenEvent(NamedTuple):
     token_ids: tuple[int, ...]       # new tokens since the last event
     output: RequestOutput | None     # set on the last event
+    text: str = ""                   # their text (special tokens skipped; "" while a character
+                                     # is incomplete): the engine decodes each token once
 
 
 class RequestHandle:
@@ -77,7 +79,8 @@ class RequestHandle:
         if self._on_cancel is not None and self._output is None:
             self._on_cancel(self.request_id)
 
-    def _put(self, item) -> None:
+    def put(self, item: "TokenEvent | BaseException") -> None:
+        """(the engine) The next event, or the exception that ends the turn."""
         self._events.put(item)
 
     def __iter__(self) -> Iterator[TokenEvent]:
@@ -128,6 +131,7 @@ class Request:
         self.waited = 0                   # scheduling steps spent waiting (fairness bound)
         self.arrival = time.perf_counter()
         self.first_token_time: float | None = None
+        self.text = None                  # the reply's TextStream (the engine sets it)
 
     @property
     def finished(self) -> bool:

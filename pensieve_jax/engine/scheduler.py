@@ -22,6 +22,7 @@ import itertools
 from typing import NamedTuple
 
 from pensieve_jax.kvcache.conversations import ConversationStore, common_prefix
+from pensieve_jax.kvcache.errors import ConversationBusy
 from pensieve_jax.engine.request import Request
 
 
@@ -75,7 +76,7 @@ class Scheduler:
             n = min(len(req.token_ids) - req.num_computed, budget)
             if self._make_room(req, req.num_computed + n, may_preempt=True):
                 budget -= self._add_rows(rows, req, budget)
-        self._order_waiting()
+        self.waiting = order_waiting(self.waiting, self.store, self.config)
         deferred = []
         while self.waiting and budget > 0 and len(rows) < self.config.max_num_seqs:
             req = self.waiting.popleft()
@@ -98,45 +99,7 @@ class Scheduler:
             if not req.loading:       # else it runs once its pages have landed (next step)
                 budget -= self._add_rows(rows, req, budget)
         self.waiting.extendleft(reversed(deferred))
-        return self._fit_to_program(rows)
-
-    def _fit_to_program(self, rows: list[Row]) -> list[Row]:
-        """A step runs in the smallest program that holds its tokens. When it also holds decodes
-        (so another step follows anyway) and its last row is a prefill chunk, end that chunk at
-        the program below if that pads less than it defers: the rest rides along the next step.
-        A prefill alone is never cut (that would only add a step before its first token)."""
-        total = sum(r.end - r.start for r in rows)
-        below = [t for t in self.config.token_buckets if t < total]
-        above = [t for t in self.config.token_buckets if t >= total]
-        if not rows or not below or not above:
-            return rows
-        last, cut = rows[-1], total - below[-1]
-        decodes = any(r.sample and r.end - r.start == 1 for r in rows[:-1])
-        if not decodes or last.end - last.start <= cut or above[0] - total <= cut:
-            return rows
-        if last.end - last.start == 1 and last.sample:
-            return rows
-        return rows[:-1] + [last._replace(end=last.end - cut, sample=False)]
-
-    def _order_waiting(self) -> None:
-        """Preble's local rule: waiting turns with more of their prompt cached go first, except
-        that a turn passed over for fairness_steps steps (and preempted turns) keeps its place
-        in arrival order ahead of them."""
-        if len(self.waiting) < 2 or self.store.index is None:
-            return
-        window = list(itertools.islice(self.waiting, self.config.order_window))
-        for req in window:
-            req.waited += 1
-
-        def key(item):
-            i, req = item
-            if req.conversation is not None or req.waited > self.config.fairness_steps:
-                return (0, 0.0, i)
-            hit = self.store.cached_prefix(req.requested_conversation, req.prompt, req.salt)
-            return (1, -hit / len(req.prompt), i)
-        ordered = [r for _, r in sorted(enumerate(window), key=key)]
-        rest = list(itertools.islice(self.waiting, len(window), None))
-        self.waiting = collections.deque(ordered + rest)
+        return fit_to_program(rows, self.config.token_buckets)
 
     def _make_room(self, req: Request, num_tokens: int, may_preempt: bool) -> bool:
         """Reserve pages for req's first num_tokens tokens. Idle conversations go first (inside
@@ -278,8 +241,45 @@ class Scheduler:
         req.reset_usage()
 
 
-class ConversationBusy(RuntimeError):
-    pass
+def fit_to_program(rows: list[Row], token_buckets: tuple[int, ...]) -> list[Row]:
+    """A step runs in the smallest program that holds its tokens. When it also holds decodes
+    (so another step follows anyway) and its last row is a prefill chunk, end that chunk at
+    the program below if that pads less than it defers: the rest rides along the next step.
+    A prefill alone is never cut (that would only add a step before its first token)."""
+    total = sum(r.end - r.start for r in rows)
+    below = [t for t in token_buckets if t < total]
+    above = [t for t in token_buckets if t >= total]
+    if not rows or not below or not above:
+        return rows
+    last, cut = rows[-1], total - below[-1]
+    decodes = any(r.sample and r.end - r.start == 1 for r in rows[:-1])
+    if not decodes or last.end - last.start <= cut or above[0] - total <= cut:
+        return rows
+    if last.end - last.start == 1 and last.sample:
+        return rows
+    return rows[:-1] + [last._replace(end=last.end - cut, sample=False)]
+
+
+def order_waiting(waiting: collections.deque[Request], store: ConversationStore,
+                  config: SchedulerConfig) -> collections.deque[Request]:
+    """Preble's local rule: waiting turns with more of their prompt cached go first, except
+    that a turn passed over for fairness_steps steps (and preempted turns) keeps its place
+    in arrival order ahead of them. Returns the queue in its new order."""
+    if len(waiting) < 2 or store.index is None:
+        return waiting
+    window = list(itertools.islice(waiting, config.order_window))
+    for req in window:
+        req.waited += 1
+
+    def key(item):
+        i, req = item
+        if req.conversation is not None or req.waited > config.fairness_steps:
+            return (0, 0.0, i)
+        hit = store.cached_prefix(req.requested_conversation, req.prompt, req.salt)
+        return (1, -hit / len(req.prompt), i)
+    ordered = [r for _, r in sorted(enumerate(window), key=key)]
+    rest = list(itertools.islice(waiting, len(window), None))
+    return collections.deque(ordered + rest)
 
 
 class PreemptionNeeded(Exception):

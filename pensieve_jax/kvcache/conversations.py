@@ -1,94 +1,90 @@
 """Conversations and where their KV lives between turns: device pages, host pages, or dropped.
 
-    | Conversation field | meaning                                                          |
-    |--------------------|------------------------------------------------------------------|
-    | token_ids          | the whole sequence of the last (or current) turn, prompt + output |
-    | num_computed       | tokens [0, num_computed) have had their KV computed               |
-    | pages[i]           | device page of tokens [i*ps, (i+1)*ps), or -1 if not on device    |
-    | host_pages[i]      | host page of page index i (when swapped out)                      |
-    | cow                | (i, device page): page i is to be copied from that page (a shared |
-    |                    | page this conversation will write into), a reference held on it  |
-    | salt               | cache salt: pages are shared only between equal salts            |
-    | anonymous          | created for a request without an id: a later request whose prompt |
-    |                    | starts with its tokens may adopt it (stateless clients)           |
-    | busy / flushing    | a turn runs in it / that turn is done but for its cache flush     |
+The store is built from three parts, each in its own module:
 
-Pages are reference-counted: with prompt sharing (`PrefixIndex`) one device or host page may be
-held by many conversations. A page with more than one holder is never written (copy on write).
-Eviction takes an idle conversation's front-most chunk of pages it alone holds (device -> host,
-host -> dropped); shared pages go only when no private page is left, and then only this
-conversation's reference goes. A returning conversation gets its pages back from its own tiers
-or from the index, and recomputes the one range that is left (usually a prefix).
+    | part     | class (module)            | does                                             |
+    |----------|---------------------------|--------------------------------------------------|
+    | ledger   | PageLedger (ledger.py)    | which conversation holds which device/host page:  |
+    |          |                           | references, sharing, the prefix index            |
+    | evictor  | Evictor (eviction.py)     | idle conversations' chunks leave the device (to   |
+    |          |                           | host, or dropped) and the host tier, by a policy |
+    | restorer | Restorer (restore.py)     | a returning conversation gets its pages back from |
+    |          |                           | its own tiers or the index, and recomputes the   |
+    |          |                           | one range that is left (usually a prefix)        |
+
+The store keeps the conversations themselves (creating, adopting, forking, ending them) and is
+the facade the scheduler and engine call; the `Conversation` record is described in ledger.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import time
 from typing import Callable
 
+from pensieve_jax.kvcache.eviction import EvictionPolicy, Evictor, LRUPolicy
+from pensieve_jax.kvcache.ledger import Conversation, PageLedger
 from pensieve_jax.kvcache.pages import PageAllocator
-from pensieve_jax.kvcache.eviction import EvictionMixin, EvictionPolicy, LRUPolicy
 from pensieve_jax.kvcache.prefix_index import PrefixIndex, common_prefix
-from pensieve_jax.kvcache.restore import RestoreMixin, RestorePlan, SwapIn
+from pensieve_jax.kvcache.restore import RestorePlan, Restorer, SwapIn
 
 __all__ = ["Conversation", "ConversationStore", "RestorePlan", "SwapIn", "common_prefix"]
 
 
-@dataclasses.dataclass(eq=False)
-class Conversation:
-    id: str
-    anonymous: bool
-    salt: str = ""
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    pages: list[int] = dataclasses.field(default_factory=list)
-    host_pages: dict[int, int] = dataclasses.field(default_factory=dict)
-    cow: tuple[int, int] | None = None
-    shared_tokens: int = 0      # computed tokens it was given by a fork, not yet accounted
-    num_computed: int = 0
-    busy: bool = False          # a turn runs in it
-    flushing: bool = False      # ... and that turn only has its last token's KV left to compute
-    last_used: float = dataclasses.field(default_factory=time.monotonic)
-
-    @property
-    def dropped(self) -> int:
-        """Leading pages whose KV this conversation holds in no tier."""
-        for i, p in enumerate(self.pages):
-            if p >= 0 or i in self.host_pages or (self.cow and self.cow[0] == i):
-                return i
-        return len(self.pages)
-
-
-class ConversationStore(RestoreMixin, EvictionMixin):
-    """Every conversation of an engine and the pages it holds; restoring a returning one
-    (pensieve_jax/kvcache/restore.py) and evicting idle ones (pensieve_jax/kvcache/eviction.py) are mixed in."""
+class ConversationStore:
+    """Every conversation of an engine and the pages it holds: the conversations here, their
+    pages in `ledger`, eviction in `evictor`, restoring in `restorer` (built by the store)."""
 
     def __init__(self, allocator: PageAllocator, page_size: int,
                  host_allocator: PageAllocator | None = None,
                  policy: EvictionPolicy | None = None, chunk_pages: int = 2,
                  sharing: bool = True):
-        self.allocator = allocator
-        self.host = host_allocator              # None: no host tier
-        self.page_size = page_size
-        self.policy = policy or LRUPolicy()
-        self.chunk_pages = chunk_pages
-        self.index = PrefixIndex(page_size) if sharing else None
-        # (first token, tokens) -> True if recomputing them beats loading their page from host
-        self.recompute_cheaper: Callable[[int, int], bool] | None = None
+        self.ledger = PageLedger(allocator, page_size, host_allocator,
+                                 PrefixIndex(page_size) if sharing else None)
         self.conversations: dict[str, Conversation] = {}
         self.closing: set[str] = set()           # ended while busy: removed at release
+        self.evictor = Evictor(self.ledger, self.conversations, policy or LRUPolicy(),
+                               chunk_pages)
+        self.restorer = Restorer(self.ledger)
+        self.evicted_tokens = 0                  # computed tokens let go by drop_kv
         self._ids = itertools.count()
-        self.swap_out: list[tuple[int, int]] = []     # (device page, host page), to copy
-        self.swap_in: list[SwapIn] = []               # host -> device copies to make
-        self.copies: list[tuple[int, int]] = []       # (device page, device page), to copy
-        self.counts = dict.fromkeys(("device_to_host_pages", "host_dropped_pages",
-                                     "device_dropped_pages", "evicted_tokens",
-                                     "released_shared_pages", "copied_on_write_pages",
-                                     "recomputed_not_loaded_pages"), 0)
+        # the parts, as the scheduler and engine see them (docstrings: the parts' own)
+        self.allocator, self.host = self.ledger.device, self.ledger.host   # host None: no tier
+        self.index, self.page_size = self.ledger.index, page_size   # index None: no sharing
+        self.policy = self.evictor.policy
+        self.truncate, self.register = self.ledger.truncate, self.ledger.register
+        self.held_tokens = self.ledger.held_tokens
+        self.make_room, self.swap_out_ahead = self.evictor.make_room, self.evictor.swap_out_ahead
+        self.attach_shared, self.make_writable = (self.restorer.attach_shared,
+                                                  self.restorer.make_writable)
+        self.plan_restore, self.restore = self.restorer.plan_restore, self.restorer.restore
+
+    @property
+    def recompute_cheaper(self) -> Callable[[int, int], bool] | None:
+        """(first token, tokens) -> True if recomputing them beats loading their page from
+        host memory (None: always load); the restorer's."""
+        return self.restorer.recompute_cheaper
+
+    @recompute_cheaper.setter
+    def recompute_cheaper(self, fn: Callable[[int, int], bool] | None) -> None:
+        self.restorer.recompute_cheaper = fn
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Page and token counters of the evictor, the store and the restorer."""
+        return {**self.evictor.counts, "evicted_tokens": self.evicted_tokens,
+                **self.restorer.counts}
+
+    # -- conversations ------------------------------------------------------------------------
 
     def new_id(self, prefix: str = "conv") -> str:
         return f"{prefix}-{next(self._ids)}"
+
+    def new_anonymous(self, salt: str = "") -> Conversation:
+        """A new, empty anonymous conversation."""
+        conv = Conversation(self.new_id("anon"), True, salt)
+        self.conversations[conv.id] = conv
+        return conv
 
     def get_or_create(self, conversation_id: str | None, prompt: list[int],
                       salt: str = "") -> Conversation:
@@ -112,35 +108,10 @@ class ConversationStore(RestoreMixin, EvictionMixin):
                     best, best_len = conv, n
         if best is not None and (self.index is None or best_len == len(best.token_ids)):
             return best
-        conv = Conversation(self.new_id("anon"), True, salt)
-        self.conversations[conv.id] = conv
+        conv = self.new_anonymous(salt)
         if best is not None:
-            self._fork(best, conv, best_len)
+            self.ledger.fork(best, conv, best_len)
         return conv
-
-    def _fork(self, src: Conversation, conv: Conversation, num_tokens: int) -> None:
-        """conv (new) starts from src's KV of its first num_tokens tokens: the leading pages src
-        holds on device or host are shared, a partly used last page is copied on write."""
-        ps = self.page_size
-        num_tokens = min(num_tokens, src.num_computed)
-        for i in range(-(-num_tokens // ps)):
-            partial = (i + 1) * ps > num_tokens
-            if i < len(src.pages) and src.pages[i] >= 0:
-                self.allocator.share([src.pages[i]])
-                if partial:
-                    conv.cow = (i, src.pages[i])
-                    conv.pages.append(-1)
-                else:
-                    conv.pages.append(src.pages[i])
-            elif i in src.host_pages and not partial:
-                self.host.share([src.host_pages[i]])
-                conv.host_pages[i] = src.host_pages[i]
-                conv.pages.append(-1)
-            else:
-                break
-            conv.num_computed = min(num_tokens, (i + 1) * ps)
-        conv.token_ids = list(src.token_ids[:conv.num_computed])
-        conv.shared_tokens = conv.num_computed
 
     def cached_prefix(self, conversation_id: str | None, prompt: list[int], salt: str) -> int:
         """Tokens of prompt a request could find cached (its conversation's or shared)."""
@@ -151,49 +122,10 @@ class ConversationStore(RestoreMixin, EvictionMixin):
         nodes, partial = self.index.match(salt, prompt, len(prompt) - 1)
         return max(own, self.index.matched_tokens(nodes, partial))
 
-    # -- pages of one conversation ------------------------------------------------------------
-
-    def _free_device(self, pages) -> None:
-        for p in pages:
-            self.allocator.free([p])
-            if self.index is not None and self.allocator.ref_count(p) == 0:
-                self.index.forget_device(p)
-
-    def _free_host(self, pages) -> None:
-        for p in pages:
-            self.host.free([p])
-            if self.index is not None and self.host.ref_count(p) == 0:
-                self.index.forget_host(p)
-
-    def _release_page(self, conv: Conversation, i: int) -> None:
-        """conv no longer holds page i in any tier."""
-        if i < len(conv.pages) and conv.pages[i] >= 0:
-            self._free_device([conv.pages[i]])
-            conv.pages[i] = -1
-        if i in conv.host_pages:
-            self._free_host([conv.host_pages.pop(i)])
-        if conv.cow and conv.cow[0] == i:
-            self._free_device([conv.cow[1]])
-            conv.cow = None
-
-    def truncate(self, conv: Conversation, num_tokens: int) -> None:
-        """Keep KV for tokens [0, num_tokens) only; pages past them go back to their pools."""
-        conv.num_computed = min(conv.num_computed, num_tokens)
-        keep = -(-conv.num_computed // self.page_size)
-        for i in sorted(set(range(keep, len(conv.pages))) | {i for i in conv.host_pages
-                                                            if i >= keep}):
-            self._release_page(conv, i)
-        del conv.pages[keep:]
-
     def drop_kv(self, conv: Conversation) -> None:
-        self.counts["evicted_tokens"] += conv.num_computed
+        """Let all of conv's KV go (it is recomputed when its turn runs again)."""
+        self.evicted_tokens += conv.num_computed
         self.truncate(conv, 0)
-
-    def register(self, conv: Conversation) -> None:
-        """Offer conv's full computed pages to other conversations (prompt sharing)."""
-        if self.index is not None:
-            n = conv.num_computed // self.page_size * self.page_size
-            self.index.insert(conv.salt, conv.token_ids[:n], conv.pages[:n // self.page_size])
 
     def reserve(self, conv: Conversation, num_tokens: int) -> bool:
         """Make conv hold device pages for tokens [0, num_tokens), evicting idle conversations'
@@ -201,9 +133,9 @@ class ConversationStore(RestoreMixin, EvictionMixin):
         need = -(-num_tokens // self.page_size) - len(conv.pages)
         if need <= 0:
             return True
-        if not self.make_room(need):
+        if not self.evictor.make_room(need):
             return False
-        conv.pages.extend(self.allocator.allocate(need))
+        conv.pages.extend(self.ledger.device.allocate(need))
         return True
 
     def release(self, conv: Conversation, keep_kv: bool) -> None:
@@ -233,6 +165,7 @@ class ConversationStore(RestoreMixin, EvictionMixin):
         return True
 
     def remove(self, conversation_id: str) -> bool:
+        """Forget an idle conversation and free its cache. False if unknown or busy."""
         conv = self.conversations.get(conversation_id)
         if conv is None or conv.busy:
             return False
@@ -251,13 +184,13 @@ class ConversationStore(RestoreMixin, EvictionMixin):
     def take_transfers(self):
         """(swap-outs, device copies, swap-ins) planned since the last call, to run in that
         order before the next step."""
-        out, copies, into = self.swap_out, self.copies, self.swap_in
-        self.swap_out, self.copies, self.swap_in = [], [], []
+        out = self.evictor.take_swap_outs()
+        copies, into = self.restorer.take_copies()
         return out, copies, into
 
     def swapped_in(self, host_pages: list[int]) -> None:
         """Host pages whose contents were copied back to the device can be let go."""
-        self._free_host(host_pages)
+        self.ledger.free_host(host_pages)
 
     # -- stats --------------------------------------------------------------------------------
 
@@ -272,9 +205,10 @@ class ConversationStore(RestoreMixin, EvictionMixin):
         return {"device": len(device) * ps, "host": len(host) * ps}
 
     def cached_tokens(self) -> int:
+        """Computed tokens of idle conversations (shared ones counted per holder)."""
         return sum(c.num_computed for c in self.conversations.values() if not c.busy)
 
     def sharing_stats(self) -> dict[str, int]:
-        shared = sum(1 for p in range(self.allocator.num_pages) if self.allocator.ref_count(p) > 1)
-        return {"shared_pages": shared,
+        """Device pages held by more than one conversation, and the prefix index's size."""
+        return {"shared_pages": self.ledger.shared_device_pages(),
                 **(self.index.stats() if self.index is not None else {})}

@@ -1,20 +1,20 @@
 """What an engine's cache holds, as versioned reports (the replica side of a router's global
 prefix tree: Preble's "replicas report inserts and evictions").
 
-    tracker = CacheTracker(engine)
+    tracker = CacheTracker(engine)            # anything with cache_scan(previous) and a config
     r = tracker.report()                      # full: every conversation holding KV
     r = tracker.report(r.epoch, r.version)    # only what changed since (nothing: same version)
 
 A conversation holds the leading tokens whose KV has a copy on device or host, its own pages or
-the prefix index's (`kv_transfer.held_tokens`); a dropped prefix is not held, so a conversation
+the prefix index's (`PageLedger.held_tokens`); a dropped prefix is not held, so a conversation
 whose front chunk was evicted holds nothing (its later pages only save recomputation once the
 front is recomputed). Conversations holding nothing are left out. Shared prompt prefixes need no
 report of their own: a page the prefix index can serve from the start is in the held prefix of
 some conversation (held prefixes read the index for pages a conversation let go).
 
-Each refresh reads the engine on its thread (`engine.call`), comparing a cheap key per
-conversation (held tokens, length, last use, salt) with the previous refresh, so token ids are
-copied only for conversations that changed. A conversation with a turn running is reported as
+Each refresh reads the engine on its thread (`Engine.cache_scan` runs `scan` there), comparing
+a cheap key per conversation (held tokens, length, last use, salt) with the previous refresh, so
+token ids are copied only for conversations that changed. A conversation with a turn running is reported as
 it was before the turn (or as it is, when first seen): it is read again when the turn is over.
 Every refresh that changes something gets the next version; a caller that sends the epoch and
 version of the last report it applied gets the conversations changed since and the ids removed
@@ -26,14 +26,11 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Iterable, NamedTuple
+from typing import Iterable, NamedTuple, Protocol
 
-from pensieve_jax.kvcache.transfer import held_tokens
+from pensieve_jax.kvcache.conversations import ConversationStore
 
-if TYPE_CHECKING:
-    from pensieve_jax.engine.engine import Engine
-
-__all__ = ["CacheReport", "CacheTracker", "Held", "scan"]
+__all__ = ["CacheReport", "CacheSource", "CacheTracker", "Held", "scan"]
 
 
 class Held(NamedTuple):
@@ -55,16 +52,16 @@ class CacheReport(NamedTuple):
     page_size: int
 
 
-def scan(engine: "Engine", previous: dict[str, Held]) -> dict[str, Held]:
+def scan(store: ConversationStore, previous: dict[str, Held]) -> dict[str, Held]:
     """Every conversation holding KV, reusing previous entries whose key did not change. Runs
     on the engine thread."""
     out: dict[str, Held] = {}
-    for conv in engine.store.conversations.values():
+    for conv in store.conversations.values():
         prev = previous.get(conv.id)
         if conv.busy and prev is not None:
             out[conv.id] = prev
             continue
-        n = held_tokens(engine, conv)
+        n = store.held_tokens(conv)
         key = (conv.salt, n, len(conv.token_ids), conv.last_used, conv.busy)
         if prev is not None and prev.key == key:
             out[conv.id] = prev
@@ -73,13 +70,23 @@ def scan(engine: "Engine", previous: dict[str, Held]) -> dict[str, Held]:
     return out
 
 
+class CacheSource(Protocol):
+    """What a CacheTracker reads: an Engine."""
+
+    def cache_scan(self, previous: dict[str, Held]) -> dict[str, Held]:
+        """`scan` of its store, run on its engine thread."""
+
+
 class CacheTracker:
     """Versioned reports of what one engine holds (thread-safe). Each report reads the engine
     anew, so it reflects every turn finished before it was asked for (routers rely on that);
-    min_interval_s > 0 lets reports asked for within that time share one read instead."""
+    min_interval_s > 0 lets reports asked for within that time share one read instead.
+    page_size: the cache's page size (default: source.config.page_size, an Engine's)."""
 
-    def __init__(self, engine: "Engine", min_interval_s: float = 0.0, max_tombstones: int = 4096):
-        self.engine = engine
+    def __init__(self, source: CacheSource, min_interval_s: float = 0.0,
+                 max_tombstones: int = 4096, page_size: int | None = None):
+        self.source = source
+        self.page_size = source.config.page_size if page_size is None else page_size
         self.min_interval_s = min_interval_s
         self.max_tombstones = max_tombstones
         self.epoch = uuid.uuid4().hex[:16]
@@ -98,7 +105,7 @@ class CacheTracker:
 
     def _refresh(self) -> None:
         previous = self.entries
-        current = self.engine.call(lambda: scan(self.engine, previous))
+        current = self.source.cache_scan(previous)
         self._last = time.monotonic()
         self.refreshes += 1
         changed = [h for cid, h in current.items() if previous.get(cid) is not h]
@@ -131,4 +138,4 @@ class CacheTracker:
                 convs = (h for h in self.entries.values() if h.version > since)
                 removed = [cid for cid, v in self.removed.items() if v > since]
             return CacheReport(self.epoch, self.version, full, list(convs), removed,
-                               len(self.entries), self.engine.config.page_size)
+                               len(self.entries), self.page_size)

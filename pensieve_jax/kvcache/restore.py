@@ -1,19 +1,24 @@
 """Bringing a conversation's KV back before its turn runs: from its own tiers, from pages other
-conversations hold (prompt sharing), or by recomputing one range. Mixed into ConversationStore
-(pensieve_jax/kvcache/conversations.py), whose page bookkeeping it uses."""
+conversations hold (prompt sharing), or by recomputing one range (usually a prefix).
+
+    plan = restorer.plan_restore(conv)    # where each page comes from; what to recompute
+    ...                                   # the caller makes room for plan.new_pages
+    loads = restorer.restore(conv)        # device pages for all; swap-ins / copies queued
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import Callable, NamedTuple
 
-if TYPE_CHECKING:
-    from pensieve_jax.kvcache.conversations import Conversation
+from pensieve_jax.kvcache.ledger import Conversation, PageLedger
+
+__all__ = ["RestorePlan", "Restorer", "SwapIn"]
 
 
 class SwapIn(NamedTuple):
     host_page: int
     device_page: int
-    conversation: "Conversation"
+    conversation: Conversation
     index: int             # page index in the conversation (it may be gone by the time the
                            # copy lands: then the copy is skipped)
 
@@ -24,17 +29,36 @@ class RestorePlan(NamedTuple):
     shared_tokens: int     # cached tokens taken from other conversations' pages
 
 
-class RestoreMixin:
+class Restorer:
+    """Plans and carries out restores over the ledger's pages. Host -> device copies are queued
+    in `swap_in`, device -> device copies (copy on write) in `copies`, for the swapper
+    (pensieve_jax/kvcache/swap.py) to run before the next step."""
+
+    def __init__(self, ledger: PageLedger):
+        self.ledger = ledger
+        # (first token, tokens) -> True if recomputing them beats loading their page from host
+        self.recompute_cheaper: Callable[[int, int], bool] | None = None
+        self.swap_in: list[SwapIn] = []               # host -> device copies to make
+        self.copies: list[tuple[int, int]] = []       # (device page, device page), to copy
+        self.counts = dict.fromkeys(("copied_on_write_pages", "recomputed_not_loaded_pages"), 0)
+
+    def take_copies(self) -> tuple[list[tuple[int, int]], list[SwapIn]]:
+        """(device copies, swap-ins) queued since the last call."""
+        copies, into = self.copies, self.swap_in
+        self.copies, self.swap_in = [], []
+        return copies, into
+
     def attach_shared(self, conv: Conversation, prompt: list[int]) -> int:
         """Extend conv's cached prefix of prompt with pages other conversations hold (whole
         pages shared; a page matching only in part is copied on write). Call after truncating
         conv to its own cached prefix. Returns the tokens gained."""
         limit = len(prompt) - 1         # the last prompt token always runs
-        if self.index is None or conv.num_computed >= limit:
+        ledger, index = self.ledger, self.ledger.index
+        if index is None or conv.num_computed >= limit:
             return 0
-        nodes, partial = self.index.match(conv.salt, prompt, limit)
-        ps = self.page_size
-        total = self.index.matched_tokens(nodes, partial)
+        nodes, partial = index.match(conv.salt, prompt, limit)
+        ps = ledger.page_size
+        total = index.matched_tokens(nodes, partial)
         gained = total - conv.num_computed
         if gained <= 0:
             return 0
@@ -42,15 +66,15 @@ class RestoreMixin:
         new_pages, new_host = [], {}
         for i in range(first, len(nodes)):       # take references before letting ours go
             if nodes[i].device >= 0:
-                self.allocator.share([nodes[i].device])
+                ledger.device.share([nodes[i].device])
                 new_pages.append(nodes[i].device)
             else:
-                self.host.share([nodes[i].host])
+                ledger.host.share([nodes[i].host])
                 new_host[i] = nodes[i].host
                 new_pages.append(-1)
         if partial:
-            self.allocator.share([partial.node.device])
-        self.truncate(conv, first * ps)
+            ledger.device.share([partial.node.device])
+        ledger.truncate(conv, first * ps)
         conv.pages.extend(new_pages)
         conv.host_pages.update(new_host)
         if partial:
@@ -62,24 +86,26 @@ class RestoreMixin:
     def make_writable(self, conv: Conversation) -> None:
         """The page the next token goes into must be conv's alone: a shared one is copied
         first, and an indexed one leaves the index (its contents are about to change)."""
-        i = conv.num_computed // self.page_size
-        if conv.num_computed % self.page_size == 0 or i >= len(conv.pages):
+        ledger = self.ledger
+        i = conv.num_computed // ledger.page_size
+        if conv.num_computed % ledger.page_size == 0 or i >= len(conv.pages):
             return
         page = conv.pages[i]
         if page < 0:
             return                      # on host or recomputed: it arrives in a fresh page
-        if self.allocator.ref_count(page) > 1:
+        if ledger.device.ref_count(page) > 1:
             conv.cow, conv.pages[i] = (i, page), -1      # our reference now guards the source
-        elif self.index is not None:
-            self.index.forget_device(page)
+        elif ledger.index is not None:
+            ledger.index.forget_device(page)
 
     def plan_restore(self, conv: Conversation) -> RestorePlan:
         """Settle where each page of conv comes from before its turn runs: its own device or
         host page, a page the index holds (shared), or recomputation. The pages to recompute
         form one range (from the first page with no copy anywhere to the last), and anything
         conv holds inside it is let go. Idempotent; `restore` carries the plan out."""
-        ps, full = self.page_size, conv.num_computed // self.page_size
-        path = self.index.path(conv.salt, conv.token_ids, full * ps) if self.index else []
+        ledger, ps = self.ledger, self.ledger.page_size
+        full = conv.num_computed // ps
+        path = ledger.index.path(conv.salt, conv.token_ids, full * ps) if ledger.index else []
 
         def has_copy(i):
             return (conv.pages[i] >= 0 or i in conv.host_pages or
@@ -90,17 +116,17 @@ class RestoreMixin:
         if self.recompute_cheaper is not None:
             lo, hi = self._recompute_instead_of_load(conv, path, lo, hi)
         for i in range(lo, hi):
-            self._release_page(conv, i)
+            ledger.release_page(conv, i)
         shared = 0
         for i, node in enumerate(path):
             if lo <= i < hi or conv.pages[i] >= 0 or i in conv.host_pages:
                 continue
             if node.device >= 0:
-                self.allocator.share([node.device])
+                ledger.device.share([node.device])
                 conv.pages[i] = node.device
                 shared += ps
             elif node.host >= 0:
-                self.host.share([node.host])
+                ledger.host.share([node.host])
                 conv.host_pages[i] = node.host
                 shared += ps
         front = (lo * ps, min(hi * ps, conv.num_computed)) if lo < hi else (0, 0)
@@ -110,7 +136,7 @@ class RestoreMixin:
         """Grow the recompute range [lo, hi) over neighbouring pages that would come from host
         memory while recomputing them is cheaper than loading them (per page, front first when
         nothing is missing yet)."""
-        ps, n = self.page_size, len(conv.pages)
+        ps, n = self.ledger.page_size, len(conv.pages)
 
         def loads(i):
             if conv.pages[i] >= 0 or (conv.cow is not None and conv.cow[0] == i):
@@ -141,14 +167,14 @@ class RestoreMixin:
         offered to the index again once it has run)."""
         missing = [i for i, p in enumerate(conv.pages) if p < 0]
         loads = 0
-        for i, page in zip(missing, self.allocator.allocate(len(missing))):
+        for i, page in zip(missing, self.ledger.device.allocate(len(missing))):
             conv.pages[i] = page
             if i in conv.host_pages:
                 self.swap_in.append(SwapIn(conv.host_pages.pop(i), page, conv, i))
                 loads += 1
             elif conv.cow is not None and conv.cow[0] == i:
                 self.copies.append((conv.cow[1], page))
-                self._free_device([conv.cow[1]])       # the copy runs before any later write
+                self.ledger.free_device([conv.cow[1]])  # the copy runs before any later write
                 conv.cow = None
                 self.counts["copied_on_write_pages"] += 1
         return loads

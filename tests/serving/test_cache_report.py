@@ -18,7 +18,7 @@ from serving.cluster import BackgroundCluster, ClusterConfig
 from serving.mempool import GRPC_OPTIONS
 from serving.pensieve.v1 import pensieve_pb2 as pb
 from serving.pensieve.v1 import pensieve_pb2_grpc as pb_grpc
-from serving.routing import E2Config, e2_choose
+from serving.router.routing import E2Config, e2_choose
 from .conftest import ENGINE_OPTIONS, GREEDY, MODEL, engine_like, settle, wait_until
 
 INTERVAL = 0.05

@@ -9,9 +9,8 @@ import grpc
 import numpy as np
 import pytest
 
-from pensieve_jax.kvcache import transfer as kv_transfer
-from pensieve_jax.kvcache.transfer import KVMismatch, layout_of
-from pensieve_jax.engine.scheduler import ConversationBusy
+from pensieve_jax.kvcache.transfer import KVMismatch
+from pensieve_jax.kvcache.errors import ConversationBusy
 from pensieve_jax.session import Session
 from serving.client import connect
 from serving.cluster import BackgroundCluster, ClusterConfig
@@ -103,8 +102,7 @@ def test_match_right_after_a_turn_counts_the_whole_turn(engine):
         prompt = list(range(5 + i, 40 + i))
         out = engine.submit(prompt, params, conversation_id=f"match-{i}").result()
         ids = prompt + list(out.token_ids)
-        own, _ = kv_transfer.call_settled(engine, lambda: kv_transfer.match(
-            engine, f"match-{i}", ids))
+        own, _ = engine.match_kv(f"match-{i}", ids)
         assert own == len(ids)
         assert engine.end_conversation(f"match-{i}")
 
@@ -131,7 +129,7 @@ def test_transfer_between_two_replicas(engine, other, reference):
         cid = out[-1].conversation_id
         ids = a.call(lambda: list(a.service.conversations[cid].session._ids))
         m = pool_a.Match(pb.MatchRequest(conversation_id=cid, token_ids=ids + [5]), timeout=30)
-        assert m.conversation_tokens == len(ids) and m.page_bytes == layout_of(engine).page_bytes
+        assert m.conversation_tokens == len(ids) and m.page_bytes == engine.kv_layout().page_bytes
         exported = list(pool_a.Export(pb.ExportRequest(conversation_id=cid, chunk_bytes=1),
                                       timeout=30))
         assert exported[0].num_pages == 1 and list(exported[0].token_ids) == ids

@@ -5,7 +5,7 @@ import time
 import grpc
 import pytest
 
-from pensieve_jax.engine.engine import EngineOverloaded
+from pensieve_jax.engine.errors import EngineOverloaded
 from serving.client import connect
 from serving.errors import ConversationNotFound, TurnInProgress
 from serving.pensieve.v1 import pensieve_pb2 as pb

@@ -14,10 +14,9 @@ from pensieve_jax.tokenizer import Tokenizer
 from serving.client import connect
 from serving.cluster import BackgroundCluster, ClusterConfig
 from serving.pensieve.v1 import pensieve_pb2 as pb
-from serving.prefix_tree import PrefixTree
 from serving.protocol import sampling_to_proto
 from serving.router import RouterService
-from .conftest import ENGINE_OPTIONS, GREEDY, MODEL, user, wait_until
+from ..conftest import ENGINE_OPTIONS, GREEDY, MODEL, user, wait_until
 
 INTERVAL = 0.05
 PAGE = ENGINE_OPTIONS["page_size"]
@@ -57,32 +56,13 @@ def reference(engine):
         return [s.send(t, GREEDY) for t in TURNS]
 
 
-# -- the tree and the router's bookkeeping (no servers) ---------------------------------------
-
-def test_tree_keeps_salts_apart():
-    t = PrefixTree()
-    t.insert([1, 2, 3, 4], 0, 1.0)                         # unsalted: as ever
-    t.insert([1, 2, 3, 4], 1, 1.0, salt="a")
-    assert t.match([1, 2, 3, 4]) == {0: 4}
-    assert t.match([1, 2, 3, 4], salt="a") == {1: 4}
-    assert t.match([1, 2, 3, 4], salt="b") == {}
-    assert t.hold([1, 2, 9], 0, "s-1", 2.0, salt="a") == 3  # nothing shared with "" on 0
-    assert t.match([1, 2, 9], salt="a") == {0: 3, 1: 2} and t.match([1, 2, 9]) == {0: 2}
-    assert (t.cached_tokens(0), t.cached_tokens(1)) == (7, 4)   # every salt: one cache
-    assert t.holders(0) == {"s-1": (1, 2, 9)} and t.holder_salt(0, "s-1") == "a"
-    assert sorted(t.salts()) == ["", "a"]
-    assert t.hold([], 0, "s-1", 3.0) == -3                  # let go, whatever the salt
-    assert t.match([1, 2, 9], salt="a") == {1: 2} and t.cached_tokens(0) == 4
-    assert t.evict(1, 0) == 4 and t.salts() == [""]          # an emptied salt's tree goes
-    t.drop_replica(0)
-    assert t.num_nodes() == 0
-
+# -- the router's bookkeeping (no servers) ---------------------------------------
 
 def test_router_keys_routes_and_reports_by_salt():
     router = RouterService(["127.0.0.1:1", "127.0.0.1:2"], "e2", Tokenizer.byte_level(512))
     r0, r1 = router.replicas
     ids = list(range(1, 101))
-    router._learn(r0, ids, "s-0", A)                        # before reports: the estimate
+    router.cache.learn(r0, ids, "s-0", A)                        # before reports: the estimate
     assert router.tree.match(ids, A) == {0: 100} and router.tree.match(ids) == {}
     # another tenant's identical prompt is no hit: explored, nothing expected cached
     d = router.route(ids, None, salt=B)

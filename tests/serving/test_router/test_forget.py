@@ -1,10 +1,9 @@
 """The router forgets conversations: EndConversation (forwarded to the replicas), idle expiry
 after conversation_ttl_s and a cap on how many it remembers (least recently used idle first),
-never one with a turn in flight. Units on ConversationTable with a fake clock, then a 2-replica
-e2 cluster on loopback whose router runs on a fake clock (expiry when the test says so)."""
+never one with a turn in flight: a 2-replica e2 cluster on loopback whose router runs on a fake
+clock (expiry when the test says so). (The table alone: test_table.py.)"""
 
 import json
-import time
 
 import pytest
 
@@ -12,8 +11,8 @@ from pensieve_jax.engine.sampling import SamplingParams
 from serving.client import connect
 from serving.cluster import BackgroundCluster, ClusterConfig
 from serving.errors import NotFound
-from serving.router_state import Conversation, ConversationTable
-from .conftest import ENGINE_OPTIONS, GREEDY, MODEL, stream_in_background, wait_until
+from ..conftest import ENGINE_OPTIONS, GREEDY, MODEL, stream_in_background, wait_until
+from .clock import FakeClock
 
 TTL = 60.0
 SYSTEM = "Be brief."
@@ -23,77 +22,14 @@ TURNS = ["Hello there, who are you?", "Tell me more.", "And a third thing."]
 ONE = SamplingParams(max_tokens=1, ignore_eos=True)
 
 
-class FakeClock:
-    def __init__(self):
-        self.now = time.monotonic()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-# -- the table ----------------------------------------------------------------------------------
-
-def conv(i) -> Conversation:
-    return Conversation(f"c{i}", [], [])
-
-
-def test_table_expires_idle_entries_after_ttl():
-    clock = FakeClock()
-    table = ConversationTable(ttl_s=10.0, clock=clock)
-    a, b, c = conv(0), conv(1), conv(2)
-    table.touch(a.id, a)
-    clock.advance(5)
-    table.touch(b.id, b)
-    table.touch(c.id, c)
-    c.busy = True                                   # a turn in flight
-    clock.advance(6)                                # a: 11 s idle, b: 6 s
-    assert table.is_expired(a) and not table.is_expired(b)
-    assert table.expire() == [a] and list(table) == ["c1", "c2"]
-    clock.advance(100)
-    assert table.expire() == [b] and list(table) == ["c2"]      # c is busy: kept
-    c.busy = False
-    table.touch(c.id, c)                            # its turn ended: idle from now
-    clock.advance(9)
-    assert table.expire() == []
-    clock.advance(2)
-    assert table.expire() == [c] and len(table) == 0
-    assert ConversationTable().expire() == []       # no TTL: never
-    with pytest.raises(ValueError):
-        ConversationTable(ttl_s=0)
-
-
-def test_table_cap_drops_least_recently_used_idle():
-    clock = FakeClock()
-    table = ConversationTable(max_entries=2, clock=clock)
-    a, b, c, d = (conv(i) for i in range(4))
-    for x in (a, b):
-        table.touch(x.id, x)
-        clock.advance(1)
-    table.touch(a.id, a)                            # a used again: b is now the oldest
-    table.touch(c.id, c)
-    assert table.trim() == [b] and list(table) == ["c0", "c2"]
-    a.busy = True                                   # the oldest has a turn in flight
-    table.touch(d.id, d)
-    assert table.trim() == [c] and list(table) == ["c0", "c3"]
-    table.touch(b.id, b)
-    assert table.trim() == [d] and list(table) == ["c0", "c1"]   # a still skipped
-    unbounded = ConversationTable(max_entries=0)
-    for i in range(5):
-        unbounded.touch(f"x{i}", conv(i))
-    assert unbounded.trim() == [] and len(unbounded) == 5
-
-
 def test_options():
-    from serving.cli import build_parser
-    args = build_parser().parse_args(["router", "--replica", "h:1", "--conversation-ttl-s", "30",
-                                      "--max-conversations", "5"])
-    assert (args.conversation_ttl_s, args.max_conversations) == (30.0, 5)
-    args = build_parser().parse_args(["router", "--replica", "h:1", "--conversation-ttl", "7"])
-    assert (args.conversation_ttl_s, args.max_conversations) == (7.0, 10_000)
-    assert build_parser().parse_args(["router", "--replica", "h:1"]).conversation_ttl_s is None
+    from serving.cli import parse_args
+    args = parse_args(["router", "--replica", "h:1", "--conversation-ttl-s", "30",
+                       "--max-conversations", "5"])
+    assert (args.conversation_ttl_s, args.routing.max_conversations) == (30.0, 5)
+    args = parse_args(["router", "--replica", "h:1", "--conversation-ttl", "7"])
+    assert (args.conversation_ttl_s, args.routing.max_conversations) == (7.0, 10_000)
+    assert parse_args(["router", "--replica", "h:1"]).conversation_ttl_s is None
     # a cluster's router forgets as its replicas do, unless told otherwise
     replicas = (("conversation_ttl_s", 30.0),)
     assert ClusterConfig(engine_options=replicas).router_ttl_s == 30.0

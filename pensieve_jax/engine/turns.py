@@ -1,0 +1,178 @@
+"""A turn's life on the engine, in one place: admitted (`admit`), queued (`add`), its rows
+booked when a step is dispatched (`dispatched`), its sampled tokens put in place when the step
+is fetched (`postprocess`: stop checks, streaming), then finished, aborted or failed, its
+conversation released, and exactly one final event delivered to its handle.
+
+    event                       the turn                         its conversation
+    submit                      admit (counted, maybe refused)   -
+    step dispatched             rows booked; a sampling row      num_computed advances; prompt
+                                appends a placeholder            pages offered for sharing
+    step fetched                placeholder -> token, streamed   -
+    stop token / string, length finished, output delivered       flushing (one more row computes
+                                                                 the last token's KV), or
+                                                                 released (stateless, ended)
+    cancel                      aborted, output delivered        released (keeps its tokens)
+    failed step / close         error delivered                  released (its KV dropped)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from pensieve_jax.engine.config import EngineConfig
+from pensieve_jax.engine.errors import EngineOverloaded
+from pensieve_jax.engine.request import Request, TokenEvent
+from pensieve_jax.engine.scheduler import Row, Scheduler
+from pensieve_jax.kvcache.conversations import ConversationStore
+from pensieve_jax.tokenizer import Tokenizer
+
+PLACEHOLDER = 0    # a sampled token not fetched yet (the overlapped loop's Request.pending)
+USAGE_COUNTERS = ("prompt_tokens", "cached_tokens", "cached_host_tokens", "cached_shared_tokens",
+                  "prefilled_tokens", "recomputed_tokens", "completion_tokens")   # sums of Usage
+COUNTERS = ("steps", "requests", "finished", *USAGE_COUNTERS, "step_tokens", "failed_steps")
+
+
+class Turns:
+    """The engine's turns (engine thread, but `admit` and `unfinished`: any thread).
+    next_reqs: ids of the turns with a row in the step dispatched after the one being
+    postprocessed (the overlapped loop sets it): such a turn is released when that is fetched."""
+
+    def __init__(self, scheduler: Scheduler, store: ConversationStore, config: EngineConfig,
+                 tokenizer: Tokenizer, max_model_len: int):
+        self.scheduler, self.store, self.config = scheduler, store, config
+        self.tokenizer, self.max_model_len = tokenizer, max_model_len
+        self.counts = dict.fromkeys(COUNTERS, 0)
+        self.next_reqs: set[int] = set()
+        self._lock = threading.Lock()
+        self._unfinished = 0              # admitted, no final event yet (guarded by _lock)
+
+    def admit(self) -> None:
+        """Count a new turn in, or raise EngineOverloaded (max_queued_requests)."""
+        limit = self.config.max_queued_requests
+        with self._lock:
+            if limit is not None and self._unfinished >= limit:
+                raise EngineOverloaded(f"{self._unfinished} requests in flight; the limit is "
+                                       f"{limit} (max_queued_requests)")
+            self._unfinished += 1
+
+    def add(self, req: Request) -> None:
+        self.counts["requests"] += 1
+        req.text = self.tokenizer.text_stream()
+        self.scheduler.add(req)
+
+    def dispatched(self, rows: list[Row]) -> None:
+        """Book what a step just dispatched computes (steps, page copies and gathers run on
+        the device in dispatch order: whatever is dispatched later sees it). A row that
+        samples appends a placeholder for its token (Request.pending) until it is fetched."""
+        ps = self.config.page_size
+        for i, row in enumerate(rows):
+            req = row.request
+            req.count_computed(row.start, row.end)
+            if row.front:
+                req.front_done = row.end
+                continue
+            req.conversation.num_computed = row.end
+            if not req.output and row.end // ps > row.start // ps:
+                self.store.register(req.conversation)      # prompt pages done: offer them
+            if row.sample and not req.finished:
+                req.token_ids.append(PLACEHOLDER)
+                req.output.append(PLACEHOLDER)
+                req.pending += 1
+                req.pending_row = i
+
+    def postprocess(self, row: Row, token: int) -> None:
+        """A fetched step's row (booked by `dispatched`): its sampled token, stop checks."""
+        req = row.request
+        if row.front:
+            return
+        if req.finished:        # the cache flush after a turn (overlapped: maybe a decode
+            if row.end == len(req.token_ids):    # dispatched before the turn was done; its
+                self.release(req)                # token is dropped)
+            return
+        if not row.sample:
+            return
+        # the placeholder `dispatched` appended (steps after this one have booked none yet)
+        assert req.pending == 1 and row.end == len(req.token_ids) - 1, "placeholder out of step"
+        req.pending = 0
+        req.output[-1] = req.token_ids[-1] = token
+        if req.first_token_time is None:
+            req.first_token_time = time.perf_counter()
+        piece = req.text.step(token)
+        self._check_finish(req, token, len(piece))
+        req.handle.put(TokenEvent((token,), None, piece))
+        if req.finished:
+            self._finish(req)
+
+    def _check_finish(self, req: Request, token: int, new_chars: int) -> None:
+        p = req.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.tokenizer.stop_token_ids):
+            req.finish_reason = "stop"
+        elif p.stop:            # a stop string ends in the new text: search only its tail
+            text = req.text.text
+            start = max(0, len(text) - new_chars - max(len(s) for s in p.stop) + 1)
+            hits = [i for i in (text.find(s, start) for s in p.stop) if i >= 0]
+            if hits:
+                req.finish_reason, req.stop_text_index = "stop", min(hits)
+        if not req.finished and (len(req.output) >= p.max_tokens or
+                                 len(req.token_ids) >= self.max_model_len):
+            req.finish_reason = "length"
+
+    def _finish(self, req: Request) -> None:
+        out = req.make_output()
+        self._count(out)
+        if ((self.config.cache_policy == "stateless" or req.conversation.id in self.store.closing)
+                and id(req) not in self.next_reqs):
+            self.release(req)
+        else:   # stays running one more step to compute the last token's KV (the cache flush;
+            # overlapped, maybe the step dispatched already: released once that is fetched)
+            req.conversation.flushing = True
+        self.deliver(req, TokenEvent((), out))
+
+    def _count(self, out) -> None:
+        self.counts["finished"] += 1
+        for key in USAGE_COUNTERS:
+            self.counts[key] += getattr(out.usage, key)
+
+    def deliver(self, req: Request, final) -> None:
+        """The last thing a request's handle receives: its output, or an exception."""
+        with self._lock:
+            self._unfinished -= 1
+        req.handle.put(final)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a turn (queued or running); its conversation keeps what it computed."""
+        req = self.scheduler.remove(request_id)
+        if req is None or req.finished:
+            return
+        req.finish_reason = "abort"
+        out = req.make_output()
+        self._count(out)
+        if req.conversation is not None:
+            self.release(req, in_scheduler=False)
+        self.deliver(req, TokenEvent((), out))
+
+    def release(self, req: Request, in_scheduler: bool = True) -> None:
+        if in_scheduler:
+            self.scheduler.finish(req)
+        conv = req.conversation
+        if req.front_done < req.front_end:     # stopped while recomputing a dropped range
+            self.store.truncate(conv, req.front_done)
+        self.store.release(conv, keep_kv=self.config.cache_policy == "stateful")
+
+    def fail_all(self, error: Exception) -> None:
+        """Every turn queued or running ends with error; their conversations drop their KV."""
+        for req in self.scheduler.abort_all():
+            if req.pending:            # placeholders of a step that will never be fetched
+                del req.token_ids[-req.pending:], req.output[-req.pending:]
+                req.pending = 0
+            if req.conversation is not None:
+                self.store.release(req.conversation, keep_kv=False)
+            if not req.finished:
+                self.deliver(req, error)
+
+    def end_all(self, error: Exception) -> None:
+        """(at close) Every turn queued or running ends with error."""
+        for req in self.scheduler.abort_all():
+            if not req.finished:
+                self.deliver(req, error)

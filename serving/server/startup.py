@@ -1,0 +1,137 @@
+"""PensieveServer: the Pensieve and MemPool services, gRPC health (grpc.health.v1) and server
+reflection on one port, started and shut down on a grpc.aio event loop, warmed up in the
+background (serving/server/warm_up.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from serving.errors import NotReady
+from serving.mempool import GRPC_OPTIONS, MEMPOOL_SERVICE, MemPoolService
+from serving.pensieve.v1 import pensieve_pb2_grpc as pb_grpc
+from serving.server.metrics import Metrics
+from serving.server.service import SERVICE_NAME, PensieveService
+from serving.server.warm_up import describe_programs
+
+if TYPE_CHECKING:
+    from pensieve_jax.engine.engine import Engine
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+ROLES = ("prefill", "decode", "both")      # what a router may use a replica for
+
+
+class PensieveServer:
+    """The service plus gRPC health (grpc.health.v1) and server reflection, on one port.
+
+    warm_up: after start() opens the port (health NOT_SERVING), run engine.warm_up() on a
+    background thread, then report SERVING (`wait_ready()`); turns wait for it. Without it (or
+    for an engine without warm_up) health is SERVING from start()."""
+
+    def __init__(self, engine: "Engine", host: str = DEFAULT_HOST, port: int = 0,
+                 metrics: Metrics | None = None, model_name: str | None = None,
+                 max_streams: int = 1024, options: list[tuple[str, Any]] | None = None,
+                 role: str = "both", warm_up: bool = False):
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        self.engine = engine
+        self.host = host
+        self.requested_port = port
+        self.port: int | None = None
+        self.metrics = metrics
+        self.service = PensieveService(engine, metrics, model_name, max_streams)
+        self.service.role = role
+        self.mempool = MemPoolService(self.service)      # pensieve.v1.MemPool (KV transfer)
+        self.service.mempool = self.mempool
+        self.health = health.aio.HealthServicer()
+        self._options = GRPC_OPTIONS if options is None else options
+        self._server: grpc.aio.Server | None = None
+        self._expiry: asyncio.Task | None = None
+        self.warm_up = warm_up and callable(getattr(engine, "warm_up", None))
+        self.warm_s: float | None = None      # how long the warm-up took
+        self.programs: dict | None = None     # engine.stats()["programs"] after it, if any
+        self._warming: asyncio.Task | None = None
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def ready(self) -> bool:
+        """Started, and warm (health SERVING)."""
+        return self._server is not None and self.service.warm_up.is_open
+
+    async def wait_ready(self) -> None:
+        """Return once the server is warm (health SERVING); raises NotReady if the warm-up
+        failed or the server stopped first."""
+        await self.service.warm_up.wait()
+
+    async def _warm(self) -> None:
+        start = time.monotonic()
+        try:
+            await asyncio.to_thread(self.engine.warm_up)
+            stats = await asyncio.to_thread(self.engine.stats)
+        except Exception as e:
+            log.error("warm-up failed: turns end UNAVAILABLE", exc_info=e)
+            self.service.warm_up.open(
+                NotReady(f"the engine failed to warm up: {type(e).__name__}: {e}"))
+            return
+        self.warm_s = time.monotonic() - start
+        self.programs = stats.get("programs") if isinstance(stats, dict) else None
+        if self._server is None or self.service.draining:
+            return
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.service.warm_up.open()
+        log.info("warm after %.1f s%s: health SERVING", self.warm_s, describe_programs(
+            self.programs))
+
+    async def start(self) -> int:
+        server = grpc.aio.server(options=self._options)
+        pb_grpc.add_PensieveServicer_to_server(self.service, server)
+        pb_grpc.add_MemPoolServicer_to_server(self.mempool, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, MEMPOOL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        self.port = server.add_insecure_port(f"{self.host}:{self.requested_port}")
+        await server.start()
+        self._server = server
+        status = health_pb2.HealthCheckResponse
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status.NOT_SERVING if self.warm_up else status.SERVING)
+        if self.warm_up:
+            self.service.warm_up.close()
+            self._warming = asyncio.create_task(self._warm())
+        if self.service.ttl is not None:
+            self._expiry = asyncio.create_task(self.service.expire_loop())
+        return self.port
+
+    async def shutdown(self, grace: float = 5.0) -> None:
+        """Take no new calls; let in-flight turns finish for up to `grace` seconds, then cancel
+        them (each stream still ends cleanly, with finish_reason "abort")."""
+        if self._server is None:
+            return
+        await self.health.enter_graceful_shutdown()
+        self.service.warm_up.open(NotReady("the server stopped before its engine was warm"))
+        stopping = asyncio.create_task(self._server.stop(grace + 10.0))   # new calls: UNAVAILABLE
+        await self.service.drain(grace)
+        await stopping
+        if self._expiry is not None:
+            self._expiry.cancel()
+        if self._warming is not None:
+            self._warming.cancel()           # its thread finishes the warm-up on its own
+        await self.mempool.close()
+        self.service.close()
+        self._server = None
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
