@@ -209,7 +209,10 @@ class PaddingCounter:
     wraps runner.step and pads as its runner does (a power-of-two bucket of tokens)."""
 
     def __init__(self, engine):
-        from pensieve_jax.runner.programs import bucket
+        try:
+            from pensieve_jax.runner import bucket     # the old engine's flat layout
+        except ImportError:
+            from pensieve_jax.runner.programs import bucket
         runner = engine.runner
         step, minimum = runner.step, runner.buckets.min_tokens
         self.real = self.padded = 0
@@ -354,7 +357,7 @@ def worker(spec: dict) -> None:
     import pensieve_jax
     if not Path(pensieve_jax.__file__).resolve().is_relative_to(Path(spec["source"]).resolve()):
         raise SystemExit(f"pensieve_jax came from {pensieve_jax.__file__}, not {spec['source']}")
-    from pensieve_jax.engine.engine import Engine, EngineConfig
+    from pensieve_jax import Engine, EngineConfig     # (every layout exports them)
     from common import git_commit
     result["pensieve_jax"] = str(Path(pensieve_jax.__file__).parent)
     result["git_commit"] = git_commit()
