@@ -130,3 +130,17 @@ def test_restore_takes_pages_back_from_the_index_and_recomputes_one_range():
     assert b.pages[1:] == [-1] * 3 and s.allocator.ref_count(own_page_2) == 0
     s.restore(b)
     assert min(b.pages) >= 0
+
+
+def test_registering_pages_that_left_the_device_adds_no_dead_index_nodes():
+    """A conversation registered while its last pages are on host or dropped used to leave
+    nodes with no copy and no children, never pruned: the index grew forever."""
+    from pensieve_jax.kvcache.prefix_index import PrefixIndex
+    index = PrefixIndex(4)
+    index.insert("", list(range(12)), [5, -1, -1])
+    assert index.stats() == {"nodes": 1, "device_pages": 1, "host_pages": 0}
+    index.insert("", list(range(12)), [-1, -1, 7])         # a gap before a copy stays
+    assert index.stats()["nodes"] == 3
+    index.forget_device(7)
+    index.forget_device(5)
+    assert index.stats() == {"nodes": 0, "device_pages": 0, "host_pages": 0}

@@ -79,7 +79,7 @@ class _EngineTokenConversation:
         self.seq: list[int] = list(system_ids)
 
     def turn(self, new_ids: list[int], text: str | None, max_tokens: int) -> TurnResult:
-        from pensieve_jax.engine.sampling import SamplingParams
+        from pensieve_jax import SamplingParams   # (every layout exports it)
         self.seq = self.seq + list(new_ids)
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
         start = time.perf_counter()

@@ -47,7 +47,7 @@ class SessionConversation:
         self.session = session
 
     def turn(self, new_ids: list[int], text: str | None, max_tokens: int) -> TurnResult:
-        from pensieve_jax.engine.sampling import SamplingParams
+        from pensieve_jax import SamplingParams   # (every layout exports it)
         params = SamplingParams(max_tokens=max_tokens)
         start = time.perf_counter()
         first = None
