@@ -35,9 +35,9 @@ class CompileCounter:
 
 
 def test_token_ladder_is_fine_at_the_low_end_and_ends_at_the_budget():
-    assert token_buckets(512) == (8, 16, 32, 48, 64, 96, 128, 256, 512)
+    assert token_buckets(512) == (8, 16, 32, 48, 64, 80, 96, 128, 256, 512)
     assert token_buckets(16) == (8, 16)
-    assert token_buckets(100) == (8, 16, 32, 48, 64, 96, 100)
+    assert token_buckets(100) == (8, 16, 32, 48, 64, 80, 96, 100)
     assert token_buckets(4) == (4,)
     assert token_buckets(512, single=True)[:3] == (1, 8, 16)    # one decode alone (CPU)
     assert token_buckets(1, single=True) == (1,)
@@ -45,7 +45,7 @@ def test_token_ladder_is_fine_at_the_low_end_and_ends_at_the_budget():
 
 def test_program_set_covers_every_step_up_to_the_budget():
     programs = ProgramSet(token_buckets(512), max_num_seqs=64, pages_per_seq=256)
-    assert len(programs.shapes) == 9
+    assert len(programs.shapes) == 10
     for n in range(1, 513):
         shape = programs.shape_for(n)
         assert shape.tokens >= n and shape.seqs == min(shape.tokens, 64)
