@@ -57,8 +57,9 @@ aot-kernels: $(AOT_STAMP)
 # travels with the working tree, about 10 MiB). grpcio and protobuf go too: the generated
 # stubs (serving/, grpc_health, grpc_reflection) need at least the versions they were made with,
 # and the image's are not known. The command that installs and runs them there:
-# benchmarks/README.md, "GPU check".
-WHEELS := gguf grpcio-health-checking grpcio-reflection grpcio-tools grpcio protobuf
+# benchmarks/README.md, "GPU check". flatbuffers: the program store serializes with it (without
+# it the store only logs that it cannot save). The CLI's tyro is not needed there.
+WHEELS := gguf grpcio-health-checking grpcio-reflection grpcio-tools grpcio protobuf flatbuffers
 WHEEL_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 \
 	manylinux2014_x86_64 manylinux1_x86_64
 

@@ -311,7 +311,9 @@ def run_ttft(engine, spec: dict, counter: CompileCounter, sampler: Sampler) -> d
         conv = target.conversation(f"ttft-{rep}", [], None)
         ttfts = []
         try:
-            for _ in range(s["ttft_turns"]):
+            for turn in range(s["ttft_turns"]):
+                if turn and spec.get("ttft_think_time"):
+                    time.sleep(spec["ttft_think_time"])     # the user reads the reply
                 ids = rng.integers(0, target.vocab_size, s["ttft_user_tokens"]).tolist()
                 res = conv.turn(ids, None, s["ttft_reply_tokens"])
                 ttfts.append(res["ttft_s"])
@@ -547,7 +549,8 @@ def run_system(model: str, system: str, rep: int, src: Path, args, sizes: dict,
         linked = link_models(cache, model_cache)
         base = {"model": model, "dtype": args.dtype, "system": system, "source": str(src),
                 "sizes": sizes,
-                "engine_options": options, "seed": args.seed, "think_time": args.think_time}
+                "engine_options": options, "seed": args.seed, "think_time": args.think_time,
+                "ttft_think_time": args.ttft_think_time}
         short = model.split(":")[-1].split("/")[-1][:20]
         run: dict[str, Any] = {"model": model, "system": system, "repeat": rep,
                                "source": str(src), "linked_models": linked}
@@ -724,6 +727,9 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ttft-user-tokens", type=int, help=f"default {FULL['ttft_user_tokens']}")
     ap.add_argument("--ttft-reply-tokens", type=int, help=f"default {FULL['ttft_reply_tokens']}")
     ap.add_argument("--ttft-repeats", type=int, help=f"default {FULL['ttft_repeats']}")
+    ap.add_argument("--ttft-think-time", type=float, default=0.0,
+                    help="seconds the TTFT conversation waits before each next turn (0: sends it "
+                         "as the reply ends, so it also waits for the reply's cache flush)")
     ap.add_argument("--engine-option", action="append", metavar="KEY=VALUE",
                     help="another EngineConfig field (dropped for a system that lacks it)")
     ap.add_argument("--no-replay", action="store_true", help="start-up and TTFT only")

@@ -12,7 +12,10 @@ from typing import Any, Sequence
 import jinja2
 import jinja2.sandbox
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
-from tokenizers.decoders import DecodeStream
+try:
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # tokenizers < 0.21 (e.g. an image installed before it): TextStream decodes
+    DecodeStream = None  # the whole reply each token instead
 
 # Pre-tokenizer regexes by GGUF `tokenizer.ggml.pre` (the split llama.cpp applies before BPE).
 _GPT2_PATTERN = (r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
@@ -210,11 +213,19 @@ class TextStream:
 
     def __init__(self, backend: HFTokenizer, skip_special_tokens: bool = True):
         self._backend = backend
-        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self._skip = skip_special_tokens
+        self._stream = None if DecodeStream is None else DecodeStream(
+            skip_special_tokens=skip_special_tokens)
+        self._ids: list[int] = []
         self.text = ""
 
     def step(self, token_id: int) -> str:
-        piece = self._stream.step(self._backend, int(token_id)) or ""
+        if self._stream is not None:
+            piece = self._stream.step(self._backend, int(token_id)) or ""
+        else:
+            self._ids.append(int(token_id))
+            full = self._backend.decode(self._ids, skip_special_tokens=self._skip)
+            piece = "" if full.endswith("\ufffd") else full[len(self.text):]
         self.text += piece
         return piece
 

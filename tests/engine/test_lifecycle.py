@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = 'Engine.from_pretrained("random:tiny", max_model_len=128, page_size=8, num_pages=32, ' \
        'max_num_seqs=4, max_batched_tokens=64)'
 

@@ -1,4 +1,4 @@
-"""Run by tests/test_parallel.py in a subprocess with XLA_FLAGS forcing 4 CPU devices.
+"""Run by tests/model/test_parallel.py in a subprocess with XLA_FLAGS forcing 4 CPU devices.
 
     python tests/tp_worker.py SCENARIO:ATTENTION:TP[,TP...] ...
 
@@ -13,7 +13,7 @@ import sys
 import threading
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import numpy as np  # noqa: E402
 

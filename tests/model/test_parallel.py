@@ -33,7 +33,7 @@ def runs():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, str(WORKER), *RUNS], env=env, capture_output=True,
-                          text=True, timeout=400, cwd=WORKER.parent.parent)
+                          text=True, timeout=400, cwd=WORKER.parents[2])
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -126,7 +126,7 @@ def test_cli_flag_reaches_engine_config():
 
 def test_bench_tp_runs_and_matches_tp1(tmp_path):
     out = tmp_path / "tp.json"
-    bench = WORKER.parent.parent / "benchmarks" / "bench_tp.py"
+    bench = WORKER.parents[2] / "benchmarks" / "bench_tp.py"
     proc = subprocess.run([sys.executable, str(bench), "--tp", "1", "4", "--iters", "1",
                            "--prefill", "16", "--context", "16", "--decode-batch", "2",
                            "--out", str(out)], capture_output=True, text=True, timeout=300,

@@ -13,7 +13,7 @@ from pensieve_jax.kvcache.eviction import LRUPolicy, PensievePolicy, make_policy
 from pensieve_jax.engine.request import Request
 from pensieve_jax.engine.sampling import SamplingParams
 from pensieve_jax.engine.scheduler import Scheduler, SchedulerConfig
-from test_engine import conversation_turns, make, random_turns, settle
+from tests.engine.test_engine import conversation_turns, make, random_turns, settle
 
 P = SamplingParams(max_tokens=8, ignore_eos=True)
 PAGE_BYTES = 2 * 2 * 8 * 2 * 16 * 4       # tiny: 2 layers, page 8, 2 kv heads, dim 16, float32

@@ -9,7 +9,7 @@ import sys
 
 from pensieve_jax.runner import compile_cache
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = """
 import json, os
 from pensieve_jax.runner import compile_cache

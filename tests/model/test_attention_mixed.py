@@ -16,7 +16,7 @@ from pensieve_jax.engine.step_input import step_input
 from pensieve_jax.runner.model_runner import ModelRunner
 from pensieve_jax.runner.step_program import StepInput
 from pensieve_jax.weights import load_model
-from test_attention import reference
+from tests.model.test_attention import reference
 
 HEAD_DIM, PAGE_SIZE = 16, 8
 
