@@ -189,10 +189,6 @@ class RouterService(pb_grpc.PensieveServicer):
                        lambda self, value: setattr(self.mover, "kv_move", value))
     events = property(lambda self: self.stats.events,
                       lambda self, value: setattr(self.stats, "events", value))
-    # tests/serving/test_cache_report.py calls these by their names from before the parts:
-    # to go once it calls cache.learn and chooser.candidates
-    _learn = property(lambda self: self.cache.learn)
-    _candidates = property(lambda self: self.chooser.candidates)
 
 
 async def _abort(context, error: Exception) -> None:

@@ -93,7 +93,7 @@ def test_router_reconciles_reports():
     from serving.router import RouterService
     router = RouterService(["127.0.0.1:1"], "e2", Tokenizer.byte_level(512))
     r, tree = router.replicas[0], router.tree
-    router._learn(r, [1, 2, 3], "s-0")               # before any report: the LRU estimate
+    router.cache.learn(r, [1, 2, 3], "s-0")               # before any report: the LRU estimate
     assert tree.match([1, 2, 3]) == {0: 3} and tree.holders(0) == {}
     t0 = time.monotonic()
     router.apply_report(r, pb.CacheReportResponse(
@@ -104,10 +104,10 @@ def test_router_reconciles_reports():
     assert router.reports["estimate_dropped_tokens"] == 1
     assert (r.reports, r.report_epoch, r.report_version) == (True, "e", 1)
 
-    router._learn(r, [1, 2, 9, 4], "s-1")            # a turn routed after the report was asked
-    router._learn(r, [6, 6], "s-2")                  # a turn routed but not kept there
+    router.cache.learn(r, [1, 2, 9, 4], "s-1")            # a turn routed after the report was asked
+    router.cache.learn(r, [6, 6], "s-2")                  # a turn routed but not kept there
     t1 = time.monotonic()
-    router._learn(r, [7, 7], "s-3")                  # routed after the next report was asked
+    router.cache.learn(r, [7, 7], "s-3")                  # routed after the next report was asked
     router.apply_report(r, pb.CacheReportResponse(
         epoch="e", version=2, conversations=[held("s-1", [1, 2, 9, 4])], num_conversations=1), t1)
     assert tree.holders(0) == {"s-1": (1, 2, 9, 4), "s-3": (7, 7)}   # s-2 let go, s-3 pending
@@ -170,7 +170,7 @@ def test_tree_follows_evictions_and_imports(engine, reference):
         assert wait_until(lambda: tree_match() == {h: len(ids), o: len(ids)})
         nxt = cluster.call(lambda: router.keys.prompt_ids(conv.template, conv.ids,
                                                           turn_messages(TURNS[1])))
-        decide = lambda: cluster.call(lambda: e2_choose(router._candidates(nxt), len(nxt),
+        decide = lambda: cluster.call(lambda: e2_choose(router.chooser.candidates(nxt), len(nxt),
                                                         router.e2, h))
         assert decide()[:2] == (h, "affinity")       # h holds it: the conversation stays
 
