@@ -1,6 +1,6 @@
 """Compiling before measuring: the engine's whole step program set (`engine.warm_up()`,
 --precompile all) through JAX's persistent compilation cache. The engine derives its program
-set from its configuration (pensieve_jax.runner.model_runner.ProgramSet), so nothing here guesses shapes."""
+set from its configuration (pensieve_jax.runner.programs.ProgramSet), so nothing here guesses shapes."""
 
 from __future__ import annotations
 
