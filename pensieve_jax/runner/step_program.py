@@ -69,8 +69,7 @@ def runtime_params(params: Any, platform: str) -> Any:
     """Loaded params as the step programs on `platform` take them. On CPU each layer's matmul
     kernels become arrays of their own (model/llama.py's `unstack_kernels`, under
     "layer_kernels"): XLA CPU copies a layer's slice of a stacked kernel before its dot, a
-    second pass over the
-    weights that cost decode about a sixth of its time. Elsewhere as loaded (stacked): a GPU's
+    second pass over the weights that cost decode about a sixth of its time. Elsewhere as loaded (stacked): a GPU's
     matmuls read the slice in place. The kernels are copies: the loaded tree is untouched."""
     if platform != "cpu" or "layer_kernels" in params:     # or in that layout already
         return params
