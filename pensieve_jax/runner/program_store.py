@@ -63,16 +63,21 @@ def _code_fingerprint() -> str:
     return h.hexdigest()
 
 
+def _directory() -> str | None:
+    """The compilation cache's directory when the store is on (None: off)."""
+    if os.environ.get(ENV, "1").strip().lower() in compile_cache.OFF:
+        return None
+    return compile_cache.stats().get("dir")
+
+
 def enabled() -> bool:
     """The store is on: not turned off by the environment, and a compilation cache is in use."""
-    if os.environ.get(ENV, "1").strip().lower() in compile_cache.OFF:
-        return False
-    return bool(compile_cache.stats().get("dir"))
+    return bool(_directory())
 
 
 def _path(key: tuple, params: Any) -> Path | None:
-    directory = compile_cache.stats().get("dir")
-    if not directory or not enabled():
+    directory = _directory()
+    if not directory:
         return None
     signature = jax.tree.map(
         lambda a: (tuple(a.shape), str(a.dtype), str(getattr(a, "sharding", ""))), params)
@@ -84,7 +89,37 @@ def _path(key: tuple, params: Any) -> Path | None:
 def load(key: tuple, params: Any) -> export.Exported | None:
     """The stored program for key (with these parameters' shapes), or None."""
     path = _path(key, params)
-    if path is None or not path.exists():
+    return None if path is None else _read(path)
+
+
+def save(key: tuple, params: Any, exported: export.Exported) -> None:
+    """Store a traced program (best effort: a failure is logged, never raised)."""
+    path = _path(key, params)
+    if path is not None:
+        _write(path, exported)
+
+
+def exported(key: tuple, params: Any, trace: Callable[[], export.Exported]
+             ) -> export.Exported | None:
+    """The program for key: loaded from the store, else trace() (a jax.export of it) and
+    stored. None when the store is off or the program cannot be exported: lower it directly."""
+    path = _path(key, params)
+    if path is None:
+        return None
+    program = _read(path)
+    if program is not None:
+        return program
+    try:
+        program = trace()
+    except Exception as e:  # noqa: BLE001 - e.g. a custom call jax.export does not take
+        log.debug("step program %s not exportable (%s: %s)", key[-1], type(e).__name__, e)
+        return None
+    _write(path, program)
+    return program
+
+
+def _read(path: Path) -> export.Exported | None:
+    if not path.exists():
         return None
     try:
         return export.deserialize(bytearray(path.read_bytes()))
@@ -93,11 +128,7 @@ def load(key: tuple, params: Any) -> export.Exported | None:
         return None
 
 
-def save(key: tuple, params: Any, exported: export.Exported) -> None:
-    """Store a traced program (best effort: a failure is logged, never raised)."""
-    path = _path(key, params)
-    if path is None:
-        return
+def _write(path: Path, exported: export.Exported) -> None:
     try:
         blob = exported.serialize()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,24 +137,6 @@ def save(key: tuple, params: Any, exported: export.Exported) -> None:
         os.replace(f.name, path)
     except Exception as e:  # noqa: BLE001 - what cannot be serialized is traced each time
         log.warning("cannot store traced program (%s: %s)", type(e).__name__, e)
-
-
-def exported(key: tuple, params: Any, trace: Callable[[], export.Exported]
-             ) -> export.Exported | None:
-    """The program for key: loaded from the store, else trace() (a jax.export of it) and
-    stored. None when the store is off or the program cannot be exported: lower it directly."""
-    if not enabled():
-        return None
-    program = load(key, params)
-    if program is not None:
-        return program
-    try:
-        program = trace()
-    except Exception as e:  # noqa: BLE001 - e.g. a custom call jax.export does not take
-        log.debug("step program %s not exportable (%s: %s)", key[-2:], type(e).__name__, e)
-        return None
-    save(key, params, program)
-    return program
 
 
 __all__ = ["ENV", "enabled", "exported", "load", "save"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from pensieve_jax.engine.config import EngineConfig
+from pensieve_jax.engine.config import EngineConfig, page_bytes
 from pensieve_jax.engine.engine import Engine
 from pensieve_jax.engine.request import Request
 from pensieve_jax.engine.sampling import SamplingParams
@@ -45,9 +45,9 @@ class Driver:
     def __init__(self, page_size=4, num_pages=24, host_pages=0, chunk_pages=2,
                  max_batched_tokens=16, max_num_seqs=4, max_model_len=64,
                  swap_out_threshold=0.25, overlap=False, **options):
-        page_bytes = 2 * CONFIG.num_layers * page_size * CONFIG.num_kv_heads * CONFIG.head_dim * 4
+        nbytes = page_bytes(MODEL, EngineConfig(page_size=page_size), "float32")
         config = EngineConfig(
-            page_size=page_size, num_pages=num_pages, host_cache_bytes=host_pages * page_bytes,
+            page_size=page_size, num_pages=num_pages, host_cache_bytes=host_pages * nbytes,
             chunk_tokens=chunk_pages * page_size, max_batched_tokens=max_batched_tokens,
             max_num_seqs=max_num_seqs, max_model_len=max_model_len,
             swap_out_threshold=swap_out_threshold, eviction_policy="lru", reserve_fraction=0.0,

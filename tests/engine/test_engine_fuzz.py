@@ -17,17 +17,13 @@ import random
 
 import pytest
 
-from pensieve_jax.engine.config import EngineConfig
+from pensieve_jax.engine.config import EngineConfig, page_bytes
 from pensieve_jax.engine.engine import Engine
 from pensieve_jax.engine.sampling import SamplingParams
 from tests.engine.test_engine_over_fake_runner import CONFIG, MODEL
 from tests.fake_runner import FakeRunner, reference
 
 VOCAB = CONFIG.vocab_size
-
-
-def page_bytes(page_size: int) -> int:
-    return 2 * CONFIG.num_layers * page_size * CONFIG.num_kv_heads * CONFIG.head_dim * 4
 
 
 def random_config(rng: random.Random) -> EngineConfig:
@@ -40,7 +36,7 @@ def random_config(rng: random.Random) -> EngineConfig:
         page_size=ps, num_pages=min_pages + rng.choice([0, 1, 4, min_pages]),
         max_model_len=max_model_len, max_batched_tokens=max_batched,
         max_num_seqs=rng.choice([1, 2, 4]),
-        host_cache_bytes=rng.choice([0, 0, 3, 3 * min_pages]) * page_bytes(ps),
+        host_cache_bytes=rng.choice([0, 0, 3, 3 * min_pages]) * page_bytes(MODEL, EngineConfig(page_size=ps), "float32"),
         eviction_policy=rng.choice(["lru", "pensieve"]), chunk_tokens=ps * rng.choice([1, 2]),
         restore_policy=rng.choice(["load", "recompute"]),
         prefix_sharing=rng.random() < 0.8, cache_policy="stateless" if stateless else "stateful",

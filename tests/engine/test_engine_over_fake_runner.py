@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from pensieve_jax.engine.config import EngineConfig
+from pensieve_jax.engine.config import EngineConfig, page_bytes
 from pensieve_jax.engine.engine import Engine
 from pensieve_jax.engine.sampling import SamplingParams
 from pensieve_jax.model.config import PRESETS
@@ -19,7 +19,7 @@ from tests.fake_runner import FakeRunner, reference
 
 CONFIG = PRESETS["tiny"]
 MODEL = LoadedModel(CONFIG, {}, Tokenizer.byte_level(CONFIG.vocab_size), "fake")
-PAGE_BYTES = 2 * CONFIG.num_layers * 4 * CONFIG.num_kv_heads * CONFIG.head_dim * 4  # page_size 4
+PAGE_BYTES = page_bytes(MODEL, EngineConfig(page_size=4), "float32")
 
 
 def engine(num_pages=40, host_pages=0, **options) -> Engine:
