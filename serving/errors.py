@@ -14,6 +14,9 @@ so `except ValueError` / `except EngineOverloaded` work the same locally and rem
     | RESOURCE_EXHAUSTED  | EngineOverloaded (max_queued_requests)             | ResourceExhausted  |
     | DEADLINE_EXCEEDED   | (the client's deadline passed)                     | DeadlineExceeded   |
     | UNAVAILABLE         | ShuttingDown, NotReady (the warm-up failed)        | Unavailable        |
+    | UNAUTHENTICATED     | serving.auth.Unauthenticated (no or a wrong key)   | UnauthenticatedError |
+
+Messages quote client input through `clip()`: at most ~100 characters of it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,15 @@ import grpc
 from pensieve_jax.engine.errors import EngineOverloaded
 from pensieve_jax.kvcache.errors import ConversationBusy
 from pensieve_jax.session import SessionClosed
+from serving.auth import Unauthenticated
+
+ECHO_CHARS = 100      # at most this much of a client's input is quoted back in an error
+
+
+def clip(value: object, limit: int = ECHO_CHARS) -> str:
+    """repr() of client input for an error message, cut to about `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
 
 
 class ConversationNotFound(LookupError):
@@ -56,6 +68,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         code = grpc.StatusCode.DEADLINE_EXCEEDED
     elif isinstance(exc, (ShuttingDown, NotReady)):
         code = grpc.StatusCode.UNAVAILABLE
+    elif isinstance(exc, Unauthenticated):
+        code = grpc.StatusCode.UNAUTHENTICATED
     message = str(exc) if code != grpc.StatusCode.INTERNAL else f"{type(exc).__name__}: {exc}"
     return code, message or type(exc).__name__
 
@@ -93,6 +107,10 @@ class Unavailable(RemoteError, ConnectionError):
     pass
 
 
+class UnauthenticatedError(RemoteError, Unauthenticated):
+    pass
+
+
 _CLIENT_ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
@@ -100,6 +118,7 @@ _CLIENT_ERRORS = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
 }
 
 
