@@ -55,10 +55,12 @@ def _describe(fields: Mapping[str, Any]) -> str:
 class StateStore:
     """The conversation records of one state directory. Thread-safe (one connection, a lock)."""
 
-    def __init__(self, connection: sqlite3.Connection, path: str):
+    def __init__(self, connection: sqlite3.Connection, path: str,
+                 fingerprint: Mapping[str, Any] | None = None):
         self._db = connection
         self._lock = threading.Lock()
         self.path = path
+        self._check_fingerprint(dict(fingerprint or {}))
 
     @classmethod
     def open(cls, directory: str | os.PathLike,
@@ -73,9 +75,7 @@ class StateStore:
         db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         db.execute("CREATE TABLE IF NOT EXISTS conversations (id TEXT PRIMARY KEY, owner TEXT, "
                    "salt TEXT, token_ids TEXT, messages TEXT, sampling TEXT, updated REAL)")
-        store = cls(db, path)
-        store._check_fingerprint(dict(fingerprint or {}))
-        return store
+        return cls(db, path, fingerprint)
 
     def _check_fingerprint(self, fingerprint: dict[str, Any]) -> None:
         wanted = {"schema": SCHEMA_VERSION, **fingerprint}
