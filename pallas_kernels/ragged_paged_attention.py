@@ -11,12 +11,15 @@ Work mapping (host-free: the plan is computed in jnp inside the jitted wrapper):
 
 Two query ranges over one context (Pensieve's recomputed front + new prompt) are two rows of
 the batch sharing one page-table row; nothing is copied.
+
+Sliding window W (static): a row attends to the positions > its own - W only; a block walks
+its context from the page block holding its first row's window start, so pages wholly before
+every row's window are never read (and the context splits cover only the window's span).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -33,16 +36,28 @@ def _next_pow2(n: int) -> int:
 
 
 def block_sizes(num_tokens: int, num_seqs: int, group: int, page_size: int, pages_per_seq: int,
-                num_splits: int | None = None) -> tuple[int, int, int]:
+                num_splits: int | None = None,
+                sliding_window: int | None = None) -> tuple[int, int, int]:
     """(block_q, pages_per_block, num_splits) for a step's static shapes."""
     group_pad = _next_pow2(group)
     decode_heavy = num_tokens <= 2 * num_seqs
     rows = 16 if decode_heavy else 64
     block_q = max(1, rows // group_pad)
     pages_per_block = max(1, 64 // page_size)
+    span = span_pages(pages_per_seq, page_size, pages_per_block, block_q, sliding_window)
     if num_splits is None:
-        num_splits = min(8, max(1, pages_per_seq // (4 * pages_per_block))) if decode_heavy else 1
+        num_splits = min(8, max(1, span // (4 * pages_per_block))) if decode_heavy else 1
     return block_q, pages_per_block, num_splits
+
+
+def span_pages(pages_per_seq: int, page_size: int, pages_per_block: int, block_q: int,
+               sliding_window: int | None) -> int:
+    """Most pages one block of block_q rows reads, from its first page block on: the whole
+    table, or with a window W the pages of W + block_q - 1 keys plus one page block of
+    alignment."""
+    if sliding_window is None:
+        return pages_per_seq
+    return min(pages_per_seq, pl.cdiv(sliding_window + block_q - 1, page_size) + pages_per_block)
 
 
 # -- kernel -----------------------------------------------------------------------------------
@@ -60,7 +75,7 @@ def _kernel(layer_ref,        # int32 [1]
             m_ref,            # float32 [rows], running max
             l_ref,            # float32 [rows], running sum
             *, sm_scale: float, group_pad: int, block_q: int, pages_per_block: int,
-            pages_per_split: int):
+            pages_per_split: int, sliding_window: int | None):
     head, blk, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows, head_dim = q_ref.shape
     page_size = k_ref.shape[2]
@@ -74,7 +89,12 @@ def _kernel(layer_ref,        # int32 [1]
     first_pos = kv_len - q_len + q_start                     # position of the block's first row
     last_pos = kv_len - q_len + jnp.minimum(q_start + block_q, q_len) - 1
     needed_pages = jnp.where(seq_raw >= 0, pl.cdiv(last_pos + 1, page_size), 0)
-    page_lo = split * pages_per_split
+    if sliding_window is None:
+        first_page = 0
+    else:   # the page block holding the first row's window start (aligned: whole blocks)
+        first_key = jnp.maximum(first_pos - sliding_window + 1, 0)
+        first_page = first_key // page_size // pages_per_block * pages_per_block
+    page_lo = first_page + split * pages_per_split
     page_hi = jnp.minimum(page_lo + pages_per_split, needed_pages)
     num_iters = pl.cdiv(jnp.maximum(page_hi - page_lo, 0), pages_per_block)
 
@@ -91,6 +111,8 @@ def _kernel(layer_ref,        # int32 [1]
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale
         k_pos = page0 * page_size + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
         mask = (k_pos <= q_pos) & (k_pos < kv_len) & (k_pos < page_hi * page_size)
+        if sliding_window is not None:
+            mask &= k_pos > q_pos - sliding_window
         s = jnp.where(mask, s, MASK_VALUE)
         m_next = jnp.maximum(m_prev, s.max(axis=-1))
         correction = jnp.exp(m_prev - m_next)
@@ -133,19 +155,28 @@ def _check(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens):
         raise ValueError(f"page_size must be a power of two, got {page_size}")
 
 
+def _check_window(sliding_window) -> None:
+    if sliding_window is not None and (isinstance(sliding_window, bool) or
+                                       not isinstance(sliding_window, int) or sliding_window < 1):
+        raise ValueError(f"sliding_window must be None or an integer >= 1, got {sliding_window!r}")
+
+
 def _check_interpret(interpret) -> None:
     if not isinstance(interpret, bool):
         raise TypeError(f"interpret must be True or False (explicit, never inferred from the "
                         f"default backend), got {interpret!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "num_splits"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "num_splits",
+                                             "sliding_window"))
 def ragged_paged_attention_stacked(q, k_pool, v_pool, layer, page_table, kv_lens, cu_q_lens, *,
                                    interpret: bool, sm_scale: float | None = None,
-                                   num_splits: int | None = None):
+                                   num_splits: int | None = None,
+                                   sliding_window: int | None = None):
     """Like `ragged_paged_attention`, reading layer `layer` of pools stacked over layers
     [layers, num_pages, page_size, num_kv_heads, head_dim] in place."""
     _check_interpret(interpret)
+    _check_window(sliding_window)
     _check(q, k_pool, v_pool, page_table, kv_lens, cu_q_lens)
     num_tokens, num_heads, head_dim = q.shape
     _, _, page_size, num_kv_heads, _ = k_pool.shape
@@ -156,8 +187,9 @@ def ragged_paged_attention_stacked(q, k_pool, v_pool, layer, page_table, kv_lens
     group_pad = _next_pow2(group)
     sm_scale = head_dim ** -0.5 if sm_scale is None else sm_scale
     block_q, pages_per_block, splits = block_sizes(num_tokens, num_seqs, group, page_size,
-                                                   pages_per_seq, num_splits)
-    pages_per_split = pl.cdiv(pl.cdiv(pages_per_seq, splits), pages_per_block) * pages_per_block
+                                                   pages_per_seq, num_splits, sliding_window)
+    span = span_pages(pages_per_seq, page_size, pages_per_block, block_q, sliding_window)
+    pages_per_split = pl.cdiv(pl.cdiv(span, splits), pages_per_block) * pages_per_block
     num_blocks = pl.cdiv(num_tokens, block_q) + num_seqs        # bound on sum(ceil(q_len/bq))
 
     # the plan: which sequence and query rows each block covers
@@ -177,12 +209,16 @@ def ragged_paged_attention_stacked(q, k_pool, v_pool, layer, page_table, kv_lens
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, group_pad - group), (0, 0)))
     qb = qg[rows_tok].transpose(2, 0, 1, 3, 4).reshape(num_kv_heads, num_blocks,
                                                        block_q * group_pad, head_dim)
-    padded_pages = splits * pages_per_split
+    # every page block a program reads lies in the table: blocks start at multiples of
+    # pages_per_block below pages_per_seq (and past it only with no window: the splits)
+    padded_pages = max(splits * pages_per_split,
+                       pl.cdiv(pages_per_seq, pages_per_block) * pages_per_block)
     table = jnp.pad(page_table, ((0, 0), (0, padded_pages - pages_per_seq)))
 
     rows = block_q * group_pad
     kernel = functools.partial(_kernel, sm_scale=sm_scale, group_pad=group_pad, block_q=block_q,
-                               pages_per_block=pages_per_block, pages_per_split=pages_per_split)
+                               pages_per_block=pages_per_block, pages_per_split=pages_per_split,
+                               sliding_window=sliding_window)
     full = lambda a: pl.BlockSpec(a.shape, lambda h, i, s: (0,) * a.ndim)  # noqa: E731
     scalars = [jnp.reshape(layer, (1,)).astype(jnp.int32), block_seq, block_start, table,
                kv_lens, cu_q_lens]
@@ -214,7 +250,8 @@ def ragged_paged_attention_stacked(q, k_pool, v_pool, layer, page_table, kv_lens
         ],
         interpret=interpret,
         compiler_params=compiler_params,
-        name=f"ragged_paged_attention_bq{block_q}_g{group_pad}_ppb{pages_per_block}_s{splits}",
+        name=(f"ragged_paged_attention_bq{block_q}_g{group_pad}_ppb{pages_per_block}_s{splits}"
+              + ("" if sliding_window is None else f"_w{sliding_window}")),
     )(*scalars, qb, k_pool, v_pool)
 
     # combine the context splits, normalize, and scatter blocks back to token rows
@@ -236,13 +273,15 @@ def ragged_paged_attention_stacked(q, k_pool, v_pool, layer, page_table, kv_lens
 
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, *,
-                           interpret: bool, sm_scale: float | None = None):
+                           interpret: bool, sm_scale: float | None = None,
+                           sliding_window: int | None = None):
     """Causal attention of ragged query rows over paged context (design.md section 5).
 
     q [num_tokens, num_q_heads, head_dim]; k_pages, v_pages [num_pages, page_size, num_kv_heads,
     head_dim]; page_table int32 [num_seqs, max_pages_per_seq]; kv_lens int32 [num_seqs] (context
     length including this step's tokens); cu_q_lens int32 [num_seqs + 1]. Query j of sequence s
     sits at position kv_lens[s] - q_len[s] + j. Rows past cu_q_lens[-1] come back as zeros.
+    sliding_window: None, or W: a query attends to the positions > its own - W only.
     interpret (required): True runs the Pallas interpreter (any backend), False compiles the
     kernel (Triton; GPU only). Never inferred from the default backend: a program lowered for
     another platform (ahead of time, for a GPU, on a CPU host) must say which it wants, and
@@ -253,35 +292,4 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, 
                          f"got shape {k_pages.shape}")
     return ragged_paged_attention_stacked(q, k_pages[None], v_pages[None], jnp.int32(0),
                                           page_table, kv_lens, cu_q_lens, sm_scale=sm_scale,
-                                          interpret=interpret)
-
-
-# -- reference --------------------------------------------------------------------------------
-
-def ragged_paged_attention_reference(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, *,
-                                     sm_scale: float | None = None, interpret=None):
-    """Plain jnp: each token gathers its sequence's whole context and attends causally."""
-    del interpret
-    num_tokens, num_heads, head_dim = q.shape
-    num_pages, page_size, num_kv_heads, _ = k_pages.shape
-    num_seqs, pages_per_seq = page_table.shape
-    sm_scale = head_dim ** -0.5 if sm_scale is None else sm_scale
-    t = jnp.arange(num_tokens)
-    seq = jnp.minimum(jnp.searchsorted(cu_q_lens[1:], t, side="right"), num_seqs - 1)
-    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
-    pos = kv_lens[seq] - q_len + (t - cu_q_lens[seq])
-    ctx = pages_per_seq * page_size
-    k = k_pages[page_table].reshape(num_seqs, ctx, num_kv_heads, head_dim)[seq]
-    v = v_pages[page_table].reshape(num_seqs, ctx, num_kv_heads, head_dim)[seq]
-    group = num_heads // num_kv_heads
-    k = jnp.repeat(k, group, axis=2).astype(jnp.float32)
-    v = jnp.repeat(v, group, axis=2).astype(jnp.float32)
-    s = jnp.einsum("thd,tchd->thc", q.astype(jnp.float32), k) * sm_scale
-    k_pos = jnp.arange(ctx)
-    mask = (k_pos[None, :] <= pos[:, None]) & (k_pos[None, :] < kv_lens[seq][:, None])
-    s = jnp.where(mask[:, None, :], s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1)
-    p = jnp.where(mask[:, None, :], p, 0.0)
-    out = jnp.einsum("thc,tchd->thd", p, v)
-    valid = (t < cu_q_lens[-1])[:, None, None]
-    return jnp.where(valid & jnp.isfinite(out), out, 0.0).astype(q.dtype)
+                                          interpret=interpret, sliding_window=sliding_window)

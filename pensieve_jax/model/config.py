@@ -1,41 +1,29 @@
-"""Model configuration: one frozen dataclass for every Llama-family checkpoint we load."""
+"""Model configuration: one frozen dataclass for every decoder we load (Llama 2/3, Mistral,
+Qwen2/Qwen2.5, Qwen3 dense, SmolLM2), and random-weight presets of real shapes."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import numpy as np
 
+from pensieve_jax.model.rope import RopeScaling, inv_freq
 
-@dataclasses.dataclass(frozen=True)
-class RopeScaling:
-    """RoPE frequency scaling as a checkpoint declares it.
-
-    kind: "linear" (positions divided by factor), "llama3" (frequency-dependent, Llama 3.1+), or
-    "freq_factors" (one divisor per frequency, as GGUF files store Llama 3.1 scaling).
-    """
-
-    kind: str
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-    freq_factors: tuple[float, ...] = ()
-
-    def __post_init__(self):
-        if self.kind not in ("linear", "llama3", "freq_factors"):
-            raise ValueError(f"unsupported rope scaling type {self.kind!r} "
-                             "(supported: linear, llama3, freq_factors)")
-        object.__setattr__(self, "freq_factors", tuple(float(f) for f in self.freq_factors))
-        if self.factor <= 0:
-            raise ValueError(f"rope scaling factor must be positive, got {self.factor}")
+__all__ = ["PRESETS", "ModelConfig", "RopeScaling"]
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a Llama-family decoder (Llama 2/3, Mistral, SmolLM2)."""
+    """Shape and numerics of a Llama-style decoder: RMSNorm, RoPE, grouped-query attention,
+    SwiGLU MLP; the family differences are the fields after `name`:
+
+    qkv_bias        q/k/v projections carry a bias (Qwen2; attention_bias of Llama / Qwen3)
+    o_bias          o_proj carries a bias (attention_bias of Llama / Qwen3)
+    qk_norm         per-head RMSNorm of q and k (weights [head_dim]) before RoPE (Qwen3)
+    sliding_window  each query attends to the last `sliding_window` positions, itself
+                    included (Mistral; the same window on every layer); None: all of them
+    """
 
     vocab_size: int
     hidden_size: int
@@ -50,6 +38,10 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     name: str = "llama"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
 
     def __post_init__(self):
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -61,33 +53,20 @@ class ModelConfig:
                              f"({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        window = self.sliding_window
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                                   or window < 1):
+            raise ValueError(f"ModelConfig.sliding_window must be None or an integer >= 1, "
+                             f"got {window!r}")
 
     @property
     def q_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
 
     def rope_inv_freq(self) -> np.ndarray:
-        """Inverse frequencies [head_dim // 2], float32, with the declared scaling applied."""
-        exponents = np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim
-        inv_freq = 1.0 / (self.rope_theta ** exponents)
-        s = self.rope_scaling
-        if s is not None and s.kind == "linear":
-            inv_freq = inv_freq / s.factor
-        elif s is not None and s.kind == "llama3":
-            low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
-            high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
-            wavelen = 2 * math.pi / inv_freq
-            smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-                s.high_freq_factor - s.low_freq_factor)
-            scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
-            mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-            inv_freq = np.where(mid, (1 - smooth) * inv_freq / s.factor + smooth * inv_freq, scaled)
-        elif s is not None and s.kind == "freq_factors":
-            if len(s.freq_factors) != len(inv_freq):
-                raise ValueError(f"rope freq_factors has {len(s.freq_factors)} entries, "
-                                 f"expected head_dim // 2 = {len(inv_freq)}")
-            inv_freq = inv_freq / np.asarray(s.freq_factors, np.float64)
-        return inv_freq.astype(np.float32)
+        """Inverse frequencies [head_dim // 2], float32, with the declared scaling applied
+        (dynamic scaling: the unscaled ones; the model scales them per position)."""
+        return inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -98,46 +77,6 @@ class ModelConfig:
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         return cls(**d)
-
-    @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
-        """From a Hugging Face `config.json` dict (LlamaForCausalLM / MistralForCausalLM)."""
-        archs = hf.get("architectures") or []
-        known = {"LlamaForCausalLM", "MistralForCausalLM"}
-        if archs and not set(archs) & known:
-            raise ValueError(f"unsupported architecture {archs} (supported: {sorted(known)})")
-        num_heads = hf["num_attention_heads"]
-        hidden = hf["hidden_size"]
-        return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hidden,
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or hidden // num_heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
-            rope_theta=hf.get("rope_theta", 10000.0),
-            rope_scaling=rope_scaling_from_hf(hf.get("rope_scaling")),
-            max_position_embeddings=hf.get("max_position_embeddings", 4096),
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            name=hf.get("_name_or_path") or (archs[0] if archs else "llama"),
-        )
-
-
-def rope_scaling_from_hf(d: dict[str, Any] | None) -> RopeScaling | None:
-    if not d:
-        return None
-    kind = d.get("rope_type") or d.get("type")
-    if kind == "default":
-        return None
-    if kind == "llama3":
-        return RopeScaling("llama3", float(d["factor"]), float(d.get("low_freq_factor", 1.0)),
-                           float(d.get("high_freq_factor", 4.0)),
-                           int(d.get("original_max_position_embeddings", 8192)))
-    if kind == "linear":
-        return RopeScaling("linear", float(d["factor"]))
-    raise ValueError(f"unsupported rope_scaling {d!r} (supported: linear, llama3)")
 
 
 # Random-weight presets of real shapes: no file needed (tests, GPU speed work).
@@ -160,5 +99,23 @@ PRESETS: dict[str, ModelConfig] = {
     "mistral-7b": ModelConfig(vocab_size=32768, hidden_size=4096, intermediate_size=14336,
                               num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
                               rope_theta=1000000.0, max_position_embeddings=32768,
-                              name="random:mistral-7b"),
+                              name="random:mistral-7b"),        # v0.3: no window
+    "mistral-7b-v0.1": ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                                   num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                                   rope_theta=10000.0, max_position_embeddings=32768,
+                                   sliding_window=4096, name="random:mistral-7b-v0.1"),
+    "qwen2.5-0.5b": ModelConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                                num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64,
+                                rms_norm_eps=1e-6, rope_theta=1000000.0,
+                                max_position_embeddings=32768, tie_word_embeddings=True,
+                                qkv_bias=True, name="random:qwen2.5-0.5b"),
+    "qwen2.5-7b": ModelConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                              num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128,
+                              rms_norm_eps=1e-6, rope_theta=1000000.0,
+                              max_position_embeddings=32768, qkv_bias=True,
+                              name="random:qwen2.5-7b"),
+    "qwen3-8b": ModelConfig(vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                            num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
+                            rms_norm_eps=1e-6, rope_theta=1000000.0,
+                            max_position_embeddings=40960, qk_norm=True, name="random:qwen3-8b"),
 }

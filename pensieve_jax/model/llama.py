@@ -1,12 +1,14 @@
-"""Llama-family decoder in Flax, functional over a paged KV cache.
+"""Llama-family decoder in Flax, functional over a paged KV cache (Llama, Mistral, Qwen2, Qwen3:
+the differences are ModelConfig's qkv_bias, o_bias, qk_norm, sliding_window and rope_scaling).
 
 The cache is passed in and returned, never held: `Llama.apply(params, token_ids, positions, kv,
 batch)` returns `(logits, kv)`. Layers are stacked and run with `nn.scan`, so a 30-layer model
 compiles about as fast as a 1-layer one; the KV pools ride in the scan carry and are updated in
 place (scatter into a loop carry needs no copy when the caller donates them).
 
-Parameter names follow Hugging Face's Llama so that loaders map weights one to one; Dense kernels
-are stored [in, out] and every per-layer leaf has a leading [num_layers] axis.
+Parameter names follow Hugging Face's Llama (and Qwen3's q_norm / k_norm) so that loaders map
+weights one to one; Dense kernels are stored [in, out] and every per-layer leaf has a leading
+[num_layers] axis.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pensieve_jax.model.attention import (AttentionBatch, Incoming, KVCache, get_attention, load_pages,
-                                    token_slots, write_kv)
+from pensieve_jax.model.attention import (AttentionBatch, Incoming, KVCache, get_attention,
+                                          load_pages, token_slots, write_kv)
 from pensieve_jax.model.config import ModelConfig
 from pensieve_jax.model.parallel import HEADS_SPEC, VOCAB_SPEC, constrain
+from pensieve_jax.model.rope import apply_rope, positions_rope
 
 
 class RMSNorm(nn.Module):
@@ -36,19 +39,16 @@ class RMSNorm(nn.Module):
         return (y * weight.astype(jnp.float32)).astype(self.dtype)
 
 
-def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [T, head_dim] (float32) for rotate-half RoPE at the given positions [T]."""
-    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+class Bias(nn.Module):
+    """A projection's bias alone ([n], named as nn.Dense names it): the fused-kernel layout
+    keeps the biases in params while the kernels travel apart."""
 
+    features: int
+    dtype: Any = jnp.float32
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [T, heads, head_dim]; the two halves of head_dim are the rotated pairs (HF layout)."""
-    xf = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    return (xf * cos[:, None, :] + rotated * sin[:, None, :]).astype(x.dtype)
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        return self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
 
 
 def fetch_layer(incoming: Incoming, layer) -> tuple[jax.Array, jax.Array]:
@@ -72,10 +72,12 @@ class DecoderLayer(nn.Module):
             kv = load_pages(kv, layer, *arrived, incoming.page_ids)
             arrived = fetch_layer(incoming, jnp.minimum(layer + 1, c.num_layers - 1))
 
-        def dense(n: int, name: str):
+        def dense(n: int, name: str, bias: bool = False):
             if kernels is None:          # this layer's slice of the stacked kernel
-                return nn.Dense(n, use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
+                return nn.Dense(n, use_bias=bias, dtype=self.dtype, param_dtype=self.dtype,
                                 name=name)
+            if bias:
+                return lambda x: picked(name)(x) + Bias(n, self.dtype, name=name)()
             return picked(name)
 
         def picked(name: str):
@@ -89,22 +91,31 @@ class DecoderLayer(nn.Module):
 
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(h)
         if kernels is None:
-            q, k, v = (dense(q_width, "q_proj")(x), dense(kv_width, "k_proj")(x),
-                       dense(kv_width, "v_proj")(x))
+            q, k, v = (dense(q_width, "q_proj", c.qkv_bias)(x),
+                       dense(kv_width, "k_proj", c.qkv_bias)(x),
+                       dense(kv_width, "v_proj", c.qkv_bias)(x))
         else:                            # fused: one matmul for q, k and v
             q, k, v = jnp.split(picked("qkv_proj")(x), [q_width, q_width + kv_width], axis=-1)
+            if c.qkv_bias:
+                q, k, v = (a + Bias(n, self.dtype, name=name)() for a, n, name in
+                           ((q, q_width, "q_proj"), (k, kv_width, "k_proj"),
+                            (v, kv_width, "v_proj")))
         q = q.reshape(num_tokens, c.num_heads, c.head_dim)
         k = k.reshape(num_tokens, c.num_kv_heads, c.head_dim)
         v = v.reshape(num_tokens, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:                    # Qwen3: each head normalized before RoPE
+            q = RMSNorm(c.rms_norm_eps, self.dtype, name="q_norm")(q)
+            k = RMSNorm(c.rms_norm_eps, self.dtype, name="k_norm")(k)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (constrain(a, self.mesh, HEADS_SPEC) for a in (q, k, v))
 
         kv = write_kv(kv, layer, k, v, slots)
         attn = get_attention(self.attention)(q, kv, layer, batch, sm_scale=c.head_dim ** -0.5,
-                                             mesh=self.mesh, interpret=self.interpret)
+                                             sliding_window=c.sliding_window, mesh=self.mesh,
+                                             interpret=self.interpret)
         attn = constrain(attn, self.mesh, HEADS_SPEC)
-        h = h + dense(c.hidden_size, "o_proj")(attn.reshape(num_tokens, -1))
+        h = h + dense(c.hidden_size, "o_proj", c.o_bias)(attn.reshape(num_tokens, -1))
 
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(h)
         if kernels is None:
@@ -157,7 +168,7 @@ class Llama(nn.Module):
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
                          name="embed_tokens")
         h = embed(token_ids)
-        rope = rope_tables(positions, jnp.asarray(c.rope_inv_freq()))
+        rope = positions_rope(positions, c.head_dim, c.rope_theta, c.rope_scaling)
         slots = token_slots(positions, batch, kv.num_pages, kv.page_size)
 
         arrived = None if incoming is None else fetch_layer(incoming, 0)
@@ -233,10 +244,14 @@ def unstack_kernels(params: Any) -> tuple[Any, dict[str, tuple]]:
     """Loaded params (every layer leaf stacked, [num_layers, ...]) -> (the same tree without
     the layers' matmul kernels, those kernels one array per layer: {name: (layer 0's, ...)}),
     as `Llama.__call__(..., layer_kernels=)` takes them. q/k/v and gate/up are fused
-    (FUSED_KERNELS: their columns side by side), one matmul each."""
+    (FUSED_KERNELS: their columns side by side), one matmul each; biases stay in the tree."""
     layers = dict(params["params"]["layers"])
-    stacked = {name: layers.pop(name)["kernel"] for parts in FUSED_KERNELS.values()
-               for name in parts}
+    stacked = {}
+    for name in (name for parts in FUSED_KERNELS.values() for name in parts):
+        module = dict(layers.pop(name))
+        stacked[name] = module.pop("kernel")
+        if module:                       # a bias
+            layers[name] = module
     kernels = {fused: tuple(jnp.concatenate([stacked[p][i] for p in parts], axis=-1)
                             if len(parts) > 1 else stacked[parts[0]][i]
                             for i in range(stacked[parts[0]].shape[0]))

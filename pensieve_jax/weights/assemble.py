@@ -17,21 +17,26 @@ class ModelLoadError(ValueError):
     """A model source that cannot be loaded; the message names the source and the reason."""
 
 
-# our per-layer leaf -> Hugging Face module under model.layers.{i}
+# our per-layer module -> Hugging Face module under model.layers.{i}
 LAYER_LINEARS = {
     "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
     "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
     "down_proj": "mlp.down_proj",
 }
-LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
+LAYER_NORMS = {"input_layernorm": "input_layernorm",
+               "post_attention_layernorm": "post_attention_layernorm",
+               "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}     # Qwen3
+# our leaf -> (Hugging Face tensor, transposed: [out, in] there)
+_LEAVES = {"kernel": ("weight", True), "bias": ("bias", False), "weight": ("weight", False)}
 
 
 def assemble_params(config: ModelConfig, get: Callable[[str], np.ndarray], dtype,
                     source: str) -> dict[str, Any]:
     """Build the parameter tree from `get(hf_name) -> array` ([out, in] for linears).
 
-    Layers are cast to `dtype` one at a time before stacking, so peak host memory stays near the
-    size of the converted model.
+    The tensors asked for are the ones `Llama(config)` has (biases, q/k norms where the config
+    says so). Layers are cast to `dtype` one at a time before stacking, so peak host memory
+    stays near the size of the converted model.
     """
     expected = param_shapes(config, dtype)["params"]
     np_dtype = jnp.dtype(dtype)
@@ -47,14 +52,15 @@ def assemble_params(config: ModelConfig, get: Callable[[str], np.ndarray], dtype
         return jnp.asarray(arr)
 
     layers: dict[str, Any] = {}
-    for ours, theirs in LAYER_LINEARS.items():
-        stacked = np.stack([take(f"model.layers.{i}.{theirs}.weight", True)
-                            for i in range(config.num_layers)])
-        layers[ours] = {"kernel": check(f"layers.{ours}", stacked, expected["layers"][ours]["kernel"])}
-    for norm in LAYER_NORMS:
-        stacked = np.stack([take(f"model.layers.{i}.{norm}.weight", False)
-                            for i in range(config.num_layers)])
-        layers[norm] = {"weight": check(f"layers.{norm}", stacked, expected["layers"][norm]["weight"])}
+    for ours, leaves in expected["layers"].items():
+        theirs = {**LAYER_LINEARS, **LAYER_NORMS}[ours]
+        layers[ours] = {}
+        for leaf, want in leaves.items():
+            name, transpose = _LEAVES[leaf]
+            stacked = np.stack([take(f"model.layers.{i}.{theirs}.{name}", transpose)
+                                for i in range(config.num_layers)])
+            path = f"layers.{ours}" + ("" if leaf != "bias" else ".bias")
+            layers[ours][leaf] = check(path, stacked, want)
 
     params: dict[str, Any] = {
         "embed_tokens": {"embedding": check("embed_tokens", take("model.embed_tokens.weight", False),

@@ -1,4 +1,5 @@
-"""Load a Hugging Face model directory: config.json, *.safetensors, tokenizer files."""
+"""Load a Hugging Face model directory: config.json (read by hf_config), *.safetensors,
+tokenizer files."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 from safetensors import safe_open
 
 from pensieve_jax.model.config import ModelConfig
+from pensieve_jax.weights.hf_config import config_from_hf
 from pensieve_jax.tokenizer import Tokenizer
 from pensieve_jax.weights.assemble import ModelLoadError, assemble_params
 
@@ -28,7 +30,7 @@ def _read_json(path: Path, required: bool = True) -> dict[str, Any] | None:
 def load_hf_dir(directory: str, dtype) -> tuple[ModelConfig, dict[str, Any], Tokenizer]:
     root = Path(directory)
     try:
-        config = ModelConfig.from_hf(_read_json(root / "config.json"))
+        config = config_from_hf(_read_json(root / "config.json"))
     except (KeyError, ValueError) as e:
         raise ModelLoadError(f"{root}/config.json: {e}") from e
 

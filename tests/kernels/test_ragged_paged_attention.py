@@ -132,3 +132,68 @@ def test_interpret_is_explicit():
             ragged_paged_attention(*args, interpret=bad)
     out = ragged_paged_attention(*args, interpret=True)
     assert rel_err(out, ragged_paged_attention_reference(*args)) < 1e-5
+
+
+# -- sliding window ---------------------------------------------------------------------------
+
+def poison_before_windows(args, window, page_size, keys_per_block):
+    """NaN in every page a windowed kernel must never read: for each sequence, the pages wholly
+    before the block (keys_per_block keys, aligned) holding its first row's window start (but
+    not a page another row of the table names: padding entries name page 0, and the last page
+    block a kernel reads may hold them, masked)."""
+    q, k, v, table, kv_lens, cu = args
+    table, kv_lens, cu = np.asarray(table), np.asarray(kv_lens), np.asarray(cu)
+    k, v = np.array(k), np.array(v)
+    poisoned = set()
+    for s in range(len(kv_lens)):
+        q_len = int(cu[s + 1] - cu[s])
+        if q_len == 0:
+            continue
+        first_key = max(int(kv_lens[s]) - q_len - window + 1, 0)
+        unread = first_key // keys_per_block * keys_per_block // page_size
+        others = set(np.delete(table, s, axis=0).ravel()) | set(table[s, unread:].ravel())
+        poisoned |= set(table[s, :unread].tolist()) - others
+    k[sorted(poisoned)] = np.nan
+    v[sorted(poisoned)] = np.nan
+    return (q, jnp.asarray(k), jnp.asarray(v), *args[3:]), len(poisoned)
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 40])
+@pytest.mark.parametrize("page_size", [4, 16])
+def test_sliding_window_matches_reference(window, page_size):
+    """Mixed prefill / decode rows, contexts shorter and longer than the window."""
+    args = make_case(50 + window, [1, 9, 0, 20, 1], [60, 3, 10, 30, 7], heads=4, kv_heads=2,
+                     head_dim=32, page_size=page_size)
+    out = ragged_paged_attention(*args, interpret=True, sliding_window=window)
+    ref = ragged_paged_attention_reference(*args, sliding_window=window)
+    assert rel_err(out, ref) < 1e-5
+    assert np.all(np.asarray(out)[31:] == 0)
+    if window < 30:    # the window changes the answer: it is applied, not ignored
+        assert rel_err(ref, ragged_paged_attention_reference(*args)) > 1e-2
+
+
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+@pytest.mark.parametrize("window,q_lens", [(16, [1, 1, 1]), (24, [5, 1, 12]), (70, [1, 3, 1])])
+def test_sliding_window_never_reads_pages_before_it(window, q_lens, num_splits):
+    """Pages wholly before a sequence's window (in whole page blocks) hold NaN: the output is
+    still the reference's on clean pages, so they were never read; with context splits too."""
+    page_size = 8
+    args = make_case(window, q_lens, [200, 151, 97], heads=4, kv_heads=2, head_dim=32,
+                     page_size=page_size, pad_rows=2)
+    pages_per_block = max(1, 64 // page_size)          # the kernel's page block
+    poisoned_args, poisoned = poison_before_windows(args, window, page_size,
+                                                    pages_per_block * page_size)
+    assert poisoned >= 10
+    out = ragged_paged_attention_stacked(
+        poisoned_args[0], poisoned_args[1][None], poisoned_args[2][None], jnp.int32(0),
+        *poisoned_args[3:], interpret=True, num_splits=num_splits, sliding_window=window)
+    ref = ragged_paged_attention_reference(*args, sliding_window=window)
+    assert bool(jnp.isfinite(out).all())
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_sliding_window_must_be_positive():
+    args = make_case(0, [2], [3], heads=2, kv_heads=1)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="sliding_window must be None or an integer"):
+            ragged_paged_attention(*args, interpret=True, sliding_window=bad)

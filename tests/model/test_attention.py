@@ -101,3 +101,62 @@ def test_write_kv_lands_in_the_right_slots_and_drops_padding(rng):
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
         get_attention("nope")
+
+
+# -- sliding window ---------------------------------------------------------------------------
+
+def windowed_reference(q, kv, batch, sm_scale, window):
+    """Dense attention per sequence, each row over the keys of its last `window` positions."""
+    out = np.zeros(q.shape, np.float64)
+    ps = kv.k.shape[2]
+    heads, kv_heads = q.shape[1], kv.k.shape[3]
+    for s in range(len(batch.kv_lens)):
+        lo, hi = batch.cu_q_lens[s], batch.cu_q_lens[s + 1]
+        ctx = batch.kv_lens[s]
+        pages = batch.page_table[s, : -(-ctx // ps)]
+        k = np.asarray(kv.k[0], np.float64)[pages].reshape(-1, kv_heads, q.shape[2])[:ctx]
+        v = np.asarray(kv.v[0], np.float64)[pages].reshape(-1, kv_heads, q.shape[2])[:ctx]
+        k, v = np.repeat(k, heads // kv_heads, 1), np.repeat(v, heads // kv_heads, 1)
+        for r, pos in zip(range(lo, hi), range(ctx - (hi - lo), ctx)):
+            keys = np.arange(max(0, pos - window + 1), pos + 1)
+            sc = np.einsum("hd,chd->hc", np.asarray(q[r], np.float64), k[keys]) * sm_scale
+            p = np.exp(sc - sc.max(-1, keepdims=True))
+            out[r] = np.einsum("hc,chd->hd", p / p.sum(-1, keepdims=True), v[keys])
+    return out
+
+
+@pytest.mark.parametrize("window", [1, 3, 8, 50])
+def test_sliding_window_matches_dense(rng, window):
+    q_lens, kv_lens = [7, 1, 0, 20, 1], [20, 6, 4, 23, 40]
+    q, kv, batch = make_case(rng, q_lens, kv_lens)
+    out = np.asarray(xla_paged_attention(jnp.asarray(q), kv, jnp.int32(0), batch,
+                                         sm_scale=0.25, sliding_window=window))
+    np.testing.assert_allclose(out, windowed_reference(q, kv, batch, 0.25, window), atol=2e-5)
+    assert np.all(out[sum(q_lens):] == 0)
+
+
+def test_sliding_window_never_reads_key_blocks_before_it(rng):
+    """The XLA path's key blocks (whole pages, LAST_ROWS_KEYS / TILE_KEYS keys) wholly before
+    a sequence's first row's window hold NaN: the output is still the clean one."""
+    from pensieve_jax.model.attention import LAST_ROWS_KEYS, TILE_KEYS
+    page_size, window = 8, 20
+    q_lens, kv_lens = [1, 30, 1], [300, 290, 140]
+    q, kv, batch = make_case(rng, q_lens, kv_lens, page_size=page_size, num_pages=120)
+    block = min(LAST_ROWS_KEYS, TILE_KEYS)
+    assert LAST_ROWS_KEYS % block == 0 and TILE_KEYS % block == 0
+    k, v = np.array(kv.k), np.array(kv.v)
+    poisoned = set()
+    for s, (n, ctx) in enumerate(zip(q_lens, kv_lens)):
+        first_key = ctx - n - window + 1
+        unread = first_key // max(LAST_ROWS_KEYS, TILE_KEYS) * max(LAST_ROWS_KEYS, TILE_KEYS)
+        pages = batch.page_table[s, :unread // page_size]
+        others = set(np.delete(batch.page_table, s, 0).ravel()) | \
+            set(batch.page_table[s, unread // page_size:].ravel())
+        poisoned |= set(pages.tolist()) - others
+    assert len(poisoned) >= 40
+    k[:, sorted(poisoned)] = np.nan
+    v[:, sorted(poisoned)] = np.nan
+    out = np.asarray(xla_paged_attention(jnp.asarray(q), KVCache(k, v), jnp.int32(0), batch,
+                                         sm_scale=0.25, sliding_window=window))
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, windowed_reference(q, kv, batch, 0.25, window), atol=2e-5)

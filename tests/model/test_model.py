@@ -10,7 +10,8 @@ import pytest
 from conftest import run_model
 from pensieve_jax.model.config import PRESETS, RopeScaling
 from pensieve_jax.model.attention import AttentionBatch, init_kv_cache
-from pensieve_jax.model.llama import Llama, apply_rope, rope_tables, unstack_kernels
+from pensieve_jax.model.llama import Llama, unstack_kernels
+from pensieve_jax.model.rope import apply_rope, rope_tables
 from pensieve_jax.weights.assemble import random_params
 
 CONFIG = PRESETS["tiny"]

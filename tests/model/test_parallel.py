@@ -38,6 +38,17 @@ def runs():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def family_runs():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(WORKER), "family:xla:1,2,4", "family:pallas:1,2"],
+                          env=env, capture_output=True, text=True, timeout=400,
+                          cwd=WORKER.parents[2])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def assert_same_as_one_device(by_tp):
     want = by_tp["1"]["outputs"]
     assert want and all(len(turns) for turns in want.values())
@@ -87,6 +98,16 @@ def test_tiny_preset_with_host_swaps_at_tp2(runs):
     assert by_tp["2"]["stats"]["device_to_host_pages"] > 0
     assert by_tp["2"]["stats"]["swap_in_pages"] > 0
     assert by_tp["2"]["layout"]["kv_shard"][3] == 1
+
+
+def test_family_features_equal_across_tp(family_runs):
+    """q/k/v and o_proj biases, q/k norms and a sliding window, sharded by head: the same
+    tokens at tensor_parallel 1, 2 and 4 (XLA) and 1, 2 (Pallas, interpreted)."""
+    for attention in ("xla", "pallas"):
+        assert_same_as_one_device(family_runs[f"family:{attention}"])
+    assert family_runs["family:pallas"]["1"]["outputs"] == \
+        family_runs["family:xla"]["1"]["outputs"]
+    assert family_runs["family:xla"]["2"]["layout"]["q_proj_shard"][-1] == 8 * 16 // 2
 
 
 def test_bad_tensor_parallel_is_a_clear_value_error(runs):

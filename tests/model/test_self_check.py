@@ -75,6 +75,27 @@ def test_self_check_of_the_interpreted_kernel_passes():
     assert r.max_abs_err <= r.tolerance == self_check.TOLERANCE["float32"]
 
 
+def test_a_windowed_model_checks_the_windowed_kernel():
+    """select_attention hands the model's window (shortened so the check's contexts cross
+    it) to the check, and the windowed kernel passes it; a kernel ignoring it would not."""
+    import dataclasses
+    seen = []
+
+    def check(*args, **kw):
+        seen.append(kw.get("sliding_window"))
+        return result(True)
+    for window, want in ((4096, 24), (10, 10), (None, None)):
+        select_attention(None, dataclasses.replace(TINY, sliding_window=window), 16,
+                         "float32", device=FAKE_GPU, check=check)
+        assert seen.pop() == want
+    assert attention_self_check(4, 2, 16, 4, "float32", sliding_window=10).ok
+    unwindowed = attention_self_check(
+        4, 2, 16, 4, "float32", sliding_window=10,
+        candidate=lambda p, interpret: self_check.kernel_attention(
+            p._replace(sliding_window=None), interpret))
+    assert not unwindowed.ok and unwindowed.error is None
+
+
 def test_self_check_catches_a_wrong_or_raising_kernel():
     wrong = attention_self_check(4, 2, 16, 4, "bfloat16",
                                  candidate=lambda p, interpret: jnp.zeros_like(p.q))

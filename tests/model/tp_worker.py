@@ -7,6 +7,7 @@ Prints one JSON line: {"SCENARIO:ATTENTION": {tp: {"outputs", "stats", "layout"}
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -52,10 +53,16 @@ def converse(engine: Engine, name: str, new_turns, params=GREEDY) -> list[list[i
 
 def layout(engine: Engine) -> dict:
     r = engine.runner
-    q = r.params["params"]["layers"]["q_proj"]["kernel"]
+    q = r.params["params"]["layers"].get("q_proj", {}).get("kernel")
+    if q is None:      # one CPU device: per-layer kernels, q/k/v fused (runtime_params)
+        c = engine.model.config
+        fused = r.params["layer_kernels"]["qkv_proj"][0]
+        q_shard = [*fused.shape[:-1], c.num_heads * c.head_dim]
+    else:
+        q_shard = list(q.addressable_shards[0].data.shape)
     return {"kv_shard": list(r.kv.k.addressable_shards[0].data.shape),
             "kv_devices": len(r.kv.k.sharding.device_set),
-            "q_proj_shard": list(q.addressable_shards[0].data.shape)}
+            "q_proj_shard": q_shard}
 
 
 def swaps(attention: str, tp: int, swap_in: str = "next_step") -> dict:
@@ -171,13 +178,34 @@ def errors(attention: str, tp: int) -> dict:
     return {"outputs": out, "layout": {}, "stats": {}}
 
 
+# the family features that touch sharding: q/k/v biases (column-sharded), an o_proj bias
+# (replicated), per-head q/k norms, and a window the conversations run past
+FAMILY = dataclasses.replace(SMALL, qkv_bias=True, o_bias=True, qk_norm=True, sliding_window=8,
+                             name="random:tp-family")
+
+
+def family(attention: str, tp: int) -> dict:
+    """Two conversations of two turns (past the window), one after the other."""
+    model = LoadedModel(FAMILY, random_params(FAMILY, "float32", seed=2, std=0.1),
+                        Tokenizer.byte_level(FAMILY.vocab_size), FAMILY.name)
+    engine = Engine(model, "float32", EngineConfig(
+        page_size=8, num_pages=24, max_model_len=96, max_batched_tokens=16, max_num_seqs=2,
+        attention=attention, tensor_parallel=tp))
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    outputs = {name: converse(engine, name, turns(seed, 2, 13), params)
+               for name, seed in (("f", 8), ("g", 9))}
+    result = {"outputs": outputs, "stats": {}, "layout": layout(engine)}
+    engine.shutdown()
+    return result
+
+
 def layered(attention: str, tp: int) -> dict:
     """swaps, with swap-ins loaded layer by layer inside the step (pinned host -> shards)."""
     return swaps(attention, tp, swap_in="layered")
 
 
 SCENARIOS = {"swaps": swaps, "layered": layered, "short": short, "tiny": tiny_preset,
-             "errors": errors}
+             "errors": errors, "family": family}
 
 if __name__ == "__main__":
     _probe_kernel()

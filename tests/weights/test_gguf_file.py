@@ -466,10 +466,10 @@ def test_config_from_metadata_defaults_and_overrides():
 def test_config_from_metadata_errors():
     with pytest.raises(ModelLoadError, match=r"m\.gguf.*llama\.block_count"):
         config_from_metadata(_meta(**{"llama.block_count": None}), set(), "m.gguf")
-    with pytest.raises(ModelLoadError, match="unsupported rope scaling 'yarn'"):
-        config_from_metadata(_meta(**{"llama.rope.scaling.type": "yarn"}), set(), "m.gguf")
-    with pytest.raises(ModelLoadError, match="unsupported GGUF architecture 'qwen2'"):
-        config_from_metadata(_meta(**{"general.architecture": "qwen2"}), set(), "m.gguf")
+    with pytest.raises(ModelLoadError, match="unsupported rope scaling 'longrope'"):
+        config_from_metadata(_meta(**{"llama.rope.scaling.type": "longrope"}), set(), "m.gguf")
+    with pytest.raises(ModelLoadError, match="unsupported GGUF architecture 'gemma'.*qwen3"):
+        config_from_metadata(_meta(**{"general.architecture": "gemma"}), set(), "m.gguf")
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -517,9 +517,9 @@ def test_unsupported_quantization(tmp_path, tiny):
 
 def test_unsupported_architecture(tmp_path, tiny):
     config, _, hf = tiny
-    path = tmp_path / "qwen.gguf"
-    write_gguf(path, config, hf, arch="qwen2", metadata=False)
-    with pytest.raises(ModelLoadError, match=r"qwen\.gguf.*unsupported GGUF architecture 'qwen2'"):
+    path = tmp_path / "gemma.gguf"
+    write_gguf(path, config, hf, arch="gemma", metadata=False)
+    with pytest.raises(ModelLoadError, match=r"gemma\.gguf.*unsupported GGUF architecture 'gemma'"):
         load_model(str(path), cache_dir=False)
 
 

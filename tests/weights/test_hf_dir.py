@@ -255,8 +255,9 @@ def test_unsupported_architecture(tmp_path, tiny):
 def test_unsupported_rope_scaling(tmp_path, tiny):
     config, _, tensors = tiny
     root = write_hf_dir(tmp_path / "model", config, tensors,
-                        config_over={"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
-    with pytest.raises(ModelLoadError, match=r"config\.json.*unsupported rope_scaling.*yarn"):
+                        config_over={"rope_scaling": {"rope_type": "longrope", "factor": 4.0}})
+    with pytest.raises(ModelLoadError, match=r"config\.json.*unsupported rope type 'longrope' "
+                                             r"in rope_scaling \(supported: default, .*yarn"):
         load_model(str(root), cache_dir=False)
 
 

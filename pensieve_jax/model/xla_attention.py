@@ -1,0 +1,184 @@
+"""Paged attention in plain XLA: the fast path on CPU and the fallback anywhere (see
+`xla_paged_attention`); the batch layout is pensieve_jax.model.kv_layout's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from pensieve_jax.model.kv_layout import AttentionBatch, KVCache
+
+MASK_VALUE = -1e30
+# The XLA path's work items (whole pages; at least one page of keys). Chosen on the 2-core CPU
+# for SmolLM2 shapes: short prefills (a turn's 72 tokens over 700 cached) cost about 30% less
+# than with tiles of 64 rows and blocks of 512 keys, 512-token prefills about the same.
+LAST_ROWS_KEYS = 128  # keys per item of the last rows (decodes), 8 items per loop iteration
+TILE_ROWS = 16        # prefill rows per tile
+TILE_KEYS = 128       # keys per item of a tile
+TILE_ITEMS = 12       # items per loop iteration of the tiles (a 72-token turn over 728
+                      # cached: 35 items, 3 iterations; 16 a time cost it 10% more)
+
+
+def _attend(qg: jax.Array, row_pos: jax.Array, row_seq: jax.Array, pair_unit: jax.Array,
+            pair_seq: jax.Array, kv: KVCache, layer: jax.Array, batch: AttentionBatch,
+            sm_scale: float, items_per_iter: int, block_keys: int,
+            sliding_window: int | None = None) -> jax.Array:
+    """Attention of U query units of R rows each over their sequences' pages, costing about
+    the keys each row really needs.
+
+    qg [U, R, kv_heads, group, D]; row_pos [U, R] each row's position and row_seq [U, R] its
+    sequence (-1: no query here; such rows come out 0). A unit's rows may belong to several
+    sequences: pair_unit, pair_seq [NP] list the (unit, sequence) pairs to compute, sorted by
+    unit (pair_seq -1: none). Returns float32 [U, R, kv_heads, group, D].
+
+    Each pair needs its sequence's keys up to the last position of its rows (with a sliding
+    window W, from the first row's position - W + 1 on), cut into blocks of
+    block_keys keys (whole pages); the (pair, block) items are numbered pair by pair, and a loop with a
+    dynamic trip count takes items_per_iter of them at a time: per item scores, a masked
+    softmax, then an online merge into the unit's running max, sum and output (flash attention
+    over a work list). Nothing is computed for padding, or for keys no row needs.
+    """
+    num_units, rows, num_kv_heads, group, head_dim = qg.shape
+    page_size = kv.k.shape[2]
+    pages_per_block = max(1, block_keys // page_size)
+    block_keys = pages_per_block * page_size
+    width = batch.page_table.shape[1]
+
+    match = (row_seq[pair_unit] == pair_seq[:, None]) & (pair_seq[:, None] >= 0)   # [NP, R]
+    last_pos = jnp.max(jnp.where(match, row_pos[pair_unit], -1), axis=1)           # [NP]
+    if sliding_window is None:
+        first_blk = jnp.zeros_like(last_pos)
+    else:                          # blocks wholly before the first row's window are skipped
+        first_pos = jnp.min(jnp.where(match, row_pos[pair_unit], jnp.iinfo(jnp.int32).max),
+                            axis=1)
+        first_blk = jnp.maximum(first_pos - sliding_window + 1, 0) // block_keys
+    blocks = jnp.where(last_pos >= 0, last_pos // block_keys + 1 - first_blk, 0)
+    cu = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(blocks, dtype=jnp.int32)])
+    total = cu[-1]
+    w = jnp.arange(items_per_iter, dtype=jnp.int32)
+
+    def body(it, carry):
+        m, l, o = carry                  # [U, K, G, R], [U, K, G, R], [U, K, G, R, D]
+        item = it * items_per_iter + w
+        valid = item < total
+        pair = jnp.clip(jnp.searchsorted(cu[1:], item, side="right"), 0,
+                        pair_unit.shape[0] - 1).astype(jnp.int32)
+        blk = first_blk[pair] + item - cu[pair]
+        u, seq = pair_unit[pair], jnp.maximum(pair_seq[pair], 0)
+        cols = jnp.clip(blk[:, None] * pages_per_block + jnp.arange(pages_per_block), 0,
+                        width - 1)
+        pages = batch.page_table[seq[:, None], cols]                         # [W, pages]
+        shape = (items_per_iter, block_keys, num_kv_heads, head_dim)
+        k = kv.k[layer, pages].reshape(shape)       # read from the stacked pools in place
+        v = kv.v[layer, pages].reshape(shape)
+        k_pos = blk[:, None] * block_keys + jnp.arange(block_keys, dtype=jnp.int32)  # [W, C]
+        q_pos = jnp.where((row_seq[u] == seq[:, None]) & valid[:, None], row_pos[u], -1)
+        mask = ((k_pos[:, None, :] <= q_pos[:, :, None]) &
+                (k_pos < batch.kv_lens[seq][:, None])[:, None, :])           # [W, R, C]
+        if sliding_window is not None:
+            mask &= k_pos[:, None, :] > q_pos[:, :, None] - sliding_window
+        s = jnp.einsum("wrkgd,wckd->wkgrc", qg[u], k,
+                       preferred_element_type=jnp.float32) * sm_scale
+        mask = mask[:, None, None]
+        s = jnp.where(mask, s, MASK_VALUE)
+        m_item = jnp.max(s, axis=-1)                                          # [W, K, G, R]
+        p = jnp.where(mask, jnp.exp(s - m_item[..., None]), 0.0)
+        l_item = jnp.sum(p, axis=-1)
+        o_item = jnp.einsum("wkgrc,wckd->wkgrd", p.astype(v.dtype), v,
+                            preferred_element_type=jnp.float32)
+        # merge: the items of one unit are consecutive; the first of them in this batch
+        # rescales the unit's running sums once
+        m_new = m.at[u].max(m_item)
+        m_unit = m_new[u]
+        first = jnp.concatenate([jnp.ones(1, bool), u[1:] != u[:-1]])
+        alpha = jnp.where(first[:, None, None, None], jnp.exp(m[u] - m_unit), 1.0)
+        scale = jnp.exp(m_item - m_unit)
+        l = l.at[u].multiply(alpha).at[u].add(l_item * scale)
+        o = o.at[u].multiply(alpha[..., None]).at[u].add(o_item * scale[..., None])
+        return m_new, l, o
+
+    init = (jnp.full((num_units, num_kv_heads, group, rows), MASK_VALUE, jnp.float32),
+            jnp.zeros((num_units, num_kv_heads, group, rows), jnp.float32),
+            jnp.zeros((num_units, num_kv_heads, group, rows, head_dim), jnp.float32))
+    _, l, o = jax.lax.fori_loop(0, -(-total // items_per_iter), body, init)
+    out = o / jnp.where(l > 0, l, 1.0)[..., None]
+    return jnp.moveaxis(out, 3, 1)                                  # [U, R, K, G, D]
+
+
+def xla_paged_attention(q: jax.Array, kv: KVCache, layer: jax.Array, batch: AttentionBatch, *,
+                        sm_scale: float, sliding_window: int | None = None, mesh: Any = None,
+                        interpret: bool = False) -> jax.Array:
+    """Paged attention in plain XLA over a work list of (query rows, key block) items: the
+    fast path on CPU, and the fallback anywhere.
+
+    q [T, num_q_heads, head_dim] -> [T, num_q_heads, head_dim]. Rows are computed in two parts:
+
+      last rows   every sequence's last new row (a decode's only one): S units of 1 row.
+      tiles       the other rows (prefill), in the token order: T / TILE_ROWS units of
+                  TILE_ROWS consecutive rows, each computed once per sequence it holds rows of
+                  (at most T / TILE_ROWS + S pairs); skipped at run time when the step has none.
+
+    Only static shapes are T, S and the page-table width; the work is a dynamic number of
+    items, each a block of keys (LAST_ROWS_KEYS, TILE_KEYS) that some row needs, so a step costs about its
+    real rows times their real contexts, whatever its mix, padding or table width. Numerics:
+    each query row's scores, mask and softmax are those of a dense per-sequence attention
+    (float32 scores, online softmax over key blocks). sliding_window W: a row attends to the
+    positions > its own - W only, and key blocks wholly outside every row's window are not
+    read. Under a mesh (heads sharded) XLA
+    partitions it by head from the operands' shardings. interpret is ignored (plain XLA).
+    """
+    del mesh, interpret
+    batch = AttentionBatch(*(jnp.asarray(a, jnp.int32) for a in batch))
+    kv = KVCache(jnp.asarray(kv.k), jnp.asarray(kv.v))
+    num_tokens, num_heads, head_dim = q.shape
+    num_seqs = batch.page_table.shape[0]
+    num_kv_heads = kv.k.shape[3]
+    group = num_heads // num_kv_heads
+    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim)
+
+    cu = batch.cu_q_lens
+    q_lens = cu[1:] - cu[:-1]                                                  # [S]
+    seqs = jnp.arange(num_seqs, dtype=jnp.int32)
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(cu[1:], t, side="right"), num_seqs - 1).astype(jnp.int32)
+    pos = batch.kv_lens[seq] - q_lens[seq] + (t - cu[seq])                    # [T]
+    real = t < cu[-1]
+    is_last = real & (t == cu[seq + 1] - 1)
+
+    last_q = qg[jnp.clip(cu[1:] - 1, 0, num_tokens - 1)][:, None]              # [S, 1, ...]
+    has_rows = (q_lens > 0)[:, None]
+    out = _attend(last_q, jnp.where(has_rows, batch.kv_lens[:, None] - 1, -1),
+                  jnp.where(has_rows, seqs[:, None], -1), seqs, seqs, kv, layer, batch,
+                  sm_scale, 8, LAST_ROWS_KEYS, sliding_window)[:, 0][seq]
+
+    if num_tokens > 1:
+        units = -(-num_tokens // TILE_ROWS)
+        pad = units * TILE_ROWS - num_tokens
+        tile_q = jnp.pad(qg, ((0, pad), (0, 0), (0, 0), (0, 0))).reshape(
+            units, TILE_ROWS, num_kv_heads, group, head_dim)
+        prefill = real & ~is_last
+        row_seq = jnp.pad(jnp.where(prefill, seq, -1), (0, pad), constant_values=-1)
+        row_pos = jnp.pad(pos, (0, pad)).reshape(units, TILE_ROWS)
+        row_seq = row_seq.reshape(units, TILE_ROWS)
+        # (tile, sequence) pairs: the sequences each tile's rows belong to
+        first_seq = jnp.min(jnp.where(row_seq >= 0, row_seq, num_seqs), axis=1)     # [U]
+        last_seq = jnp.max(row_seq, axis=1)
+        counts = jnp.maximum(last_seq - first_seq + 1, 0)
+        cu_pairs = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(counts, dtype=jnp.int32)])
+        j = jnp.arange(units + num_seqs, dtype=jnp.int32)
+        pair_unit = jnp.minimum(jnp.searchsorted(cu_pairs[1:], j, side="right"),
+                                units - 1).astype(jnp.int32)
+        pair_seq = jnp.where(j < cu_pairs[-1], first_seq[pair_unit] + j - cu_pairs[pair_unit],
+                             -1)
+
+        def tile_rows(out):
+            tiles = _attend(tile_q, row_pos, row_seq, pair_unit, pair_seq, kv, layer, batch,
+                            sm_scale, TILE_ITEMS, TILE_KEYS, sliding_window)
+            tiles = tiles.reshape(units * TILE_ROWS, num_kv_heads, group, head_dim)[:num_tokens]
+            return jnp.where(is_last[:, None, None, None], out, tiles)
+        out = jax.lax.cond(jnp.any(prefill), tile_rows, lambda out: out, out)
+
+    out = out.reshape(num_tokens, num_heads, head_dim)
+    return jnp.where(real[:, None, None], out, 0.0).astype(q.dtype)
