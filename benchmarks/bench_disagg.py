@@ -40,6 +40,7 @@ def bench_move(model, options: dict, lengths: list[int], reps: int, seed: int) -
 
     from pensieve_jax.engine.engine import Engine, EngineConfig
     from pensieve_jax.engine.sampling import SamplingParams
+    from serving.auth import CLUSTER_SECRET_METADATA
     from serving.mempool import GRPC_OPTIONS, CostModel
     from serving.pensieve.v1 import pensieve_pb2 as pb
     from serving.pensieve.v1 import pensieve_pb2_grpc as pb_grpc
@@ -49,11 +50,15 @@ def bench_move(model, options: dict, lengths: list[int], reps: int, seed: int) -
     params = sampling_to_proto(SamplingParams(max_tokens=4, ignore_eos=True))
     engines = [Engine(model, "float32", EngineConfig(**options)) for _ in range(2)]
     rows = []
-    with BackgroundServer(engines[0]) as a, BackgroundServer(engines[1]) as b, \
-            grpc.insecure_channel(a.target, GRPC_OPTIONS) as ca, \
-            grpc.insecure_channel(b.target, GRPC_OPTIONS) as cb:
+    secret = "bench-disagg"           # MemPool: the internal ports, behind the cluster secret
+    internal = ((CLUSTER_SECRET_METADATA, secret),)
+    with BackgroundServer(engines[0], cluster_secret=secret) as a, \
+            BackgroundServer(engines[1], cluster_secret=secret) as b, \
+            grpc.insecure_channel(a.target) as ca, grpc.insecure_channel(b.target) as cb, \
+            grpc.insecure_channel(a.internal_target, GRPC_OPTIONS) as ia:
+        a.call(lambda: a.server.internal.allow_peers([b.internal_target]))
         chat_a, chat_b = pb_grpc.PensieveStub(ca), pb_grpc.PensieveStub(cb)
-        pool_a = pb_grpc.MemPoolStub(ca)
+        pool_a = pb_grpc.MemPoolStub(ia)
         rng = random.Random(seed)
 
         def one(n: int, mode: str) -> dict:
@@ -69,8 +74,9 @@ def bench_move(model, options: dict, lengths: list[int], reps: int, seed: int) -
             start = time.perf_counter()
             target = ""
             if mode == "transfer":
-                t = pool_a.Transfer(pb.TransferRequest(conversation_id=cid, target=b.target,
-                                                       adopt=True), timeout=600)
+                t = pool_a.Transfer(pb.TransferRequest(conversation_id=cid,
+                                                       target=b.internal_target, adopt=True),
+                                    timeout=600, metadata=internal)
                 target = t.target_conversation_id
                 row.update(transfer_s=time.perf_counter() - start, bytes=t.bytes,
                            transfer_server_s=t.seconds)

@@ -14,42 +14,31 @@ A session may start from an earlier history (`engine.session(history=[...])`, me
 role and content), or continue from given token ids (`session.continue_from(ids)`); a turn may
 also be a list of messages ending with the user's.
 `stream_chunks` gives the text pieces together with their token ids, and `cancel()` (from any
-thread) stops the running turn.
+thread) stops the running turn. A turn that is stopped early or fails keeps what was read;
+`truncate_reply(n)` cuts it to what its caller was actually shown (a server's delivered
+chunks), `undo_turn()` forgets it. Messages that cannot fit max_model_len are refused before
+anything is tokenized (`check_size`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import secrets
 import threading
-import uuid
 from typing import TYPE_CHECKING, AsyncIterator, Iterable, Iterator, Sequence
 
-from pensieve_jax.engine.errors import EngineClosed
-from pensieve_jax.engine.request import RequestHandle, RequestOutput, Usage
+from pensieve_jax.engine.errors import EngineClosed, brief
 from pensieve_jax.engine.sampling import SamplingParams
+from pensieve_jax.turn_stream import Chunk, IncrementalDetokenizer, Reply, TurnStream
+
+__all__ = ["Chunk", "IncrementalDetokenizer", "Reply", "ROLES", "Session", "SessionClosed",
+           "TurnMethods", "TurnStream", "check_messages", "check_size", "turn_messages"]
 
 if TYPE_CHECKING:
     from pensieve_jax.engine.engine import Engine
 
 ROLES = ("system", "user", "assistant", "tool")
-
-
-@dataclasses.dataclass(frozen=True)
-class Reply:
-    text: str
-    token_ids: tuple[int, ...]
-    finish_reason: str
-    usage: Usage
-
-
-@dataclasses.dataclass(frozen=True)
-class Chunk:
-    """A piece of a streamed turn: new text (possibly empty while a partial character or a
-    possible stop string is held back) and new generated token ids (a final stop token is left
-    out, as in Reply.token_ids)."""
-    text: str
-    token_ids: tuple[int, ...]
 
 
 class SessionClosed(RuntimeError):
@@ -61,10 +50,12 @@ def check_messages(messages: Iterable[dict[str, str]]) -> list[dict[str, str]]:
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
+            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got "
+                             f"{brief(m)}")
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
-            raise ValueError(f"message {i} has unknown role {role!r} (known: {', '.join(ROLES)})")
+            raise ValueError(f"message {i} has unknown role {brief(role)} (known: "
+                             f"{', '.join(ROLES)})")
         if not isinstance(content, str):
             raise ValueError(f"message {i} content must be a string, got {type(content).__name__}")
         out.append({"role": role, "content": content})
@@ -78,89 +69,21 @@ def turn_messages(text: str | Sequence[dict[str, str]]) -> list[dict[str, str]]:
     if not messages:
         raise ValueError("the turn has no messages")
     if messages[-1]["role"] != "user":
-        raise ValueError(f"a turn must end with a user message, not {messages[-1]['role']!r}")
+        raise ValueError(f"a turn must end with a user message, not {brief(messages[-1]['role'])}")
     if not isinstance(messages[-1]["content"], str) or not messages[-1]["content"].strip():
         raise ValueError("message text is empty")
     return messages
 
 
-class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text pieces. Holds back an incomplete UTF-8
-    character, and (when stop strings are set) a tail that could still become one. Each id is
-    decoded once: by the engine (its TokenEvent.text, passed to `add`), else here
-    (Tokenizer.text_stream)."""
-
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
-        self.ids: list[int] = []
-        self.sent = 0
-        self.stop = stop
-        self.holdback = max((len(s) for s in stop), default=1) - 1
-        self._stream = tokenizer.text_stream()
-        self._text = ""
-
-    def text(self) -> str:
-        return self._text
-
-    def add(self, ids, text: str | None = None) -> str:
-        """The next ids and their text (None: decoded here); returns the piece to show now."""
-        self.ids.extend(ids)
-        self._text += text if text is not None else "".join(self._stream.step(i) for i in ids)
-        text = self._text
-        hits = [i for i in (text.find(s, max(0, self.sent - self.holdback)) for s in self.stop)
-                if i >= 0]
-        upto = max(self.sent, min(hits) if hits else len(text) - self.holdback)
-        piece, self.sent = text[self.sent:upto], upto
-        return piece
-
-    def finish(self, end: int | None = None) -> str:
-        text = self._text
-        end = len(text) if end is None else end
-        piece = text[self.sent:end] if end > self.sent else ""
-        self.sent = max(self.sent, end)
-        return piece
-
-
-class TurnStream:
-    """Reads one submitted turn's RequestHandle as Chunks. Iterating yields every chunk but the
-    last; once the engine's output arrived (`output`), `last_chunk()` and `reply()` finish it.
-    `stop()` cancels a turn still running; the reply then keeps the tokens read so far."""
-
-    def __init__(self, engine: "Engine", handle: RequestHandle, params: SamplingParams):
-        self.engine = engine
-        self.handle = handle
-        self.detok = IncrementalDetokenizer(engine.tokenizer, params.stop)
-        self.output: RequestOutput | None = None
-        self._held: tuple[int, ...] = ()     # the newest ids: they may be a final stop token
-        self._sent = 0                       # token ids handed out
-
-    def __iter__(self) -> Iterator[Chunk]:
-        for event in self.handle:
-            if event.output is not None:
-                self.output = event.output
-                return
-            piece = self.detok.add(event.token_ids, event.text)
-            ids, self._held = self._held, tuple(event.token_ids)
-            self._sent += len(ids)
-            if piece or ids:
-                yield Chunk(piece, ids)
-
-    def stop(self) -> None:
-        if self.output is None:
-            self.handle.cancel()
-            self.output = self.handle.result()
-
-    def _ids(self) -> list[int]:
-        """Generated ids read from the engine (without a final stop token)."""
-        return self.engine.strip_stop(self.output)[:len(self.detok.ids)]
-
-    def last_chunk(self) -> Chunk:
-        return Chunk(self.detok.finish(self.output.stop_text_index), tuple(self._ids()[self._sent:]))
-
-    def reply(self) -> Reply:
-        out = self.output
-        complete = len(self.detok.ids) == len(out.token_ids)
-        return Reply(self.detok.text()[:out.stop_text_index], tuple(self._ids()),
-                     out.finish_reason if complete else "abort", out.usage)
+def check_size(engine: "Engine", messages: Sequence[dict[str, str]], field: str = "messages"
+               ) -> None:
+    """ValueError naming field if messages cannot fit the engine's max_model_len: more of them
+    than tokens, or more text than the longest prompt holds. Nothing is tokenized."""
+    if len(messages) >= engine.max_model_len:
+        raise ValueError(f"{field}: {len(messages)} messages cannot fit max_model_len "
+                         f"{engine.max_model_len}")
+    engine.check_text(sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in messages),
+                      field)
 
 
 class TurnMethods:
@@ -204,11 +127,12 @@ class Session(TurnMethods):
                  history: Iterable[dict[str, str]] | None = None, cache_salt: str | None = None):
         self.engine = engine
         self.cache_salt = cache_salt        # shares cached pages only with the same salt
-        self.conversation_id = f"session-{uuid.uuid4().hex[:12]}"
+        self.conversation_id = f"session-{secrets.token_hex(16)}"     # 128 random bits
         self.history: list[dict[str, str]] = []
         if system is not None:
             self.history.append({"role": "system", "content": system})
         self.history += check_messages(history or ())
+        check_size(engine, self.history, "history")
         # what the chat template renders: replies as their tokens decode with special tokens
         # kept, so that the rendered text extends the conversation's token history exactly
         self._template_history = list(self.history)
@@ -217,6 +141,9 @@ class Session(TurnMethods):
         self._closed = False
         self._lock = threading.Lock()       # one turn at a time
         self._turn: TurnStream | None = None
+        self.turns = 0                      # turns recorded (undo_turn takes one back)
+        self._undo: tuple | None = None     # the state before the last turn was recorded
+        self._reply_start = 0               # where the last turn's reply starts in _ids
 
     def continue_from(self, token_ids: Sequence[int],
                       earlier: Iterable[dict[str, str]] = ()) -> None:
@@ -226,17 +153,17 @@ class Session(TurnMethods):
         history. The next turn's prompt extends these ids where the chat template's rendering
         of the history starts with them. Call it between turns."""
         earlier = check_messages(earlier)
+        check_size(self.engine, earlier, "history")
         self.history += earlier
         self._template_history += earlier
         self._ids = list(token_ids)
 
     def _prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        tok = self.engine.tokenizer
-        rendered = tok.render_chat(self._template_history + messages)
-        seen = tok.decode(self._ids)
-        if self._ids and rendered.startswith(seen):
-            return self._ids + tok.encode(rendered[len(seen):])
-        return tok.encode(rendered)         # the template rewrote history: match what we can
+        # the conversation's exact ids, extended by the rendering of the new turn (message
+        # content as plain text: a user cannot forge control tokens); the whole rendering where
+        # the template rewrote the history
+        return self.engine.tokenizer.encode_chat(self._template_history + messages,
+                                                 prefix_ids=self._ids)
 
     def stream_chunks(self, text: str | Sequence[dict[str, str]],
                       params: SamplingParams | None = None) -> Iterator[Chunk]:
@@ -247,17 +174,22 @@ class Session(TurnMethods):
         if self._closed:
             raise SessionClosed(f"session {self.conversation_id} is closed")
         messages = turn_messages(text)
+        check_size(self.engine, messages)
         params = params or SamplingParams()
         with self._lock:
             prompt = self._prompt_ids(messages)
             handle = self.engine.submit(prompt, params, conversation_id=self.conversation_id,
                                         cache_salt=self.cache_salt)
-            turn = self._turn = TurnStream(self.engine, handle, params)
+            turn = self._turn = TurnStream(self.engine, handle, params, prompt)
             try:
                 yield Chunk("", ())
                 yield from turn
             except GeneratorExit:           # the caller stopped early: cancel, keep what ran
                 turn.stop()
+                self._record(messages, turn)
+                raise
+            except Exception:               # the engine failed the turn: keep what was read
+                turn.abandon()
                 self._record(messages, turn)
                 raise
             finally:
@@ -269,12 +201,47 @@ class Session(TurnMethods):
 
     def _record(self, messages: list[dict[str, str]], turn: TurnStream) -> None:
         reply = turn.reply()
+        self._undo = (len(self.history), len(self._template_history), self._ids, self.last_reply)
+        self.turns += 1
         self.history += messages + [{"role": "assistant", "content": reply.text}]
         raw = reply.text if turn.output.stop_text_index is not None else \
             self.engine.tokenizer.decode(reply.token_ids)
         self._template_history += messages + [{"role": "assistant", "content": raw}]
+        self._reply_start = len(turn.output.prompt_token_ids)
         self._ids = list(turn.output.prompt_token_ids) + turn.detok.ids
         self.last_reply = reply
+
+    def truncate_reply(self, n_tokens: int, text: str | None = None) -> None:
+        """Keep of the last turn's reply only what its caller was shown (a server, after a turn
+        cancelled, failed or past its deadline): its first n_tokens token ids, and `text` as
+        the reply's text (default: those ids' text). The next turn continues from exactly
+        these ids; the engine reuses only the part of its cache that matches. Between turns."""
+        reply = self.last_reply
+        cut = n_tokens < len(reply.token_ids) if reply is not None else False
+        if reply is None or not cut and text in (None, reply.text):
+            return
+        tok = self.engine.tokenizer
+        with self._lock:
+            ids = reply.token_ids[:max(0, n_tokens)]
+            shown = tok.decode(ids, skip_special_tokens=True) if text is None else text
+            self.history[-1] = {"role": "assistant", "content": shown}
+            if cut:
+                self._template_history[-1] = {"role": "assistant", "content": tok.decode(ids)}
+                self._ids = self._ids[:self._reply_start] + list(ids)
+            self.last_reply = dataclasses.replace(
+                reply, text=shown, token_ids=ids,
+                finish_reason="abort" if cut else reply.finish_reason)
+
+    def undo_turn(self) -> None:
+        """Forget the last turn recorded (its caller never learned that it was accepted); the
+        engine reuses only the part of its cache that matches the next turn. Between turns."""
+        with self._lock:
+            if self._undo is None:
+                return
+            n_history, n_template, self._ids, self.last_reply = self._undo
+            del self.history[n_history:], self._template_history[n_template:]
+            self._undo = None
+            self.turns -= 1
 
     def cancel(self) -> None:
         """Stop the running turn, if any (from any thread); its stream ends with finish_reason

@@ -7,6 +7,9 @@
 An owner id is a digest of the key (never the key itself): conversations and responses belong to
 the owner that created them, and any other owner is told NOT_FOUND. The same ApiKeys serves gRPC
 (metadata "authorization: Bearer KEY") and HTTP (header "Authorization: Bearer KEY").
+
+Between the servers of a cluster, `ClusterSecret` guards the internal services (MemPool, on a
+server's internal port): metadata "x-pensieve-cluster-secret", compared in constant time.
 """
 
 from __future__ import annotations
@@ -40,6 +43,14 @@ def new_id(prefix: str = "") -> str:
 def bearer_metadata(key: str | None) -> tuple[tuple[str, str], ...]:
     """gRPC call metadata carrying key (none without one)."""
     return ((AUTHORIZATION, f"Bearer {key}"),) if key else ()
+
+
+def metadata_value(metadata, key: str) -> str | None:
+    """The first value of `key` in gRPC metadata (a sequence of (key, value) pairs), or None."""
+    for k, v in metadata or ():
+        if k.lower() == key:
+            return v if isinstance(v, str) else v.decode(errors="replace")
+    return None
 
 
 def _parse_bearer(value: str | None) -> str | None:
@@ -100,9 +111,60 @@ class ApiKeys:
 
     def owner_from_metadata(self, metadata) -> str:
         """owner() of gRPC invocation metadata (a sequence of (key, value) pairs)."""
-        value = None
-        for key, v in metadata or ():
-            if key.lower() == AUTHORIZATION:
-                value = v if isinstance(v, str) else v.decode(errors="replace")
-                break
-        return self.owner(value)
+        return self.owner(metadata_value(metadata, AUTHORIZATION))
+
+
+# -- between the servers of a cluster ------------------------------------------------------------
+
+CLUSTER_SECRET_METADATA = "x-pensieve-cluster-secret"   # gRPC metadata on internal calls
+CLUSTER_SECRET_ENV = "PENSIEVE_CLUSTER_SECRET"
+OWNER_METADATA = "x-pensieve-owner"     # internal calls: the owner a moved conversation keeps
+
+
+def forwarded_authorization(metadata) -> tuple[tuple[str, str], ...]:
+    """The caller's "authorization" metadata, to pass on unchanged (a router to its replicas)."""
+    value = metadata_value(metadata, AUTHORIZATION)
+    return ((AUTHORIZATION, value),) if value else ()
+
+
+class ClusterSecret:
+    """The shared secret of a cluster's internal calls (MemPool), sent as metadata
+    x-pensieve-cluster-secret and compared in constant time. Without a value (None or ""), a
+    random one: the internal services then answer no one but this process's own peers."""
+
+    def __init__(self, value: str | None = None):
+        self.generated = not value
+        self._value = value or secrets.token_urlsafe(32)
+
+    @classmethod
+    def from_options(cls, value: str | None = None,
+                     env: dict[str, str] | None = None) -> "ClusterSecret":
+        """--cluster-secret, else PENSIEVE_CLUSTER_SECRET, else a random secret."""
+        return cls(value or (os.environ if env is None else env).get(CLUSTER_SECRET_ENV))
+
+    @property
+    def value(self) -> str:
+        return self._value
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata carrying the secret."""
+        return ((CLUSTER_SECRET_METADATA, self._value),)
+
+    def check(self, metadata) -> bool | None:
+        """None: no secret in the metadata; else whether it is this one (constant time)."""
+        given = metadata_value(metadata, CLUSTER_SECRET_METADATA)
+        if given is None:
+            return None
+        return hmac.compare_digest(given.encode(), self._value.encode())
+
+    def __repr__(self) -> str:            # never the secret itself
+        return f"ClusterSecret({'generated' if self.generated else 'configured'})"
+
+
+def scoped_salt(owner: str, cache_salt: str | None) -> str:
+    """The engine's cache salt of an owner's request: with API keys, each owner's cached
+    prompts are shared only with its own requests (another key's prefix never hits, so
+    cached_tokens tells nothing about other tenants); the client's cache_salt splits further.
+    Without keys (owner "") the client's salt as is. Servers and routers derive it alike."""
+    salt = cache_salt or ""
+    return f"{owner}/{salt}" if owner else salt

@@ -14,6 +14,7 @@ import tyro
 from tyro.conf import FlagCreatePairsOff, OmitArgPrefixes, UseAppendAction, arg, subcommand
 
 from pensieve_jax.engine.config import EngineConfig
+from serving.limits import Limits
 from serving.router import MAX_CONVERSATIONS, POLICIES
 
 DEFAULT_PORT = 50051
@@ -42,6 +43,30 @@ class RouterOptions:
 
 
 @dataclasses.dataclass(frozen=True)
+class SecurityOptions:
+    """security options"""
+    api_key: Annotated[UseAppendAction[tuple[str, ...]], arg(metavar="KEY")] = ()
+    """An API key callers must send (metadata authorization: Bearer KEY); repeat for more. Also --api-keys-file and the env PENSIEVE_API_KEY (safer: a command line is visible to other users). None: no authentication."""
+    api_keys_file: str | None = None
+    """A file of API keys, one per line (# comments)."""
+    tls_cert: str | None = None
+    """TLS: the server's certificate chain (PEM); with --tls-key."""
+    tls_key: str | None = None
+    """TLS: the server's private key (PEM)."""
+    max_request_bytes: int = Limits().max_request_bytes
+    """The largest request message accepted (bytes), refused by gRPC before it is parsed (RESOURCE_EXHAUSTED)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpOptions:
+    """OpenAI-compatible HTTP API"""
+    http_port: int | None = None
+    """Also serve the OpenAI API (/v1/chat/completions, /v1/responses, ...) over HTTP on this port (0: a free one); TLS and keys as the gRPC port's."""
+    served_model_name: str | None = None
+    """The model name the HTTP API reports and accepts (default: --model)."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Serve:
     """serve a model over gRPC"""
     model: str
@@ -60,6 +85,22 @@ class Serve:
     """Do not keep a converted copy of the model."""
     role: Literal["prefill", "decode", "both"] = "both"
     """What a router uses this replica for (prefill/decode disaggregation)."""
+    max_conversations: int | None = None
+    """Conversations kept; beyond, the least recently used idle one is ended (its cache freed). None: no cap."""
+    internal_host: str = "127.0.0.1"
+    """Address the internal services (MemPool: KV reports and moves between replicas) bind."""
+    internal_port: int = 0
+    """Port of the internal services (0: a free one; printed at start)."""
+    cluster_secret: str | None = None
+    """The secret the internal services require (metadata x-pensieve-cluster-secret); better the env PENSIEVE_CLUSTER_SECRET. None: a random one (nobody else can use them)."""
+    peer: Annotated[UseAppendAction[tuple[str, ...]], arg(metavar="HOST:PORT")] = ()
+    """A peer's internal address KV may be transferred to (repeat for each); others are refused."""
+    peer_tls_ca: str | None = None
+    """Transfers to peers over TLS, trusting this CA (PEM)."""
+    security: OmitArgPrefixes[SecurityOptions] = SecurityOptions()
+    """Authentication, TLS and request size."""
+    http: OmitArgPrefixes[HttpOptions] = HttpOptions()
+    """The OpenAI HTTP API."""
     engine: OmitArgPrefixes[EngineConfig] = EngineConfig()
     """EngineConfig (pensieve_jax/engine/config.py)."""
 
@@ -83,6 +124,10 @@ class Cluster:
     """With --subprocess: pin replica i to GPU i % GPUS."""
     routing: OmitArgPrefixes[RouterOptions] = RouterOptions()
     """How the router places conversations."""
+    security: OmitArgPrefixes[SecurityOptions] = SecurityOptions()
+    """The router's authentication (its replicas get the same keys), TLS and request size."""
+    http: OmitArgPrefixes[HttpOptions] = HttpOptions()
+    """The OpenAI HTTP API."""
     engine: OmitArgPrefixes[EngineConfig] = EngineConfig()
     """EngineConfig (pensieve_jax/engine/config.py)."""
 
@@ -90,15 +135,24 @@ class Cluster:
 @dataclasses.dataclass(frozen=True)
 class Router:
     """a router in front of running replica servers"""
-    replica: Annotated[UseAppendAction[tuple[str, ...]], arg(metavar="HOST:PORT")]
-    """A replica server (repeat the option for each)."""
+    replica: Annotated[UseAppendAction[tuple[str, ...]],
+                       arg(metavar="HOST:PORT[,internal=[HOST:]PORT]")]
+    """A replica server (repeat the option for each), with its internal port for KV reports and moves (else: none for it)."""
     model: str | None = None
     """The replicas' model, for its tokenizer (exact token ids for routing); None: key on UTF-8 bytes."""
     conversation_ttl_s: Annotated[float | None,
                                   arg(aliases=("--conversation-ttl",), metavar="SECONDS")] = None
     """Forget a conversation idle this long and end it on the replicas (as `pensieve serve` does); None: never."""
+    replica_tls_ca: str | None = None
+    """Reach the replicas over TLS, trusting this CA (PEM)."""
+    cluster_secret: str | None = None
+    """The replicas' cluster secret, for their internal ports; better the env PENSIEVE_CLUSTER_SECRET."""
     routing: OmitArgPrefixes[RouterOptions] = RouterOptions()
     """How the router places conversations."""
+    security: OmitArgPrefixes[SecurityOptions] = SecurityOptions()
+    """Authentication (the replicas must accept the same keys: calls go on with the caller's), TLS and request size."""
+    http: OmitArgPrefixes[HttpOptions] = HttpOptions()
+    """The OpenAI HTTP API."""
 
     def __post_init__(self):
         if not self.replica:
@@ -110,6 +164,10 @@ class Chat:
     """chat with a server, replies streamed"""
     target: str = f"127.0.0.1:{DEFAULT_PORT}"
     """host:port"""
+    api_key: str | None = None
+    """The server's API key (default: the env PENSIEVE_API_KEY)."""
+    tls_ca: str | None = None
+    """Connect over TLS, trusting this CA or self-signed certificate (PEM)."""
     system: str | None = None
     """System prompt."""
     max_tokens: int = 256

@@ -9,6 +9,13 @@
 
 Errors arrive as exceptions that are both `serving.errors.RemoteError` (with the status code) and
 what the in-process API raises for the same problem (ValueError, EngineOverloaded, ...).
+
+A server with API keys and TLS (`pensieve serve --api-key KEY --tls-cert ... --tls-key ...`):
+
+    connect("host:50051", api_key="KEY", tls_ca="ca.pem")     # tls_ca: a path or PEM bytes
+
+Every call then carries metadata "authorization: Bearer KEY" (send a key over TLS only, but to
+a server on loopback); a wrong or missing one fails UnauthenticatedError (UNAUTHENTICATED).
 """
 
 from __future__ import annotations
@@ -24,10 +31,12 @@ from pensieve_jax.engine.request import Usage
 from pensieve_jax.engine.sampling import SamplingParams
 from pensieve_jax.session import (Chunk, Reply, SessionClosed, TurnMethods, check_messages,
                                   turn_messages)
+from serving.auth import bearer_metadata
 from serving.errors import NotFound, from_rpc_error
 from serving.pensieve.v1 import pensieve_pb2 as pb
 from serving.pensieve.v1 import pensieve_pb2_grpc as pb_grpc
 from serving.protocol import messages_to_proto, sampling_to_proto, usage_from_proto
+from serving.tls import Pem, channel_credentials
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,16 +67,21 @@ class _Forgotten(Exception):
 class Client:
     """A connection to a Pensieve server. timeout: a deadline (seconds) for every call.
     options: gRPC channel options; a "grpc.service_config" among them replaces SERVICE_CONFIG
-    (its retry policy)."""
+    (its retry policy). api_key: sent with every call (authorization: Bearer KEY). tls_ca: TLS,
+    trusting this CA or self-signed certificate (a PEM path or bytes); None: plaintext."""
 
     def __init__(self, target: str, timeout: float | None = None,
-                 options: Sequence[tuple[str, Any]] | None = None):
+                 options: Sequence[tuple[str, Any]] | None = None, api_key: str | None = None,
+                 tls_ca: Pem | None = None):
         self.target = target
         self.timeout = timeout
+        self.metadata = bearer_metadata(api_key) or None     # every call's
         options = list(options or ())
         if not any(name == "grpc.service_config" for name, _ in options):
             options.append(("grpc.service_config", SERVICE_CONFIG))
-        self.channel = grpc.insecure_channel(target, options=options)
+        credentials = channel_credentials(tls_ca)
+        self.channel = grpc.insecure_channel(target, options=options) if credentials is None \
+            else grpc.secure_channel(target, credentials, options=options)
         self.stub = pb_grpc.PensieveStub(self.channel)
 
     def wait_ready(self, timeout: float = 10.0) -> "Client":
@@ -88,7 +102,7 @@ class Client:
             request.text = prompt
         else:
             request.token_ids.ids.extend(int(i) for i in prompt)
-        call = self.stub.Generate(request, timeout=self.timeout)
+        call = self.stub.Generate(request, timeout=self.timeout, metadata=self.metadata)
         try:
             yield from call
         except grpc.RpcError as e:
@@ -110,7 +124,7 @@ class Client:
         """Free a conversation's cache; False if the server does not know it."""
         try:
             self.stub.EndConversation(pb.EndConversationRequest(conversation_id=conversation_id),
-                                      timeout=self.timeout)
+                                      timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as e:
             err = from_rpc_error(e)
             if isinstance(err, NotFound):
@@ -124,7 +138,8 @@ class Client:
 
     def stats_response(self) -> pb.GetStatsResponse:
         try:
-            return self.stub.GetStats(pb.GetStatsRequest(), timeout=self.timeout)
+            return self.stub.GetStats(pb.GetStatsRequest(), timeout=self.timeout,
+                                      metadata=self.metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
@@ -138,9 +153,11 @@ class Client:
         self.close()
 
 
-def connect(target: str, timeout: float | None = None, **kwargs) -> Client:
-    """A Client for a server at host:port (timeout: a deadline in seconds for every call)."""
-    return Client(target, timeout, **kwargs)
+def connect(target: str, timeout: float | None = None, api_key: str | None = None,
+            tls_ca: Pem | None = None, **kwargs) -> Client:
+    """A Client for a server at host:port (timeout: a deadline in seconds for every call;
+    api_key: its API key; tls_ca: connect over TLS trusting this CA, a PEM path or bytes)."""
+    return Client(target, timeout, api_key=api_key, tls_ca=tls_ca, **kwargs)
 
 
 class RemoteSession(TurnMethods):
@@ -195,7 +212,8 @@ class RemoteSession(TurnMethods):
             messages=messages_to_proto(messages if self.conversation_id else
                                        self.history + messages),
             sampling=sampling_to_proto(params), cache_salt=self.cache_salt or "")
-        call = self._call = self.client.stub.Chat(request, timeout=self.client.timeout)
+        call = self._call = self.client.stub.Chat(request, timeout=self.client.timeout,
+                                                  metadata=self.client.metadata)
         self._cancelled = False
         pieces: list[str] = []
         ids: list[int] = []

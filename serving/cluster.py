@@ -12,6 +12,13 @@ Each replica opens its port with gRPC health NOT_SERVING while its engine compil
 (serving/server/warm_up.py); `start()` returns, and the router takes calls, once every replica
 reports SERVING.
 
+Security: the replicas listen on loopback only (public and internal ports), whatever --host the
+router binds. They accept the router's API keys (the router passes each caller's key on, so
+conversations keep their owner across replicas) and share a cluster secret made at random for
+this cluster (their internal ports, the router's MemPool calls); each may push KV to the others'
+internal ports only. TLS (tls) is the router's public port's; the replicas' messages may be up
+to REPLICA_MAX_REQUEST_BYTES (the router sends them whole histories).
+
     with BackgroundCluster(ClusterConfig("random:tiny", replicas=3)) as cluster:
         client = serving.client.connect(cluster.target)
 """
@@ -20,19 +27,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
-import re
-import subprocess
-import sys
 import threading
-import time
 from typing import Any, Callable
 
-from serving.cli_options import engine_flags
+from serving.auth import ApiKeys, ClusterSecret
+from serving.limits import MIB, Limits
+from serving.replica_processes import LOOPBACK, ReplicaProcesses
 from serving.router import MAX_CONVERSATIONS, E2Config, RouterServer, load_router_tokenizer
+from serving.router.links import ReplicaAddress, ReplicaLinks
+from serving.tls import ServerTls
 
-_SERVING_LINE = re.compile(r"pensieve: serving .* on (\S+:\d+)")
-READY_TIMEOUT_S = 3600.0      # how long a replica may take to be SERVING (its warm-up)
+REPLICA_MAX_REQUEST_BYTES = 64 * MIB    # a replica's request cap: the router's calls only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +61,10 @@ class ClusterConfig:
     # from engine_options, if any) and beyond this many (0: no cap)
     conversation_ttl_s: float | None = None
     max_conversations: int = MAX_CONVERSATIONS
+    # callers' keys (the router's and the replicas'); none: no authentication
+    api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    tls: ServerTls | None = None         # the router's public port
+    max_request_bytes: int = Limits().max_request_bytes   # the router's request cap
 
     @property
     def router_ttl_s(self) -> float | None:
@@ -81,9 +90,21 @@ class Cluster:
         self.loaded_model = loaded_model
         self.engines: list = []
         self.servers: list = []
-        self.processes: list[subprocess.Popen] = []
-        self.targets: list[str] = []
+        self.processes: ReplicaProcesses | None = None
+        self.addresses: list[ReplicaAddress] = []
+        self.api_keys = ApiKeys(config.api_keys)
+        self.secret = ClusterSecret()            # random, this cluster's own
         self.router: RouterServer | None = None
+
+    @property
+    def targets(self) -> list[str]:
+        """The replicas' public addresses."""
+        return [a.target for a in self.addresses]
+
+    @property
+    def internal_targets(self) -> list[str]:
+        """The replicas' internal (MemPool) addresses."""
+        return [a.internal for a in self.addresses]
 
     @property
     def target(self) -> str:
@@ -93,15 +114,22 @@ class Cluster:
         c = self.config
         if c.subprocess:
             tokenizer = await asyncio.to_thread(load_router_tokenizer, c.model)
-            self.targets = await asyncio.to_thread(self._spawn)
+            self.processes = ReplicaProcesses(c.model, c.dtype, c.roles, dict(c.engine_options),
+                                              self.secret, self.api_keys, c.gpus,
+                                              REPLICA_MAX_REQUEST_BYTES)
+            self.addresses = await asyncio.to_thread(self.processes.spawn)
         else:
             tokenizer = await self._start_in_process()
-        self.router = RouterServer(self.targets, c.policy, tokenizer, c.host, c.port,
-                                   c.health_period_s, e2=c.e2, kv_move=c.kv_move,
-                                   roles=c.roles,
+        keys = self.api_keys.keys
+        links = ReplicaLinks(cluster_secret=self.secret, api_key=keys[0] if keys else None)
+        self.router = RouterServer(self.addresses, c.policy, tokenizer, c.host, c.port,
+                                   c.health_period_s, tls=c.tls,
+                                   max_request_bytes=c.max_request_bytes, e2=c.e2,
+                                   kv_move=c.kv_move, roles=c.roles,
                                    cache_report_interval_s=c.cache_report_interval_s,
                                    conversation_ttl_s=c.router_ttl_s,
-                                   max_conversations=c.max_conversations)
+                                   max_conversations=c.max_conversations,
+                                   api_keys=self.api_keys, links=links)
         await self.router.start()
         return self.router.target
 
@@ -110,77 +138,30 @@ class Cluster:
         from pensieve_jax.weights import load_model
         from serving.server import PensieveServer, warm_up_later
         c = self.config
+        limits = Limits(max_request_bytes=REPLICA_MAX_REQUEST_BYTES)
         model = self.loaded_model or await asyncio.to_thread(load_model, c.model, c.dtype)
         options, warm_up = warm_up_later(dict(c.engine_options))
         options = EngineConfig(**options)
         for i, role in enumerate(c.roles):
             engine = Engine(model, c.dtype, options)
-            server = PensieveServer(engine, c.host, 0, model_name=c.model, role=role,
-                                    warm_up=warm_up)
+            server = PensieveServer(engine, LOOPBACK, 0, model_name=c.model, role=role,
+                                    warm_up=warm_up, api_keys=self.api_keys, limits=limits,
+                                    cluster_secret=self.secret.value)
             await server.start()             # warms up in the background
             self.engines.append(engine)
             self.servers.append(server)
-            self.targets.append(server.target)
+            self.addresses.append(ReplicaAddress(server.target, server.internal_target))
             if i == 0:   # the others then load its programs from the persistent compile cache
                 await server.wait_ready()
+        for server in self.servers:          # each may push KV to the others
+            server.internal.allow_peers(self.internal_targets)
         await asyncio.gather(*(s.wait_ready() for s in self.servers))
         return model.tokenizer
 
-    def _spawn(self) -> list[str]:
-        c = self.config
-        targets = []
-        for i, role in enumerate(c.roles):
-            cmd = [sys.executable, "-m", "serving", "serve", "--model", c.model, "--dtype",
-                   c.dtype, "--host", c.host, "--port", "0", "--role", role]
-            cmd += engine_flags(dict(c.engine_options))
-            env = dict(os.environ)
-            if c.gpus:
-                env["CUDA_VISIBLE_DEVICES"] = str(i % c.gpus)
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
-            self.processes.append(proc)
-            for line in proc.stdout:
-                m = _SERVING_LINE.search(line)
-                if m:
-                    targets.append(m.group(1))
-                    break
-            else:
-                raise RuntimeError(f"replica {i} exited before serving (exit {proc.wait()})")
-            if i == 0:   # the others then load its programs from the persistent compile cache
-                self._wait_serving(targets)
-        self._wait_serving(targets)
-        return targets
-
-    def _wait_serving(self, targets: list[str]) -> None:
-        """Block until these replica processes report gRPC health SERVING (they warmed up)."""
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        from serving.router import SERVICE_NAME
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        for i, (proc, target) in enumerate(zip(self.processes, targets)):
-            with grpc.insecure_channel(target) as channel:
-                health = health_pb2_grpc.HealthStub(channel)
-                while True:
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"replica {i} ({target}) exited before it was "
-                                           f"SERVING (exit {proc.returncode})")
-                    try:
-                        if health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
-                                        timeout=2).status == \
-                                health_pb2.HealthCheckResponse.SERVING:
-                            break
-                    except grpc.RpcError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"replica {i} ({target}) was not SERVING after "
-                                           f"{READY_TIMEOUT_S:.0f} s")
-                    time.sleep(0.1)
-
     async def stop_replica(self, index: int, grace: float = 0.0) -> None:
         """Stop one replica (its calls then fail UNAVAILABLE), as if its machine went away."""
-        if self.processes:
-            self.processes[index].terminate()
-            await asyncio.to_thread(self.processes[index].wait)
+        if self.processes is not None:
+            await asyncio.to_thread(self.processes.stop, index)
             return
         await self.servers[index].shutdown(grace)
         await asyncio.to_thread(self.engines[index].shutdown)
@@ -200,10 +181,8 @@ class Cluster:
             await server.shutdown(grace)
         for engine in self.engines:
             await asyncio.to_thread(engine.shutdown)
-        for proc in self.processes:
-            if proc.poll() is None:
-                proc.terminate()
-                await asyncio.to_thread(proc.wait)
+        if self.processes is not None:
+            await asyncio.to_thread(self.processes.stop_all)
 
 
 class BackgroundCluster:

@@ -11,19 +11,22 @@ so `except ValueError` / `except EngineOverloaded` work the same locally and rem
     |                     | bad sampling values, prompt over max_model_len     |   (ValueError)     |
     | NOT_FOUND           | ConversationNotFound, SessionClosed                | NotFound           |
     | FAILED_PRECONDITION | TurnInProgress, engine ConversationBusy            | FailedPrecondition |
-    | RESOURCE_EXHAUSTED  | EngineOverloaded (max_queued_requests)             | ResourceExhausted  |
+    | RESOURCE_EXHAUSTED  | EngineOverloaded (max_queued_requests),            | ResourceExhausted  |
+    |                     | TooManyConversations (max_conversations)           |                    |
     | DEADLINE_EXCEEDED   | (the client's deadline passed)                     | DeadlineExceeded   |
     | UNAVAILABLE         | ShuttingDown, NotReady (the warm-up failed)        | Unavailable        |
     | UNAUTHENTICATED     | serving.auth.Unauthenticated (no or a wrong key)   | UnauthenticatedError |
+    | INTERNAL            | anything else, e.g. engine TurnFailed              | RemoteError        |
 
-Messages quote client input through `clip()`: at most ~100 characters of it.
+Messages quote client input through `clip()`: at most ~100 characters of it. An INTERNAL
+status says only "internal error (request id X)": the server logs the error with that id.
 """
 
 from __future__ import annotations
 
 import grpc
 
-from pensieve_jax.engine.errors import EngineOverloaded
+from pensieve_jax.engine.errors import EngineOverloaded, TurnFailed
 from pensieve_jax.kvcache.errors import ConversationBusy
 from pensieve_jax.session import SessionClosed
 from serving.auth import Unauthenticated
@@ -45,6 +48,10 @@ class TurnInProgress(RuntimeError):
     """The conversation's previous turn is still running."""
 
 
+class TooManyConversations(EngineOverloaded):
+    """The server holds max_conversations conversations and every one has a turn running."""
+
+
 class ShuttingDown(RuntimeError):
     """The server is draining and takes no new turns."""
 
@@ -53,8 +60,10 @@ class NotReady(RuntimeError):
     """The server cannot take turns: its engine failed to warm up (or it stopped first)."""
 
 
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message a server reports for an exception."""
+def status_for(exc: BaseException, request_id: str | None = None) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a server reports for an exception. An INTERNAL one tells no
+    internals: "internal error (request id X)" (request_id, or a TurnFailed's own), which the
+    server logs with the error."""
     code = grpc.StatusCode.INTERNAL
     if isinstance(exc, EngineOverloaded):
         code = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -70,8 +79,11 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         code = grpc.StatusCode.UNAVAILABLE
     elif isinstance(exc, Unauthenticated):
         code = grpc.StatusCode.UNAUTHENTICATED
-    message = str(exc) if code != grpc.StatusCode.INTERNAL else f"{type(exc).__name__}: {exc}"
-    return code, message or type(exc).__name__
+    if code == grpc.StatusCode.INTERNAL:
+        request_id = request_id or (exc.request_id if isinstance(exc, TurnFailed) else None)
+        return code, f"internal error (request id {request_id})" if request_id else \
+            "internal error"
+    return code, str(exc) or type(exc).__name__
 
 
 class RemoteError(Exception):

@@ -1,11 +1,14 @@
 """The Session API: turns, streaming, stop strings, closing, threads and asyncio."""
 
 import asyncio
+import re
 import threading
 
 import pytest
 
 from pensieve_jax.engine.engine import Engine
+from pensieve_jax.engine.errors import TurnFailed
+from pensieve_jax.engine.request import RequestHandle, TokenEvent
 from pensieve_jax.engine.sampling import SamplingParams
 from pensieve_jax.session import Chunk, IncrementalDetokenizer, SessionClosed
 from pensieve_jax.tokenizer import Tokenizer
@@ -215,4 +218,71 @@ def test_special_tokens_in_a_reply_keep_the_history_cached(engines):
         pytest.fail("no reply with a special token")
     nxt = s.send("next", PARAMS)
     assert nxt.usage.cached_tokens == first.usage.prompt_tokens + first.usage.completion_tokens
+    s.close()
+
+
+def test_session_ids_are_unguessable(engines):
+    ids = {engines["stateful"].session().conversation_id for _ in range(3)}
+    assert len(ids) == 3 and all(re.fullmatch(r"session-[0-9a-f]{32}", i) for i in ids)
+
+
+def test_truncate_reply_keeps_what_was_shown_and_the_next_turn_follows_it(engines):
+    engine = engines["stateful"]
+    tok = engine.tokenizer
+    s = engine.session()
+    full = s.send("hello", PARAMS)
+    s.truncate_reply(3)
+    kept = full.token_ids[:3]
+    assert s.last_reply.token_ids == kept and s.last_reply.finish_reason == "abort"
+    assert s.history[-1] == {"role": "assistant",
+                             "content": tok.decode(kept, skip_special_tokens=True)}
+    got = s.send("again", PARAMS)
+    prompt1 = tok.apply_chat_template([{"role": "user", "content": "hello"}])
+    assert got.usage.cached_tokens >= len(prompt1) + 3
+    with engine.session() as fresh:          # built from exactly the kept ids
+        fresh.continue_from(prompt1 + list(kept), earlier=[
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": tok.decode(kept)}])
+        assert fresh.send("again", PARAMS).token_ids == got.token_ids
+    s.truncate_reply(100, "shown")           # every id kept: only the text changes
+    assert s.history[-1]["content"] == "shown" and s.last_reply.token_ids == got.token_ids
+    s.close()
+
+
+def test_undo_turn_forgets_the_last_turn(engines):
+    engine = engines["stateful"]
+    with engine.session() as s, engine.session() as plain:
+        plain.send("first", PARAMS)
+        want = plain.send("third", PARAMS)
+        s.send("first", PARAMS)
+        history = list(s.history)
+        s.send("second", PARAMS)
+        assert s.turns == 2
+        s.undo_turn()
+        assert s.history == history and s.turns == 1
+        assert s.send("third", PARAMS).token_ids == want.token_ids
+        s.undo_turn()
+        s.undo_turn()                        # only one turn back: nothing more
+        assert s.history == history
+
+
+def test_a_failed_turn_keeps_what_was_read(engines, monkeypatch):
+    engine = engines["stateful"]
+    s = engine.session()
+
+    def failing_submit(prompt, params=None, conversation_id=None, cache_salt=None):
+        handle = RequestHandle("rid", conversation_id)
+        handle.put(TokenEvent((104,), None, "h"))
+        handle.put(TokenEvent((105,), None, "i"))
+        handle.put(TurnFailed("internal error (request id rid)", "rid"))
+        return handle
+    monkeypatch.setattr(engine, "submit", failing_submit)
+    with pytest.raises(TurnFailed):
+        s.send("fail please", PARAMS)
+    assert s.turns == 1 and s.last_reply.finish_reason == "abort"
+    assert s.last_reply.token_ids == (104, 105) and s.last_reply.text == "hi"
+    assert s.history[-2:] == [{"role": "user", "content": "fail please"},
+                              {"role": "assistant", "content": "hi"}]
+    monkeypatch.undo()
+    s.send("next", PARAMS)
     s.close()

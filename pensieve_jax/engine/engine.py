@@ -25,7 +25,8 @@ from pensieve_jax.engine.config import EngineConfig
 from pensieve_jax.engine.errors import EngineClosed, EngineOverloaded  # noqa: F401 (API)
 from pensieve_jax.engine.loop import StepLoop
 from pensieve_jax.engine.parts import MakeRunner, build
-from pensieve_jax.engine.request import Request, RequestHandle, check_prompt
+from pensieve_jax.engine.request import (Request, RequestHandle, check_prompt, check_sampling,
+                                         check_text_bytes, text_byte_limit)
 from pensieve_jax.engine.sampling import SamplingParams
 from pensieve_jax.engine.stats import engine_stats
 from pensieve_jax.engine.turns import Turns
@@ -66,6 +67,7 @@ class Engine:
         self.allocator, self.host, self.store = parts.allocator, parts.host, parts.store
         self.scheduler, self.swapper = parts.scheduler, parts.swapper
         self.attention_choice = parts.attention
+        self.max_text_bytes = text_byte_limit(model.tokenizer, self.max_model_len)
         self.turns = Turns(parts.scheduler, parts.store, config, model.tokenizer,
                            parts.max_model_len)
         self.counts = self.turns.counts             # engine thread only; see stats()
@@ -128,10 +130,11 @@ class Engine:
         turn); the longest prefix still cached for `conversation_id` (or, without an id, for the
         anonymous conversation that shares it), or by any conversation of the same
         `cache_salt` (prompt sharing), is reused. Raises EngineOverloaded beyond
-        max_queued_requests unfinished turns."""
+        max_queued_requests unfinished turns; ValueError for bad input, naming the field."""
         params = params or SamplingParams()
         if cache_salt is not None and not isinstance(cache_salt, str):
             raise TypeError(f"cache_salt must be a string, got {type(cache_salt).__name__}")
+        check_sampling(params, self.model.config.vocab_size, self.max_model_len)
         prompt = check_prompt(prompt_token_ids, self.model.config.vocab_size, self.max_model_len)
         seed = params.seed if params.seed is not None else secrets.randbits(32)
         self.turns.admit()
@@ -140,6 +143,10 @@ class Engine:
                       cache_salt or "")
         self.thread.post(overlaps(lambda: self.turns.add(req)))
         return handle
+
+    def check_text(self, nbytes: int, field: str = "prompt") -> None:
+        """ValueError naming field if a text of nbytes UTF-8 bytes cannot fit max_model_len."""
+        check_text_bytes(nbytes, self.max_text_bytes, field, self.max_model_len)
 
     def generate(self, prompt_token_ids, params: SamplingParams | None = None):
         """Generate for one prompt (a list of ids) or a batch (a list of lists). Returns the new
@@ -238,9 +245,7 @@ class Engine:
             _open_engines.discard(self)
             free_buffers(self.runner, self.model.params, self.owns_weights)
 
-    def shutdown(self) -> None:
-        """close() (the earlier name)."""
-        self.close()
+    shutdown = close      # the earlier name
 
     @property
     def closed(self) -> bool:

@@ -15,14 +15,12 @@ fetches and postprocesses N while the device runs N+1:
 - Postprocessing N (`Turns.postprocess`) puts the sampled tokens in place of the placeholders, checks
   stop tokens, stop strings and lengths, streams, and finishes turns. A turn found finished at
   N has (unless the token budget left it out) had its N+1 row dispatched already: that row
-  computes the KV of its last token, which is exactly the cache flush a finished turn runs
-  (conversation.flushing), so it is one; its sampled token is dropped. Stateless turns (and
-  ended conversations) with such a row are released when N+1 is fetched, not before.
+  computes its last token's KV, the cache flush a finished turn runs (conversation.flushing);
+  its sampled token is dropped. Stateless turns (and ended conversations) with such a row are
+  released when N+1 is fetched, not before.
 - Everything else drains first (`drain`: fetch and postprocess the step in flight, then plan
-  with nothing in flight, as the synchronous loop does): an empty plan, a plan that would
-  preempt a running turn (the scheduler raises PreemptionNeeded before it preempts), and
-  whatever the inbox brings except new turns: cancellations, end_conversation, KV export and
-  import, stats, any `call()`.
+  with nothing in flight, like the synchronous loop): an empty plan, a plan that would preempt
+  (the scheduler raises PreemptionNeeded first), and what the inbox brings but new turns.
 
 Why freeing and reusing pages while a step is in flight is safe: the KV pools are donated into
 every program that writes them (steps, page copies, swap-in scatters) and read by the others
@@ -49,15 +47,16 @@ dispatched, after the free:
     tion, KV export / import          inbox drains first
 
 Pages are also read while in flight: prompt pages booked (offered for sharing) at N's dispatch
-are written by N, and whatever reads them (another turn's rows, a copy on write) is dispatched
-after N.
+are written by N, and what reads them (another turn's rows, a copy on write) comes after N.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 
 from pensieve_jax.engine.config import EngineConfig
@@ -69,6 +68,8 @@ from pensieve_jax.kvcache.swap import Swapper
 from pensieve_jax.kvcache.transfer_costs import TransferCosts
 from pensieve_jax.runner.seam import Runner
 from pensieve_jax.runner.step_program import StepHandle
+
+log = logging.getLogger(__name__)
 
 
 class InFlight(NamedTuple):
@@ -82,12 +83,11 @@ class InFlight(NamedTuple):
 class StepLoop:
     """One engine step at a time (`step`), and what must drain first (`drain`).
 
-    times: where the loop's time goes (seconds): plan_s (land swap-ins, schedule, build the
-    step's inputs, start page copies), run_s (synchronous: the step; overlapped: its
-    dispatch), wait_s (overlapped: waiting for a step's tokens), post_s (postprocess and
-    booking); drains: steps fetched before planning the next (preemption, inbox, ...);
-    busy_fetches: steps still running when fetched (the host's work since their dispatch was
-    hidden behind them)."""
+    times: where the loop's time goes (seconds): plan_s (land swap-ins, schedule, build
+    inputs, start page copies), run_s (synchronous: the step; overlapped: its dispatch), wait_s
+    (overlapped: waiting for a step's tokens), post_s (postprocess, booking); drains: steps
+    fetched before planning the next (preemption, inbox, ...); busy_fetches: steps still
+    running when fetched (the host's work since their dispatch was hidden behind them)."""
 
     def __init__(self, config: EngineConfig, runner: Runner, scheduler: Scheduler,
                  store: ConversationStore, swapper: Swapper, rates: TransferCosts, turns: Turns,
@@ -114,12 +114,13 @@ class StepLoop:
             self.land()
             rows = self._schedule()
         except Exception as e:  # a scheduler bug must not kill the loop silently
+            log.exception("engine scheduling failed: every queued turn fails")
             self.fail_all(RuntimeError(f"engine scheduling failed: {type(e).__name__}: {e}"))
             return 0
         for req, error in self.scheduler.rejected:
             self.turns.deliver(req, error)
         self.scheduler.rejected.clear()
-        prev = self.inflight
+        prev, incoming = self.inflight, None
         try:
             self.swapper.start()
             if not rows:
@@ -130,7 +131,7 @@ class StepLoop:
                     self._check_stall()
                 return 0
             s = step_input(rows, self.config.page_size)
-            src = None if prev is None else self._token_sources(rows)
+            src = None if prev is None else token_sources(rows)
             incoming = self.swapper.take_incoming()
             planned = time.perf_counter()
             if self.config.overlap:
@@ -138,8 +139,8 @@ class StepLoop:
             else:
                 tokens = self.runner.step(s, incoming)
             ran = time.perf_counter()
-        except Exception as e:  # fail what is in flight; the pools may be gone (donated)
-            self.fail_all(RuntimeError(f"engine step failed: {type(e).__name__}: {e}"))
+        except Exception as e:  # noqa: BLE001 - only this step's turns fail
+            self.step_failed(rows, e, prev, incoming)
             return 0
         self._stalled_steps = 0
         num_tokens = sum(r.end - r.start for r in rows)
@@ -151,7 +152,7 @@ class StepLoop:
             turns.next_reqs = {id(r.request) for r in rows}
             try:
                 if prev is not None and not self.complete(prev):
-                    return 0                 # the fetch failed: everything in flight failed
+                    return 0                 # its fetch failed: its turns failed
             finally:
                 turns.next_reqs = set()
             turns.dispatched(rows)
@@ -160,8 +161,7 @@ class StepLoop:
             if num_tokens >= 16:      # prefill speed, for the load-or-recompute choice
                 self.rates.prefill(ran - planned, num_tokens)
             turns.dispatched(rows)
-            for row, token in zip(rows, tokens):
-                turns.postprocess(row, int(token))
+            self.postprocess(rows, tokens)
         self.store.swap_out_ahead(int(self.config.swap_out_threshold * self.num_pages))
         times["steps"] += 1
         times["plan_s"] += planned - start
@@ -185,21 +185,6 @@ class StepLoop:
         self.drain()
         return self.scheduler.schedule()
 
-    def _token_sources(self, rows: list[Row]) -> np.ndarray:
-        """token_src of a step planned while the one before is in flight: for each token row,
-        -1 (its id is known), or the row of the step in flight that samples it."""
-        src = np.full(sum(r.end - r.start for r in rows), -1, np.int32)
-        at = 0
-        for row in rows:
-            req = row.request
-            if req.pending and not row.front:
-                assert req.pending == 1, "more than one step in flight"
-                first = len(req.token_ids) - 1            # the placeholder's position
-                if row.start <= first < row.end:
-                    src[at + first - row.start] = req.pending_row
-            at += row.end - row.start
-        return src
-
     def complete(self, f: InFlight) -> bool:
         """Fetch a dispatched step's tokens and postprocess it. False if the fetch failed (then
         every turn in flight has failed)."""
@@ -210,17 +195,38 @@ class StepLoop:
         self.times["busy_fetches"] += ready is not None and not ready()
         try:
             tokens = self.runner.fetch(f.handle)
-        except Exception as e:  # noqa: BLE001 - as a failed step: the pools may be gone
-            self.fail_all(RuntimeError(f"engine step failed: {type(e).__name__}: {e}"))
+        except Exception as e:  # noqa: BLE001 - its turns fail; the pools went with it
+            self.step_failed(f.rows, e, lost=True)
             return False
         done = time.perf_counter()
         self.times["wait_s"] += done - start
         if f.num_tokens >= 16:    # prefill speed: from when the device could start it
             self.rates.prefill(done - max(f.dispatched, self._last_done), f.num_tokens)
         self._last_done = done
-        for row, token in zip(f.rows, tokens):
-            self.turns.postprocess(row, int(token))
+        self.postprocess(f.rows, tokens)
         return True
+
+    def postprocess(self, rows: list[Row], tokens) -> None:
+        """Each row's sampled token; a turn whose postprocessing fails fails alone."""
+        for row, token in zip(rows, tokens):
+            try:
+                self.turns.postprocess(row, int(token))
+            except Exception as e:  # noqa: BLE001 - that turn's fault only
+                self.turns.fail(row.request, e)
+
+    def step_failed(self, rows: list[Row], error: Exception, prev: InFlight | None = None,
+                    incoming=None, lost: bool = False) -> None:
+        """A step failed before it was booked: only its turns fail (Turns.step_failed). With
+        the pools intact every other KV stays (the step in flight before it is fetched first)."""
+        lost = lost or not pools_intact(self.runner.kv)
+        if not lost and prev is not None and not self.complete(prev):
+            lost = True                  # its fetch failed instead
+        self.inflight = None
+        if lost:
+            self.swapper.drop()
+            self.runner.reset_kv()
+        pages = () if incoming is None else incoming.page_ids
+        self.turns.step_failed([r.request for r in rows], error, lost, pages)
 
     def drain(self) -> None:
         """Fetch and postprocess the step in flight, if any: afterwards no turn has a row in
@@ -256,8 +262,8 @@ class StepLoop:
                 pools_lost=False)
 
     def fail_all(self, error: Exception, pools_lost: bool = True) -> None:
-        """Fail every turn in flight; when the pools may be gone (a failed step donated them)
-        every conversation's cache goes too, else idle conversations keep theirs."""
+        """Fail every turn in flight (a scheduler bug); with pools_lost every conversation's
+        cache goes too, else idle conversations keep theirs."""
         self.turns.counts["failed_steps"] += 1
         self.swapper.drop()
         self.inflight = None
@@ -266,3 +272,29 @@ class StepLoop:
             for conv in self.store.conversations.values():
                 self.store.truncate(conv, 0)
             self.runner.reset_kv()
+
+
+def token_sources(rows: list[Row]) -> np.ndarray:
+    """token_src of a step planned while the one before is in flight: for each token row,
+    -1 (its id is known), or the row of the step in flight that samples it."""
+    src = np.full(sum(r.end - r.start for r in rows), -1, np.int32)
+    at = 0
+    for row in rows:
+        req = row.request
+        if req.pending and not row.front:
+            assert req.pending == 1, "more than one step in flight"
+            first = len(req.token_ids) - 1            # the placeholder's position
+            if row.start <= first < row.end:
+                src[at + first - row.start] = req.pending_row
+        at += row.end - row.start
+    return src
+
+
+def pools_intact(kv: Any) -> bool:
+    """Whether a failed step left the KV pools usable: none deleted (donated into a program
+    that did not return them) nor poisoned by a failed computation."""
+    try:
+        return not any(a.is_deleted() or not a.block_until_ready().is_ready()
+                       for a in jax.tree_util.tree_leaves(kv) if isinstance(a, jax.Array))
+    except Exception:  # noqa: BLE001 - a computation that failed
+        return False

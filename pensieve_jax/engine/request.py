@@ -132,6 +132,8 @@ class Request:
         self.arrival = time.perf_counter()
         self.first_token_time: float | None = None
         self.text = None                  # the reply's TextStream (the engine sets it)
+        self.isolated = False             # in a failed step with others: runs alone from now
+        self.failed = False               # ended by a failed step (TurnFailed delivered)
 
     @property
     def finished(self) -> bool:
@@ -186,6 +188,9 @@ def check_prompt(ids: Sequence[int], vocab_size: int, max_model_len: int) -> lis
     """Validated token ids of a turn, or a clear TypeError / ValueError."""
     if isinstance(ids, (str, bytes)):
         raise TypeError("expected token ids; use engine.tokenizer.encode(text) first")
+    if hasattr(ids, "__len__") and len(ids) >= max_model_len:     # before converting them
+        raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {max_model_len} "
+                         "(including at least one generated token)")
     try:
         prompt = [int(i) for i in ids]
     except (TypeError, ValueError) as e:
@@ -199,3 +204,39 @@ def check_prompt(ids: Sequence[int], vocab_size: int, max_model_len: int) -> lis
         raise ValueError(f"prompt has {len(prompt)} tokens; max_model_len is {max_model_len} "
                          "(including at least one generated token)")
     return prompt
+
+
+def check_sampling(params: SamplingParams, vocab_size: int, max_model_len: int,
+                   explicit_max_tokens: bool = False) -> None:
+    """What SamplingParams cannot check alone: ValueError naming the field. max_tokens beyond
+    max_model_len only ends the turn at max_model_len ("length"), unless the caller set it
+    explicitly (a server's request): then it is refused."""
+    if explicit_max_tokens and params.max_tokens > max_model_len:
+        raise ValueError(f"max_tokens must be <= max_model_len ({max_model_len}), got "
+                         f"{params.max_tokens}")
+    if params.top_k > vocab_size:
+        raise ValueError(f"top_k must be in [0, {vocab_size}] (the vocabulary), got "
+                         f"{params.top_k}")
+    bad = [t for t in params.stop_token_ids if t >= vocab_size]
+    if bad:
+        raise ValueError(f"stop_token_ids out of range [0, {vocab_size}): {bad[:5]}")
+
+
+def text_byte_limit(tokenizer, max_model_len: int) -> int | None:
+    """UTF-8 bytes of the longest text that can fit in max_model_len tokens, at most: times the
+    longest vocabulary entry (byte-level and SentencePiece entries spell a byte with one or
+    more characters, so their UTF-8 length is never less than the bytes they stand for). None
+    if the tokenizer does not expose its vocabulary."""
+    get_vocab = getattr(getattr(tokenizer, "backend", None), "get_vocab", None)
+    if get_vocab is None:
+        return None
+    vocab = get_vocab(with_added_tokens=True)
+    return max_model_len * max((len(t.encode("utf-8")) for t in vocab), default=1)
+
+
+def check_text_bytes(nbytes: int, limit: int | None, field: str, max_model_len: int) -> None:
+    """A text of nbytes UTF-8 bytes that cannot fit in max_model_len tokens (limit: bytes of the
+    longest prompt there can be) is refused before it is tokenized."""
+    if limit is not None and nbytes > limit:
+        raise ValueError(f"{field} is {nbytes} bytes: more than any prompt of max_model_len "
+                         f"{max_model_len} tokens can hold ({limit} bytes)")

@@ -1,9 +1,35 @@
 """Sampling parameters: how a request picks its tokens (the sampler that applies them runs
-inside the step program: pensieve_jax/runner/sampler.py)."""
+inside the step program: pensieve_jax/runner/sampler.py).
+
+SamplingParams checks what needs no model (types, ranges, finite values, bounded stop lists);
+the engine's submit checks the rest against the model (request.check_sampling: max_tokens
+against max_model_len, top_k and stop_token_ids against the vocabulary)."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+
+from pensieve_jax.engine.errors import brief
+
+INT32_MAX = 2**31 - 1          # the step's int32 arrays: no count or id may exceed it
+MAX_TEMPERATURE = 100.0
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024          # per stop string
+MAX_STOP_TOKEN_IDS = 1024
+
+
+def _integer(name: str, value, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {brief(value)}")
+
+
+def _real(name: str, value, ok, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+            not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be a finite number {what}, got {brief(value)}")
+    return float(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -13,6 +39,7 @@ class SamplingParams:
     The same seed (with the same prompt and model) gives the same output; seed None draws one.
     stop strings end generation once the decoded output contains one of them; generation also
     ends at the tokenizer's end-of-turn ids unless ignore_eos, and at any stop_token_ids.
+    Invalid values raise ValueError naming the field.
     """
 
     max_tokens: int = 256
@@ -25,19 +52,28 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        _integer("max_tokens", self.max_tokens, 1, INT32_MAX)
+        object.__setattr__(self, "temperature", _real(
+            "temperature", self.temperature, lambda t: 0 <= t <= MAX_TEMPERATURE,
+            f"in [0, {MAX_TEMPERATURE:g}]"))
+        object.__setattr__(self, "top_p", _real("top_p", self.top_p, lambda p: 0 < p <= 1,
+                                                "in (0, 1]"))
+        _integer("top_k", self.top_k, 0, INT32_MAX)
+        if self.seed is not None:
+            _integer("seed", self.seed, 0, 2**32 - 1)
+        if len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop: at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
+        for s in stop:
+            if not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_CHARS:
+                raise ValueError(f"stop must be non-empty strings of at most {MAX_STOP_CHARS} "
+                                 f"characters, got {brief(s)}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, got "
+                             f"{len(self.stop_token_ids)}")
+        for t in self.stop_token_ids:
+            _integer("stop_token_ids", t, 0, INT32_MAX)
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
-            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "ignore_eos", bool(self.ignore_eos))

@@ -19,10 +19,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-from typing import NamedTuple
 
 from pensieve_jax.kvcache.conversations import ConversationStore, common_prefix
 from pensieve_jax.kvcache.errors import ConversationBusy
+from pensieve_jax.engine.errors import brief
+from pensieve_jax.engine.batching import Row, fit_to_program, order_waiting
 from pensieve_jax.engine.request import Request
 
 
@@ -36,14 +37,6 @@ class SchedulerConfig:
     swap_in_same_step: bool = False   # swap-ins land inside the step that runs their turn
     token_buckets: tuple[int, ...] = ()   # the step programs' token counts (runner.ProgramSet):
                                           # a mixed step may end its last prefill chunk at one
-
-
-class Row(NamedTuple):
-    request: Request
-    start: int       # first token index of this chunk in request.token_ids
-    end: int         # one past the last
-    sample: bool     # the chunk ends the sequence: sample the next token
-    front: bool = False   # recomputes part of a dropped prefix (kv_len = end)
 
 
 class Scheduler:
@@ -68,7 +61,8 @@ class Scheduler:
     def schedule(self) -> list[Row]:
         rows: list[Row] = []
         budget = self.config.max_batched_tokens
-        for req in list(self.running):
+        solo = next((r for r in self.running if r.isolated), None)   # runs alone (a failed
+        for req in [solo] if solo else list(self.running):           # step's suspect)
             if budget == 0 or len(rows) >= self.config.max_num_seqs:
                 break
             if req not in self.running or req.loading:   # preempted / its pages not back yet
@@ -78,28 +72,44 @@ class Scheduler:
                 budget -= self._add_rows(rows, req, budget)
         self.waiting = order_waiting(self.waiting, self.store, self.config)
         deferred = []
-        while self.waiting and budget > 0 and len(rows) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and len(rows) < self.config.max_num_seqs and not solo:
             req = self.waiting.popleft()
-            if req.conversation is None:
-                try:
-                    if not self._admit(req):
-                        deferred.append(req)      # its conversation's cache flush runs first
-                        continue
-                except (ConversationBusy, ValueError) as e:     # busy, or another salt's
-                    self.rejected.append((req, e))
-                    continue
-            if not req.restored and not self._restore(req):
-                self.waiting.appendleft(req)
+            try:
+                added = self._admit_waiting(req, rows, budget, deferred)
+            except Exception:   # a bug: req stays queued, so the loop's failure path reaches it
+                if req not in self.running:
+                    self.waiting.appendleft(req)
+                raise
+            if added is None:
                 break
-            n = min(len(req.token_ids) - req.num_computed, budget)
-            if not self._make_room(req, req.num_computed + n, may_preempt=False):
-                self.waiting.appendleft(req)      # newcomers never preempt running turns
-                break
-            self.running.append(req)
-            if not req.loading:       # else it runs once its pages have landed (next step)
-                budget -= self._add_rows(rows, req, budget)
+            budget -= added
         self.waiting.extendleft(reversed(deferred))
         return fit_to_program(rows, self.config.token_buckets)
+
+    def _admit_waiting(self, req: Request, rows: list[Row], budget: int,
+                       deferred: list[Request]) -> int | None:
+        """req, just taken off the front of the waiting queue, moves on: returns the tokens of
+        the rows added for it (0: deferred, rejected, or it runs from a later step on), or None
+        when admission stops here (req is back at the front)."""
+        if req.conversation is None:
+            try:
+                if not self._admit(req):
+                    deferred.append(req)      # its conversation's cache flush runs first
+                    return 0
+            except (ConversationBusy, ValueError) as e:     # busy, or another salt's
+                self.rejected.append((req, e))
+                return 0
+        if not req.restored and not self._restore(req):
+            self.waiting.appendleft(req)
+            return None
+        n = min(len(req.token_ids) - req.num_computed, budget)
+        if not self._make_room(req, req.num_computed + n, may_preempt=False):
+            self.waiting.appendleft(req)      # newcomers never preempt running turns
+            return None
+        self.running.append(req)
+        if req.loading or req.isolated:       # it runs once its pages have landed (next
+            return 0                          # step), or alone
+        return self._add_rows(rows, req, budget)
 
     def _make_room(self, req: Request, num_tokens: int, may_preempt: bool) -> bool:
         """Reserve pages for req's first num_tokens tokens. Idle conversations go first (inside
@@ -179,7 +189,7 @@ class Scheduler:
         if conv.busy:
             if conv.flushing:
                 return False
-            raise ConversationBusy(f"conversation {conv.id!r} has a turn in progress")
+            raise ConversationBusy(f"conversation {brief(conv.id)} has a turn in progress")
         conv.busy = True
         req.conversation = conv
         computed = common_prefix(conv.token_ids[:conv.num_computed], req.prompt)
@@ -195,14 +205,14 @@ class Scheduler:
         """Free the pages of admitted turns still waiting (newest first); False if none."""
         for other in reversed(self.waiting):
             if other is not keep and other.conversation is not None and other.conversation.pages:
-                self._drop_kv(other)
+                drop_kv(self.store, other)
                 return True
         return False
 
     def _preempt(self, req: Request) -> None:
         self.num_preemptions += 1
         self.running.remove(req)
-        self._drop_kv(req)
+        drop_kv(self.store, req)
         if req.finished:                          # only its cache flush was left: give it up
             self.store.release(req.conversation, keep_kv=False)
         else:
@@ -227,59 +237,30 @@ class Scheduler:
                     return req
         return None
 
+    def requeue(self, req: Request) -> None:
+        """req goes back to wait with its KV dropped (a failed step may have left it wrong)."""
+        if req in self.running:
+            self._preempt(req)
+        elif req.conversation is not None:
+            drop_kv(self.store, req)
+
+    def discard(self, req: Request) -> None:
+        """Take req out of the queues, finished or not (it failed)."""
+        for queue_ in (q for q in (self.running, self.waiting) if req in q):
+            queue_.remove(req)
+
     def abort_all(self) -> list[Request]:
-        reqs = self.running + [r for r in self.waiting]
+        reqs = self.running + list(self.waiting)
         self.running, self.waiting = [], collections.deque()
         return reqs
 
-    def _drop_kv(self, req: Request) -> None:
-        """Free req's pages: its tokens are recomputed, after it is restored again on admission
-        (reusing what others still hold)."""
-        self.store.drop_kv(req.conversation)
-        req.front_done = req.front_end = 0
-        req.restored = req.loading = False
-        req.reset_usage()
-
-
-def fit_to_program(rows: list[Row], token_buckets: tuple[int, ...]) -> list[Row]:
-    """A step runs in the smallest program that holds its tokens. When it also holds decodes
-    (so another step follows anyway) and its last row is a prefill chunk, end that chunk at
-    the program below if that pads less than it defers: the rest rides along the next step.
-    A prefill alone is never cut (that would only add a step before its first token)."""
-    total = sum(r.end - r.start for r in rows)
-    below = [t for t in token_buckets if t < total]
-    above = [t for t in token_buckets if t >= total]
-    if not rows or not below or not above:
-        return rows
-    last, cut = rows[-1], total - below[-1]
-    decodes = any(r.sample and r.end - r.start == 1 for r in rows[:-1])
-    if not decodes or last.end - last.start <= cut or above[0] - total <= cut:
-        return rows
-    if last.end - last.start == 1 and last.sample:
-        return rows
-    return rows[:-1] + [last._replace(end=last.end - cut, sample=False)]
-
-
-def order_waiting(waiting: collections.deque[Request], store: ConversationStore,
-                  config: SchedulerConfig) -> collections.deque[Request]:
-    """Preble's local rule: waiting turns with more of their prompt cached go first, except
-    that a turn passed over for fairness_steps steps (and preempted turns) keeps its place
-    in arrival order ahead of them. Returns the queue in its new order."""
-    if len(waiting) < 2 or store.index is None:
-        return waiting
-    window = list(itertools.islice(waiting, config.order_window))
-    for req in window:
-        req.waited += 1
-
-    def key(item):
-        i, req = item
-        if req.conversation is not None or req.waited > config.fairness_steps:
-            return (0, 0.0, i)
-        hit = store.cached_prefix(req.requested_conversation, req.prompt, req.salt)
-        return (1, -hit / len(req.prompt), i)
-    ordered = [r for _, r in sorted(enumerate(window), key=key)]
-    rest = list(itertools.islice(waiting, len(window), None))
-    return collections.deque(ordered + rest)
+def drop_kv(store: ConversationStore, req: Request) -> None:
+    """Free req's pages: its tokens are recomputed, after it is restored again on admission
+    (reusing what others still hold)."""
+    store.drop_kv(req.conversation)
+    req.front_done = req.front_end = 0
+    req.restored = req.loading = False
+    req.reset_usage()
 
 
 class PreemptionNeeded(Exception):

@@ -12,20 +12,31 @@ conversation released, and exactly one final event delivered to its handle.
                                                                  the last token's KV), or
                                                                  released (stateless, ended)
     cancel                      aborted, output delivered        released (keeps its tokens)
-    failed step / close         error delivered                  released (its KV dropped)
+    failed step (one turn)      TurnFailed delivered             released (its KV dropped)
+    failed step (with others)   isolated: requeued, runs alone   KV dropped (recomputed)
+    close                       error delivered                  released (its KV dropped)
+
+A failed step fails only the turns it touched (`step_failed`): a step of one turn, or of a
+turn already isolated, fails that turn; a step of several isolates each (they go back to wait
+with their KV dropped and then run alone, so the next failure names the culprit). The KV of
+every other conversation stays, unless the step took the pools with it (pools lost): then all
+of it goes, and the running turns recompute theirs, as after a preemption.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
 from pensieve_jax.engine.config import EngineConfig
-from pensieve_jax.engine.errors import EngineOverloaded
+from pensieve_jax.engine.errors import EngineOverloaded, TurnFailed
 from pensieve_jax.engine.request import Request, TokenEvent
 from pensieve_jax.engine.scheduler import Row, Scheduler
 from pensieve_jax.kvcache.conversations import ConversationStore
 from pensieve_jax.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 PLACEHOLDER = 0    # a sampled token not fetched yet (the overlapped loop's Request.pending)
 USAGE_COUNTERS = ("prompt_tokens", "cached_tokens", "cached_host_tokens", "cached_shared_tokens",
@@ -58,8 +69,11 @@ class Turns:
 
     def add(self, req: Request) -> None:
         self.counts["requests"] += 1
-        req.text = self.tokenizer.text_stream()
-        self.scheduler.add(req)
+        try:
+            req.text = self.tokenizer.text_stream()
+            self.scheduler.add(req)
+        except Exception as e:  # noqa: BLE001 - its caller hears of it; the engine goes on
+            self.fail(req, e)
 
     def dispatched(self, rows: list[Row]) -> None:
         """Book what a step just dispatched computes (steps, page copies and gathers run on
@@ -68,6 +82,8 @@ class Turns:
         ps = self.config.page_size
         for i, row in enumerate(rows):
             req = row.request
+            if req.failed:      # failed while this step was planned: nothing of it counts
+                continue
             req.count_computed(row.start, row.end)
             if row.front:
                 req.front_done = row.end
@@ -84,7 +100,7 @@ class Turns:
     def postprocess(self, row: Row, token: int) -> None:
         """A fetched step's row (booked by `dispatched`): its sampled token, stop checks."""
         req = row.request
-        if row.front:
+        if row.front or req.failed:
             return
         if req.finished:        # the cache flush after a turn (overlapped: maybe a decode
             if row.end == len(req.token_ids):    # dispatched before the turn was done; its
@@ -160,12 +176,59 @@ class Turns:
             self.store.truncate(conv, req.front_done)
         self.store.release(conv, keep_kv=self.config.cache_policy == "stateful")
 
+    def fail(self, req: Request, error: BaseException) -> None:
+        """req alone ends with TurnFailed (logged with its request id, error the cause); its
+        conversation drops its KV. A step in flight with a row of it computes for nothing."""
+        if req.failed:
+            return
+        log.error("turn %s failed: %s: %s", req.id, type(error).__name__, error, exc_info=error)
+        req.failed = True
+        self.scheduler.discard(req)
+        self._drop_placeholders(req)
+        if req.conversation is not None and req.conversation.busy:
+            self.store.release(req.conversation, keep_kv=False)
+        if not req.finished:
+            req.finish_reason = "abort"
+            failed = TurnFailed(f"internal error (request id {req.id})", req.id)
+            failed.__cause__ = error
+            self.deliver(req, failed)
+
+    def step_failed(self, reqs: list[Request], error: BaseException, pools_lost: bool,
+                    incoming_pages=()) -> None:
+        """A step of reqs failed (see the module docstring). incoming_pages: device pages it was
+        to load from host (their holders lose their KV too); pools_lost: every KV is gone."""
+        self.counts["failed_steps"] += 1
+        suspects = [r for r in dict.fromkeys(reqs) if not r.failed]
+        pages = set(incoming_pages)
+        live = [r for r in self.scheduler.running + list(self.scheduler.waiting)
+                if r.conversation is not None]
+        hit = live if pools_lost else [r for r in live if r in suspects or
+                                       pages.intersection(r.conversation.pages)]
+        for req in hit:
+            self._drop_placeholders(req)
+            self.scheduler.requeue(req)
+        if pools_lost:
+            for conv in self.store.conversations.values():
+                self.store.truncate(conv, 0)
+        for req in suspects:
+            if len(suspects) == 1 or req.isolated:
+                self.fail(req, error)
+            else:
+                req.isolated = True
+        log.warning("a step of %d turns failed (%s: %s); %s", len(suspects),
+                    type(error).__name__, error, "every conversation's KV is lost" if pools_lost
+                    else f"{len(hit)} turns recompute their KV")
+
+    def _drop_placeholders(self, req: Request) -> None:
+        """The placeholders of a step that will never be fetched."""
+        if req.pending:
+            del req.token_ids[-req.pending:], req.output[-req.pending:]
+            req.pending = 0
+
     def fail_all(self, error: Exception) -> None:
         """Every turn queued or running ends with error; their conversations drop their KV."""
         for req in self.scheduler.abort_all():
-            if req.pending:            # placeholders of a step that will never be fetched
-                del req.token_ids[-req.pending:], req.output[-req.pending:]
-                req.pending = 0
+            self._drop_placeholders(req)
             if req.conversation is not None:
                 self.store.release(req.conversation, keep_kv=False)
             if not req.finished:

@@ -8,6 +8,7 @@ far, no placeholder), unless it is marked `overlaps` (new turns: they only join 
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import queue
 import threading
 from typing import Any, Callable
@@ -15,6 +16,8 @@ from typing import Any, Callable
 from pensieve_jax.engine.errors import EngineClosed
 from pensieve_jax.engine.loop import StepLoop
 from pensieve_jax.kvcache.conversations import ConversationStore
+
+log = logging.getLogger(__name__)
 
 
 def overlaps(fn: Callable[[], None]) -> Callable[[], None]:
@@ -85,10 +88,17 @@ class EngineThread:
                         return
                     if not getattr(fn, "overlaps", False):
                         self.loop.drain()
-                    fn()
+                    try:
+                        fn()
+                    except Exception:  # noqa: BLE001 - the thread serves the other callers on
+                        log.exception("engine inbox function failed")
                     block = False
             except queue.Empty:
                 pass
             if ttl is not None:
                 self.store.expire(ttl)
-            self.loop.step()
+            try:
+                self.loop.step()
+            except Exception as e:  # noqa: BLE001 - a bug outside a step's own failure path
+                log.exception("engine step failed")
+                self.loop.fail_all(RuntimeError(f"engine step failed: {type(e).__name__}"))

@@ -87,7 +87,8 @@ class CacheView:
 
     async def poll(self, r: Replica) -> None:
         """Ask r what its cache holds (what changed since its last report) and reconcile."""
-        if not r.healthy or r.leaving or r.reports is False or not self.exact:
+        if not r.healthy or r.leaving or r.reports is False or not self.exact or \
+                r.mempool is None:
             return
         failures, sent_at = r.failures, time.monotonic()
         request = pb.CacheReportRequest(epoch=r.report_epoch, since_version=r.report_version)
@@ -173,9 +174,12 @@ class CacheView:
     # -- GetStats -------------------------------------------------------------------------------
 
     def report_mode(self, r: Replica) -> str:
-        """off (no reports asked for), pending, reporting or unsupported."""
+        """off (no reports asked for), no internal address (no MemPool to ask), pending,
+        reporting or unsupported."""
         if not self.exact or self.interval_s <= 0:
             return "off"
+        if r.internal is None:
+            return "no internal address"
         return {None: "pending", True: "reporting", False: "unsupported"}[r.reports]
 
     def describe_replica(self, r: Replica) -> dict[str, Any]:

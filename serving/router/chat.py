@@ -26,7 +26,7 @@ from typing import AsyncIterator
 import grpc
 
 from pensieve_jax.session import check_messages, turn_messages
-from serving.errors import ConversationNotFound, TurnInProgress
+from serving.errors import ConversationNotFound, TurnInProgress, clip
 from serving.pensieve.v1 import pensieve_pb2 as pb
 from serving.protocol import messages_from_proto, messages_to_proto, sampling_from_proto
 from serving.router.cache_view import CacheView
@@ -36,6 +36,7 @@ from serving.router.disaggregation import Disaggregator
 from serving.router.errors import FAILOVER_CODES, RemoteError, ReplicaAbort
 from serving.router.keys import ChatKeys
 from serving.router.kv_mover import KVMover
+from serving.router.links import Caller
 from serving.router.records import Conversation
 from serving.router.replicas import Replica, ReplicaSet
 from serving.router.routing import Decision
@@ -59,7 +60,8 @@ class ChatTurns:
         self.mover, self.disagg, self.directory = mover, disagg, directory
         self.keys, self.stats = keys, stats
 
-    async def chat(self, request: pb.ChatRequest, context) -> AsyncIterator[pb.ChatResponse]:
+    async def chat(self, request: pb.ChatRequest, context,
+                   caller: Caller = Caller()) -> AsyncIterator[pb.ChatResponse]:
         sampling_from_proto(request.sampling)              # INVALID_ARGUMENT before routing
         messages = messages_from_proto(request.messages)
         if not messages:
@@ -69,13 +71,13 @@ class ChatTurns:
             raise ValueError("history_token_ids is for servers behind a router; the router "
                              "keeps conversation histories itself")
         if request.conversation_id:
-            conv = self._continued(request)
+            conv = self._continued(request, caller)
             turn = turn_messages(messages)
             self.directory.conversations.touch(conv.id, conv)
         else:
             messages = check_messages(messages)
             turn = turn_messages(messages[-1:])
-            conv = Conversation.new(messages[:-1], request.cache_salt)
+            conv = Conversation.new(messages[:-1], request.cache_salt, caller)
         conv.busy = True
         try:
             async for response in self._run_turn(conv, turn, request.sampling, context):
@@ -83,19 +85,19 @@ class ChatTurns:
         finally:
             self.directory.turn_ended(conv)
 
-    def _continued(self, request: pb.ChatRequest) -> Conversation:
+    def _continued(self, request: pb.ChatRequest, caller: Caller) -> Conversation:
         conv = self.directory.lookup(request.conversation_id)
-        if conv is None:
+        if conv is None or conv.owner != caller.owner:     # another owner's: as if unknown
             raise ConversationNotFound(
-                f"no conversation {request.conversation_id!r}: it was never started, was "
+                f"no conversation {clip(request.conversation_id)}: it was never started, was "
                 "ended, or was forgotten (idle too long, or too many conversations); send "
                 "the whole history without a conversation_id to start it again")
         if request.cache_salt and request.cache_salt != conv.salt:
             raise ValueError(
-                f"cache_salt does not match conversation {conv.id!r}: a conversation keeps "
+                f"cache_salt does not match conversation {clip(conv.id)}: a conversation keeps "
                 "the cache_salt it began with; send that salt, or none, with its turns")
         if conv.busy:
-            raise TurnInProgress(f"conversation {conv.id!r} has a turn in progress; send the "
+            raise TurnInProgress(f"conversation {clip(conv.id)} has a turn in progress; send the "
                                  "next turn after it finished")
         return conv
 
@@ -115,7 +117,7 @@ class ChatTurns:
         moved_from = conv.home
         forced = await self.disagg.prefill(conv, ids) if self.disagg.active() else None
         while True:
-            decision, forced = forced or self.chooser.route(ids, conv.home, salt=conv.salt), None
+            decision, forced = forced or self.chooser.route(ids, conv.home, salt=conv.engine_salt), None
             r = self.replicas[decision.replica]
             home = self.replicas[conv.home] if conv.home is not None else None
             if home is not None and home is not r and home.healthy and \
@@ -124,7 +126,8 @@ class ChatTurns:
             request = self._replica_request(conv, r, turn, sampling)
             text, gen = [], []
             final = None
-            call = r.stub.Chat(request, timeout=context.time_remaining())
+            call = r.stub.Chat(request, timeout=context.time_remaining(),
+                               metadata=conv.caller.auth or None)
             r.in_flight += 1
             r.routed += 1
             r.add_load(len(ids) - decision.matched)
@@ -195,7 +198,7 @@ class ChatTurns:
         conv.record(r.index, turn, joined, raw, ids + self.keys.reply_ids(gen))
         self.cache.learn(r, conv.ids if self.keys.exact else
                          self.keys.prompt_ids(conv.template, [], []), conv.cids.get(r.index),
-                         conv.salt)
+                         conv.engine_salt)
         if final is not None:
             self.chooser.turn_done(final.usage, decision.matched)
             r.add_load(self.chooser.e2.decode_weight * final.usage.completion_tokens)

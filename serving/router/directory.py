@@ -22,9 +22,10 @@ from typing import Any, Callable
 
 import grpc
 
-from serving.errors import ConversationNotFound
+from serving.errors import ConversationNotFound, clip
 from serving.pensieve.v1 import pensieve_pb2 as pb
 from serving.router.cache_view import CacheView
+from serving.router.links import Caller, Metadata
 from serving.router.records import Conversation, Generated
 from serving.router.replicas import ReplicaSet
 from serving.router.stats import RouterStats
@@ -91,7 +92,7 @@ class ConversationDirectory:
         """conv's turn is over: idle from now, or its copies ended if it was ended meanwhile."""
         conv.busy = False
         if conv.dropped:
-            self.end_later(conv.replica_ids())
+            self.end_later(conv.replica_ids(), conv.caller.auth)
         else:
             self.touch(conv)
 
@@ -102,23 +103,23 @@ class ConversationDirectory:
 
     # -- forgetting -------------------------------------------------------------------------------
 
-    async def end(self, cid: str) -> None:
-        """EndConversation: forget `cid` (a conversation or a Generate id) and end its copies
-        on the replicas (a busy conversation's after its turn)."""
+    async def end(self, cid: str, caller: Caller = Caller()) -> None:
+        """EndConversation: forget `cid` (a conversation or a Generate id of the caller's) and
+        end its copies on the replicas (a busy conversation's after its turn)."""
         if not cid:
             raise ValueError("conversation_id is empty")
         gen = self.lookup_generated(cid)
-        if gen is not None:
+        if gen is not None and gen.caller.owner == caller.owner:
             self.generated.pop(cid)
             self.stats.forgotten["generations"]["ended"] += 1
-            await self.end_on_replicas([(gen.replica, gen.conversation_id)])
+            await self.end_on_replicas([(gen.replica, gen.conversation_id)], caller.auth)
             return
         conv = self.lookup(cid)
-        if conv is None:
-            raise ConversationNotFound(f"no conversation {cid!r}")
+        if conv is None or conv.owner != caller.owner:     # another owner's: as if unknown
+            raise ConversationNotFound(f"no conversation {clip(cid)}")
         self.forget(conv, "ended", end=False)
         if not conv.busy:            # else turn_ended ends the copies when the turn is over
-            await self.end_on_replicas(conv.replica_ids())
+            await self.end_on_replicas(conv.replica_ids(), conv.caller.auth)
 
     def forget(self, conv: Conversation, why: str, end: bool = True) -> None:
         """Forget conv (why: ended, expired, evicted). end: end its copies on the replicas in
@@ -129,7 +130,7 @@ class ConversationDirectory:
         conv.dropped = True
         self.stats.forgotten["conversations"][why] += 1
         if end and not conv.busy:
-            self.end_later(conv.replica_ids())
+            self.end_later(conv.replica_ids(), conv.caller.auth)
 
     def expire(self) -> int:
         """Forget the conversations and Generate ids idle for longer than the TTL. Returns how
@@ -149,22 +150,25 @@ class ConversationDirectory:
             except Exception:     # keep expiring
                 log.exception("forgetting expired conversations failed")
 
-    def end_later(self, where: list[tuple[int, str]]) -> None:
-        """End each (replica, its conversation id) in the background."""
+    def end_later(self, where: list[tuple[int, str]], auth: Metadata = ()) -> None:
+        """End each (replica, its conversation id) in the background, as the caller whose
+        authorization is `auth`."""
         if not where:
             return
-        task = asyncio.get_running_loop().create_task(self.end_on_replicas(where))
+        task = asyncio.get_running_loop().create_task(self.end_on_replicas(where, auth))
         self.ending.add(task)
         task.add_done_callback(self.ending.discard)
 
-    async def end_on_replicas(self, where: list[tuple[int, str]]) -> None:
-        """End each (replica, its conversation id) there; once it is gone there, its holder
-        leaves the prefix tree (the replica's next cache report would say the same)."""
+    async def end_on_replicas(self, where: list[tuple[int, str]], auth: Metadata = ()) -> None:
+        """End each (replica, its conversation id) there, as the caller whose authorization is
+        `auth` (the conversation's owner); once it is gone there, its holder leaves the prefix
+        tree (the replica's next cache report would say the same)."""
         async def end(index: int, replica_cid: str) -> None:
             r = self.replicas[index]
             try:
                 await r.stub.EndConversation(
-                    pb.EndConversationRequest(conversation_id=replica_cid), timeout=10)
+                    pb.EndConversationRequest(conversation_id=replica_cid), timeout=10,
+                    metadata=auth or None)
             except grpc.aio.AioRpcError as e:
                 if e.code() != grpc.StatusCode.NOT_FOUND:     # down, or busy: it still holds
                     log.debug("ending %s on %s failed: %s", replica_cid, r.target, e.code().name)

@@ -44,8 +44,8 @@ class Disaggregator:
         turn then streams from (returned; None: no replica for one of them)."""
         route = self.chooser.route
         try:
-            p = self.replicas[route(ids, None, ("prefill", "both"), conv.salt).replica]
-            decode = route(ids, conv.home, ("decode", "both"), conv.salt)
+            p = self.replicas[route(ids, None, ("prefill", "both"), conv.engine_salt).replica]
+            decode = route(ids, conv.home, ("decode", "both"), conv.engine_salt)
         except NoReplica:
             return None
         d = self.replicas[decode.replica]
@@ -55,12 +55,13 @@ class Disaggregator:
         if home is not None and home.healthy and conv.ids and home.index in conv.cids:
             await self.mover.transfer(home, conv.cids[home.index], p, "", False, conv.ids,
                                       self.stats.to_prefill, why="KV back to prefill",
-                                      salt=conv.salt)
+                                      salt=conv.engine_salt, owner=conv.owner)
         prefill = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParams(
             max_tokens=1, temperature=0.0, ignore_eos=True), cache_salt=conv.salt)
         try:
             last = None
-            async for resp in p.stub.Generate(prefill, timeout=60):
+            async for resp in p.stub.Generate(prefill, timeout=60,
+                                              metadata=conv.caller.auth or None):
                 last = resp
         except grpc.aio.AioRpcError as e:
             log.warning("prefill on %s failed (%s): decoding replica computes the prompt",
@@ -72,10 +73,11 @@ class Disaggregator:
         p.routed += 1
         p.add_load(last.usage.prefilled_tokens + last.usage.recomputed_tokens)
         conv.engine_only[p.index] = last.conversation_id
-        self.cache.learn(p, ids, last.conversation_id, conv.salt)
+        self.cache.learn(p, ids, last.conversation_id, conv.engine_salt)
         reply = await self.mover.transfer(p, last.conversation_id, d, conv.cids.get(d.index, ""),
                                           True, ids, self.stats.to_decode, limit=len(ids),
-                                          why="prefill to decode", force=True, salt=conv.salt)
+                                          why="prefill to decode", force=True, salt=conv.engine_salt,
+                                          owner=conv.owner)
         if reply is not None:
             conv.adopted(d.index, reply.target_conversation_id)
         return decode

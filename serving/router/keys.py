@@ -41,11 +41,7 @@ class ChatKeys:
         if self.tokenizer is None:
             return list("".join(f"<|{m['role']}|>{m['content']}\n"
                                 for m in template + turn).encode())
-        rendered = self.tokenizer.render_chat(template + turn)
-        seen = self.tokenizer.decode(ids)
-        if ids and rendered.startswith(seen):
-            return ids + self.tokenizer.encode(rendered[len(seen):])
-        return self.tokenizer.encode(rendered)
+        return self.tokenizer.encode_chat(template + turn, prefix_ids=ids)
 
     def generate_ids(self, text: str) -> list[int]:
         """The ids of a Generate prompt given as text."""

@@ -4,7 +4,9 @@ A turn routed away from the conversation's home replica (a rebalance, a failover
 still up) or a replica leaving (evacuation) has the conversation's KV pushed from the old
 replica to the new one (MemPool.Match on both, then MemPool.Transfer) when the cost model
 (serving/mempool `CostModel`, or kv_move: "transfer", "recompute") says loading it beats
-recomputing it; otherwise the new replica recomputes it.
+recomputing it; otherwise the new replica recomputes it. Replicas the router knows no internal
+(MemPool) address of recompute. The Transfer names the conversation's owner (metadata
+x-pensieve-owner): the copy the target adopts belongs to the same owner.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 
 import grpc
 
+from serving.auth import OWNER_METADATA
 from serving.mempool import CostModel
 from serving.pensieve.v1 import pensieve_pb2 as pb
 from serving.router.cache_view import CacheView
@@ -40,11 +43,13 @@ class KVMover:
     async def transfer(self, src: Replica, src_cid: str, dst: Replica, dst_cid: str,
                        adopt: bool, tokens: list[int], counters: MoveCounters,
                        limit: int | None = None, why: str = "move", force: bool = False,
-                       salt: str = ""):
-        """Push src's KV of a conversation (of cache salt `salt`) to dst when the cost model (or
-        kv_move) says loading it beats recomputing it. Returns the TransferResponse, or None
-        (dst recomputes). The KV keeps its salt on dst (the chunks carry the source's)."""
-        if self.kv_move == "recompute" and not force:
+                       salt: str = "", owner: str = ""):
+        """Push src's KV of a conversation (of cache salt `salt`, belonging to `owner`) to dst
+        when the cost model (or kv_move) says loading it beats recomputing it. Returns the
+        TransferResponse, or None (dst recomputes). The KV keeps its salt on dst (the chunks
+        carry the source's)."""
+        if (self.kv_move == "recompute" and not force) or src.mempool is None or \
+                dst.mempool is None:
             counters.recomputes += 1
             return None
         try:
@@ -67,8 +72,9 @@ class KVMover:
                 counters.recomputes += 1
                 return None
             reply = await src.mempool.Transfer(pb.TransferRequest(
-                conversation_id=src_cid, target=dst.target, target_conversation_id=dst_cid,
-                adopt=adopt, limit_tokens=limit), timeout=60)
+                conversation_id=src_cid, target=dst.internal, target_conversation_id=dst_cid,
+                adopt=adopt, limit_tokens=limit), timeout=60,
+                metadata=((OWNER_METADATA, owner),) if owner else None)
         except grpc.aio.AioRpcError as e:
             log.warning("%s %s -> %s failed (%s: %s): recomputing", why, src.target, dst.target,
                         e.code().name, e.details())
@@ -91,7 +97,7 @@ class KVMover:
             return False
         dst_cid = conv.cids.get(dst.index, "")
         reply = await self.transfer(src, src_cid, dst, dst_cid, True, conv.ids, counters,
-                                    salt=conv.salt)
+                                    salt=conv.engine_salt, owner=conv.owner)
         if reply is None:
             return False
         conv.adopted(dst.index, reply.target_conversation_id)

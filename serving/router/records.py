@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import uuid
+
+from serving.auth import new_id, scoped_salt
+from serving.router.links import Caller
 
 
 @dataclasses.dataclass(eq=False)
@@ -14,7 +16,8 @@ class Conversation:
     with assistant messages as the replicas' templates saw them; ids: its exact token ids.
     cids[r] is its conversation id on replica r, covering template[:covered[r]]. salt: the
     cache_salt it began with (tenant isolation), sent with every request for it to a replica
-    and keying its prefixes in the router's tree."""
+    and keying its prefixes in the router's tree. caller: who started it (its owner; the
+    authorization the router's own calls for it carry, e.g. ending its copies)."""
     id: str
     history: list[dict[str, str]]
     template: list[dict[str, str]]
@@ -27,14 +30,27 @@ class Conversation:
     engine_only: dict[int, str] = dataclasses.field(default_factory=dict)   # prefill copies
     dropped: bool = False             # forgotten (ended, expired, evicted): not to come back
     salt: str = ""                    # ChatRequest.cache_salt of its first turn ("": none)
+    caller: Caller = Caller()
 
     def replica_ids(self) -> list[tuple[int, str]]:
         """(replica, its conversation id) of every copy the replicas hold."""
         return list(self.cids.items()) + list(self.engine_only.items())
 
+    @property
+    def owner(self) -> str:
+        return self.caller.owner
+
+    @property
+    def engine_salt(self) -> str:
+        """The salt the replicas' engines file its KV under (serving.auth.scoped_salt): what
+        keys its prefixes in the router's tree and its KV moves."""
+        return scoped_salt(self.caller.owner, self.salt)
+
     @classmethod
-    def new(cls, history: list[dict[str, str]], salt: str = "") -> "Conversation":
-        return cls(f"conv-{uuid.uuid4().hex[:16]}", list(history), list(history), salt=salt)
+    def new(cls, history: list[dict[str, str]], salt: str = "",
+            caller: Caller = Caller()) -> "Conversation":
+        """A conversation with an unguessable id (128 random bits)."""
+        return cls(new_id("conv-"), list(history), list(history), salt=salt, caller=caller)
 
     def record(self, replica: int, turn: list[dict[str, str]], text: str, raw: str,
                ids: list[int]) -> None:
@@ -64,11 +80,12 @@ class Conversation:
 @dataclasses.dataclass(eq=False)
 class Generated:
     """A Generate call's result id: the replica and its conversation there (for
-    EndConversation)."""
+    EndConversation), and who ran it."""
     replica: int
     conversation_id: str
     last_used: float = 0.0
     busy: bool = False                # recorded when its call finished: never in flight
+    caller: Caller = Caller()
 
 
 __all__ = ["Conversation", "Generated"]

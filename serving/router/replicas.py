@@ -27,9 +27,11 @@ from typing import Any, Iterator, Protocol, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from serving.channels import aio_channel
 from serving.mempool import GRPC_OPTIONS, MEMPOOL_SERVICE
 from serving.pensieve.v1 import pensieve_pb2 as pb
 from serving.pensieve.v1 import pensieve_pb2_grpc as pb_grpc
+from serving.router.links import ReplicaAddress, ReplicaLinks
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Pensieve"].full_name   # what health checks ask for
 ROLES = ("prefill", "decode", "both")          # what a replica does (Replica.role)
@@ -52,7 +54,9 @@ class Replica:
     index: int
     target: str
     window_s: float
+    internal: str | None = None       # its internal (MemPool) address; None: MemPool unused
     channel: grpc.aio.Channel | None = None
+    internal_channel: grpc.aio.Channel | None = None
     stub: Any = None
     health: Any = None
     healthy: bool = True
@@ -64,7 +68,7 @@ class Replica:
     role: str = "both"                # prefill | decode | both (disaggregation)
     role_fixed: bool = False          # given to the router (else learned from GetStats)
     leaving: bool = False             # evacuated: never marked up again
-    mempool: Any = None               # pensieve.v1.MemPool stub
+    mempool: Any = None               # pensieve.v1.MemPool stub (None: no internal address)
     # MemPool.CacheReport: None not known yet (the tree estimates), True it reports (the tree
     # follows its reports), False it does not implement it (an older server: estimated)
     reports: bool | None = None
@@ -73,11 +77,19 @@ class Replica:
     reported: set = dataclasses.field(default_factory=set)   # conversation ids it reported
     learnt: dict = dataclasses.field(default_factory=dict)   # id -> when routing credited it
 
-    def connect(self) -> None:
-        self.channel = grpc.aio.insecure_channel(self.target, CHANNEL_OPTIONS)
+    def connect(self, links: ReplicaLinks = ReplicaLinks()) -> None:
+        self.channel = aio_channel(self.target, CHANNEL_OPTIONS, links.credentials)
         self.stub = pb_grpc.PensieveStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
-        self.mempool = pb_grpc.MemPoolStub(self.channel)
+        if self.internal is not None:
+            self.internal_channel = aio_channel(self.internal, CHANNEL_OPTIONS, links.credentials,
+                                                links.internal_metadata())
+            self.mempool = pb_grpc.MemPoolStub(self.internal_channel)
+
+    async def close(self) -> None:
+        for channel in (self.channel, self.internal_channel):
+            if channel is not None:
+                await channel.close()
 
     def add_load(self, cost: float, now: float | None = None) -> None:
         self.recent.append((time.monotonic() if now is None else now, cost))
@@ -106,13 +118,16 @@ class ReplicaWatcher(Protocol):
 class ReplicaSet(Sequence[Replica]):
     """The replicas behind the router, by index, with their health checks."""
 
-    def __init__(self, targets: Sequence[str], window_s: float = 60.0,
-                 roles: Sequence[str] | None = None):
+    def __init__(self, targets: Sequence[str | ReplicaAddress], window_s: float = 60.0,
+                 roles: Sequence[str] | None = None, links: ReplicaLinks = ReplicaLinks()):
         if roles is not None and (len(roles) != len(targets) or set(roles) - set(ROLES)):
             raise ValueError(f"roles must be one of {ROLES} per replica, got {roles!r}")
         if not targets:
             raise ValueError("the router needs at least one replica target")
-        self._replicas = [Replica(i, t, window_s) for i, t in enumerate(targets)]
+        addresses = [ReplicaAddress.parse(t) for t in targets]
+        self._replicas = [Replica(i, a.target, window_s, a.internal)
+                          for i, a in enumerate(addresses)]
+        self.links = links
         for r, role in zip(self._replicas, roles or ()):
             r.role, r.role_fixed = role, True
         self._watchers: list[ReplicaWatcher] = []
@@ -131,12 +146,16 @@ class ReplicaSet(Sequence[Replica]):
 
     def connect(self) -> None:
         for r in self._replicas:
-            r.connect()
+            r.connect(self.links)
+        for r in self._replicas:
+            if r.mempool is None:
+                log.warning("replica %s (%s): no internal address (--replica HOST:PORT,"
+                            "internal=PORT): no cache reports, no KV moves to or from it",
+                            r.index, r.target)
 
     async def close(self) -> None:
         for r in self._replicas:
-            if r.channel is not None:
-                await r.channel.close()
+            await r.close()
 
     def healthy(self, roles: Sequence[str] = ROLES) -> list[Replica]:
         """The healthy replicas of the given roles."""
@@ -169,7 +188,8 @@ class ReplicaSet(Sequence[Replica]):
         if not replica.healthy:
             return None
         try:
-            return await replica.stub.GetStats(pb.GetStatsRequest(), timeout=5)
+            return await replica.stub.GetStats(pb.GetStatsRequest(), timeout=5,
+                                               metadata=self.links.own_metadata() or None)
         except grpc.aio.AioRpcError:
             return None
 
@@ -211,7 +231,7 @@ class ReplicaSet(Sequence[Replica]):
 
     def describe(self, now: float) -> list[dict[str, Any]]:
         """Each replica's routing state, for GetStats."""
-        return [{"target": r.target, "healthy": r.healthy, "routed": r.routed, "role": r.role,
+        return [{"target": r.target, "internal": r.internal, "healthy": r.healthy, "routed": r.routed, "role": r.role,
                  "leaving": r.leaving, "in_flight": r.in_flight, "load": r.load(now),
                  "failures": r.failures, "capacity_tokens": r.capacity}
                 for r in self._replicas]

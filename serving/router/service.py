@@ -23,6 +23,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 import grpc
 
+from serving.auth import ApiKeys
 from serving.errors import status_for
 from serving.mempool import CostModel
 from serving.pensieve.v1 import pensieve_pb2 as pb
@@ -36,6 +37,7 @@ from serving.router.errors import NoReplica, RemoteError
 from serving.router.generate import GenerateCalls
 from serving.router.keys import ChatKeys
 from serving.router.kv_mover import KVMover
+from serving.router.links import Caller, ReplicaAddress, ReplicaLinks
 from serving.router.replicas import ROLES, ReplicaSet
 from serving.router.routing import E2Config
 from serving.router.stats import RouterStats
@@ -45,17 +47,22 @@ MAX_CONVERSATIONS = 10_000     # default cap on the conversations the router rem
 
 
 class RouterService(pb_grpc.PensieveServicer):
-    """One pensieve.v1.Pensieve endpoint in front of the replica servers at `targets`."""
+    """One pensieve.v1.Pensieve endpoint in front of the replica servers at `targets`
+    ("HOST:PORT[,internal=[HOST:]PORT]", serving/router/links.py). api_keys: its callers' keys
+    (owners); links: how it reaches the replicas (TLS, cluster secret, its own key)."""
 
-    def __init__(self, targets: Sequence[str], policy: str = "e2", tokenizer=None,
+    def __init__(self, targets: Sequence[str | ReplicaAddress], policy: str = "e2",
+                 tokenizer=None,
                  e2: E2Config = E2Config(), window_s: float = 60.0, kv_move: str = "auto",
                  roles: Sequence[str] | None = None, cost: CostModel | None = None,
                  cache_report_interval_s: float = 1.0, conversation_ttl_s: float | None = None,
                  max_conversations: int | None = MAX_CONVERSATIONS,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, api_keys: ApiKeys | None = None,
+                 links: ReplicaLinks = ReplicaLinks()):
+        self.api_keys = api_keys if api_keys is not None else ApiKeys()
         self.stats = RouterStats()
         self.keys = ChatKeys(tokenizer)
-        self.replicas = ReplicaSet(targets, window_s, roles)
+        self.replicas = ReplicaSet(targets, window_s, roles, links)
         self.cache = CacheView(self.replicas, self.stats, self.keys.exact,
                                cache_report_interval_s)
         self.chooser = ReplicaChooser(self.replicas, self.cache, self.stats, policy, e2)
@@ -80,16 +87,19 @@ class RouterService(pb_grpc.PensieveServicer):
     # -- RPCs -----------------------------------------------------------------------------------
 
     async def Chat(self, request: pb.ChatRequest, context):
-        async for response in self._guard(context, self.chats.chat(request, context)):
+        caller = Caller.of(context, self.api_keys)
+        async for response in self._guard(context, self.chats.chat(request, context, caller)):
             yield response
 
     async def Generate(self, request: pb.GenerateRequest, context):
-        async for response in self._guard(context, self.generates.generate(request, context)):
+        caller = Caller.of(context, self.api_keys)
+        async for response in self._guard(context,
+                                          self.generates.generate(request, context, caller)):
             yield response
 
     async def EndConversation(self, request: pb.EndConversationRequest, context):
         try:
-            await self.directory.end(request.conversation_id)
+            await self.directory.end(request.conversation_id, Caller.of(context, self.api_keys))
             return pb.EndConversationResponse()
         except Exception as e:
             await _abort(context, e)
@@ -150,14 +160,15 @@ class RouterService(pb_grpc.PensieveServicer):
         for conv in self.directory.homed_at(index):
             roles = ("decode", "both") if self.disagg.active() else ROLES
             try:
-                dst = self.replicas[self.chooser.route(conv.ids, None, roles, conv.salt).replica]
+                choice = self.chooser.route(conv.ids, None, roles, conv.engine_salt)
+                dst = self.replicas[choice.replica]
             except (LookupError, NoReplica):
                 break
             if await self.mover.move(conv, src, dst, self.stats.moves):
                 conv.home = dst.index
                 moved += 1
                 if conv.dropped:      # forgotten while it moved: end the new copy too
-                    self.directory.end_later(conv.replica_ids())
+                    self.directory.end_later(conv.replica_ids(), conv.caller.auth)
         return moved
 
     def router_stats(self) -> dict[str, Any]:

@@ -21,7 +21,14 @@ reflection and GetStats answer; Chat and Generate calls wait behind the warm-up 
 still runs) and then proceed; if the warm-up fails they end UNAVAILABLE. `warm_up_later(options)`
 gives the engine options for such a server (the engine's own precompile off).
 
-    startup.py        PensieveServer: the services, health and reflection on one port
+Security: `PensieveServer(engine, api_keys=ApiKeys(["k"]), tls=ServerTls(cert, key),
+limits=Limits(...))`: every call but gRPC health needs a key (serving/interceptors.py), the port
+speaks TLS, request messages over limits.max_request_bytes are refused before parsing. MemPool
+(KV between replicas) is never on the public port: it listens on the internal port (loopback by
+default) behind the cluster secret, and pushes KV only to configured peers (internal.py).
+
+    startup.py        PensieveServer: the service, health and reflection on the public port
+    internal.py       the internal port: MemPool behind the cluster secret, its peers
     background.py     BackgroundServer: one on its own thread
     service.py        PensieveService, the servicer, over the parts below
     turns.py          Chat and Generate turns as response streams
@@ -33,10 +40,12 @@ gives the engine options for such a server (the engine's own precompile off).
 """
 
 from serving.server.background import BackgroundServer
+from serving.server.internal import InternalOptions
 from serving.server.metrics import Metrics
 from serving.server.service import SERVICE_NAME, PensieveService
 from serving.server.startup import DEFAULT_HOST, ROLES, PensieveServer
 from serving.server.warm_up import PRECOMPILE_ENV, describe_programs, warm_up_later
 
-__all__ = ["BackgroundServer", "DEFAULT_HOST", "Metrics", "PRECOMPILE_ENV", "PensieveServer",
-           "PensieveService", "ROLES", "SERVICE_NAME", "describe_programs", "warm_up_later"]
+__all__ = ["BackgroundServer", "DEFAULT_HOST", "InternalOptions", "Metrics", "PRECOMPILE_ENV",
+           "PensieveServer", "PensieveService", "ROLES", "SERVICE_NAME", "describe_programs",
+           "warm_up_later"]

@@ -50,6 +50,16 @@ class BackgroundServer:
         return self.server.target
 
     @property
+    def internal_target(self) -> str:
+        """Where its MemPool listens (the internal port)."""
+        return self.server.internal_target
+
+    @property
+    def replica_address(self) -> str:
+        """This server as a router's replica: "HOST:PORT,internal=HOST:PORT"."""
+        return self.server.replica_address
+
+    @property
     def service(self) -> PensieveService:
         return self.server.service
 

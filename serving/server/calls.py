@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from typing import AsyncIterator, Awaitable
 
 import grpc
@@ -25,7 +26,7 @@ def cancel_code(context) -> grpc.StatusCode:
 
 class CallReporter:
     """Runs the RPCs' bodies: an error ends the call with its status code (INTERNAL ones are
-    logged); each call's final code, the streams in progress and each finished turn's usage go
+    logged with a request id, the client told only that id); each call's final code, the streams in progress and each finished turn's usage go
     to the metrics."""
 
     def __init__(self, metrics: Metrics | None = None):
@@ -79,8 +80,9 @@ class CallReporter:
         if error is None:
             self.count(method, grpc.StatusCode.OK)
             return
-        code, message = status_for(error)
-        if code == grpc.StatusCode.INTERNAL:
-            log.error("%s failed", method, exc_info=error)
+        request_id = getattr(error, "request_id", None) or secrets.token_hex(8)
+        code, message = status_for(error, request_id)
+        if code == grpc.StatusCode.INTERNAL:      # the client gets only the request id
+            log.error("%s failed (request id %s)", method, request_id, exc_info=error)
         self.count(method, code)
         await context.abort(code, message)

@@ -2,7 +2,12 @@
 
 A thin servicer over its parts: the open Chat conversations (ConversationTable), the worker
 threads of the turns (WorkerPool), the warm-up gate turns wait behind (WarmUpGate), how calls
-end and what they count (CallReporter), and the turns themselves (Turns)."""
+end and what they count (CallReporter), and the turns themselves (Turns).
+
+Each call's owner is the API key it carries (serving.auth; "" without keys: the server's
+interceptor has refused calls without a valid one). Conversations belong to the owner that
+created them; any other owner is told NOT_FOUND. limits.max_conversations caps the
+conversations kept (serving/server/conversations.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ import asyncio
 import json
 from typing import TYPE_CHECKING, AsyncIterator
 
-from serving.errors import ConversationNotFound
+from serving.auth import ApiKeys
+from serving.limits import Limits
 from serving.pensieve.v1 import pensieve_pb2 as pb
 from serving.pensieve.v1 import pensieve_pb2_grpc as pb_grpc
 from serving.server.calls import CallReporter
@@ -31,12 +37,15 @@ class PensieveService(pb_grpc.PensieveServicer):
     """The RPCs. Runs on one event loop; blocking engine calls go to worker threads."""
 
     def __init__(self, engine: "Engine", metrics: Metrics | None = None,
-                 model_name: str | None = None, max_streams: int = 1024):
+                 model_name: str | None = None, max_streams: int = 1024, *,
+                 api_keys: ApiKeys | None = None, limits: Limits | None = None):
         self.engine = engine
         self.metrics = metrics
         self.model_name = model_name or engine.model.config.name
         self.ttl = engine.config.conversation_ttl_s
-        self.conversations = ConversationTable(engine, self.ttl)
+        self.api_keys = api_keys if api_keys is not None else ApiKeys()
+        self.limits = limits if limits is not None else Limits()
+        self.conversations = ConversationTable(engine, self.ttl, self.limits.max_conversations)
         self.workers = WorkerPool(max_streams)
         self.warm_up = WarmUpGate()
         self.calls = CallReporter(metrics)
@@ -57,32 +66,40 @@ class PensieveService(pb_grpc.PensieveServicer):
 
     # -- RPCs -----------------------------------------------------------------------------------
 
+    def owner(self, context) -> str:
+        """The caller's owner id ("" without API keys); Unauthenticated without a valid key."""
+        return self.api_keys.owner_from_metadata(context.invocation_metadata())
+
     async def Chat(self, request: pb.ChatRequest, context) -> AsyncIterator[pb.ChatResponse]:
-        async for response in self.calls.stream("Chat", context, self.turns.chat(request)):
+        async def turn():
+            async for response in self.turns.chat(request, self.owner(context)):
+                yield response
+        async for response in self.calls.stream("Chat", context, turn()):
             yield response
 
     async def Generate(self, request: pb.GenerateRequest, context):
-        async for response in self.calls.stream("Generate", context,
-                                                self.turns.generate(request)):
+        async def turn():
+            async for response in self.turns.generate(request, self.owner(context)):
+                yield response
+        async for response in self.calls.stream("Generate", context, turn()):
             yield response
 
     async def EndConversation(self, request: pb.EndConversationRequest, context):
-        return await self.calls.unary("EndConversation", context, self._end(request))
+        return await self.calls.unary("EndConversation", context, self._end(request, context))
 
     async def GetStats(self, request: pb.GetStatsRequest, context):
-        return await self.calls.unary("GetStats", context, self._stats())
+        return await self.calls.unary("GetStats", context, self._stats(context))
 
-    async def _end(self, request: pb.EndConversationRequest) -> pb.EndConversationResponse:
-        cid = request.conversation_id
-        if not cid:
+    async def _end(self, request: pb.EndConversationRequest,
+                   context) -> pb.EndConversationResponse:
+        owner = self.owner(context)
+        if not request.conversation_id:
             raise ValueError("conversation_id is empty")
-        if cid in self.conversations:
-            await self.conversations.forget(cid)
-        elif not await asyncio.to_thread(self.engine.end_conversation, cid):
-            raise ConversationNotFound(f"no conversation {cid!r}")
+        await self.conversations.end(request.conversation_id, owner)
         return pb.EndConversationResponse()
 
-    async def _stats(self) -> pb.GetStatsResponse:
+    async def _stats(self, context) -> pb.GetStatsResponse:
+        self.owner(context)
         stats = await asyncio.to_thread(self.engine.stats)
         stats["role"] = self.role
         if self.mempool is not None:
@@ -98,11 +115,11 @@ class PensieveService(pb_grpc.PensieveServicer):
 
     # -- for MemPool (serving.mempool.ChatConversations) ----------------------------------------
 
-    def adopt(self, conversation_id: str, cache_salt: str | None = None) -> None:
-        """Open a Chat conversation on an engine conversation that already exists (its KV was
-        imported through MemPool), unless it is open already: a router continues it with
+    def adopt(self, conversation_id: str, cache_salt: str | None = None, owner: str = "") -> None:
+        """Open a Chat conversation of `owner` on an engine conversation that already exists (its
+        KV was imported through MemPool), unless it is open already: a router continues it with
         ChatRequest.conversation_id plus the messages and history_token_ids of what it holds."""
-        self.conversations.adopt(conversation_id, cache_salt)
+        self.conversations.adopt(conversation_id, cache_salt, owner)
 
     def turn_running(self, conversation_id: str) -> bool:
         """Whether the Chat conversation has a turn in progress."""

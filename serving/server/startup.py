@@ -1,6 +1,10 @@
-"""PensieveServer: the Pensieve and MemPool services, gRPC health (grpc.health.v1) and server
-reflection on one port, started and shut down on a grpc.aio event loop, warmed up in the
-background (serving/server/warm_up.py)."""
+"""PensieveServer: the Pensieve service, gRPC health (grpc.health.v1) and server reflection on the
+public port, MemPool on the internal port (serving/server/internal.py), started and shut down on
+a grpc.aio event loop, warmed up in the background (serving/server/warm_up.py).
+
+Security on the public port: api_keys (every call but health needs one: interceptors.py), TLS
+(tls: serving.tls.ServerTls), and a cap on the size of a request message
+(limits.max_request_bytes, enforced by gRPC before parsing: RESOURCE_EXHAUSTED)."""
 
 from __future__ import annotations
 
@@ -13,33 +17,48 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from serving.auth import ApiKeys, ClusterSecret
 from serving.errors import NotReady
-from serving.mempool import GRPC_OPTIONS, MEMPOOL_SERVICE, MemPoolService
+from serving.interceptors import public_interceptors
+from serving.limits import Limits
+from serving.mempool import MemPoolService
 from serving.pensieve.v1 import pensieve_pb2_grpc as pb_grpc
+from serving.server.internal import LOOPBACK, InternalOptions, InternalServer, peer_credentials
 from serving.server.metrics import Metrics
 from serving.server.service import SERVICE_NAME, PensieveService
 from serving.server.warm_up import describe_programs
+from serving.tls import ServerTls
 
 if TYPE_CHECKING:
     from pensieve_jax.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HOST = "127.0.0.1"
+DEFAULT_HOST = LOOPBACK
 ROLES = ("prefill", "decode", "both")      # what a router may use a replica for
 
 
 class PensieveServer:
-    """The service plus gRPC health (grpc.health.v1) and server reflection, on one port.
+    """The service plus gRPC health (grpc.health.v1) and server reflection on the public port;
+    MemPool on the internal port.
 
     warm_up: after start() opens the port (health NOT_SERVING), run engine.warm_up() on a
     background thread, then report SERVING (`wait_ready()`); turns wait for it. Without it (or
-    for an engine without warm_up) health is SERVING from start()."""
+    for an engine without warm_up) health is SERVING from start().
+
+    api_keys: the keys callers must send (None or none: no authentication). limits: what a
+    request may ask (max_request_bytes caps the public port's messages). tls: the public (and
+    internal) port's certificate. internal: where MemPool listens and its peers; cluster_secret:
+    what MemPool's callers must send (None: a random one). options: more gRPC server options
+    for the public port."""
 
     def __init__(self, engine: "Engine", host: str = DEFAULT_HOST, port: int = 0,
                  metrics: Metrics | None = None, model_name: str | None = None,
                  max_streams: int = 1024, options: list[tuple[str, Any]] | None = None,
-                 role: str = "both", warm_up: bool = False):
+                 role: str = "both", warm_up: bool = False, *, api_keys: ApiKeys | None = None,
+                 limits: Limits | None = None, tls: ServerTls | None = None,
+                 internal: InternalOptions | None = None,
+                 cluster_secret: str | ClusterSecret | None = None):
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self.engine = engine
@@ -47,12 +66,22 @@ class PensieveServer:
         self.requested_port = port
         self.port: int | None = None
         self.metrics = metrics
-        self.service = PensieveService(engine, metrics, model_name, max_streams)
+        self.api_keys = api_keys if api_keys is not None else ApiKeys()
+        self.limits = limits if limits is not None else Limits()
+        self.tls = tls
+        self.service = PensieveService(engine, metrics, model_name, max_streams,
+                                       api_keys=self.api_keys, limits=self.limits)
         self.service.role = role
-        self.mempool = MemPoolService(self.service)      # pensieve.v1.MemPool (KV transfer)
+        internal = internal if internal is not None else InternalOptions()
+        self.cluster_secret = cluster_secret if isinstance(cluster_secret, ClusterSecret) \
+            else ClusterSecret(cluster_secret)
+        self.mempool = MemPoolService(self.service, internal.peers, self.cluster_secret,
+                                      peer_credentials(internal))
         self.service.mempool = self.mempool
+        self.internal = InternalServer(self.mempool, internal, self.cluster_secret, tls)
         self.health = health.aio.HealthServicer()
-        self._options = GRPC_OPTIONS if options is None else options
+        self._options = [("grpc.max_receive_message_length", self.limits.max_request_bytes),
+                         *(options or ())]
         self._server: grpc.aio.Server | None = None
         self._expiry: asyncio.Task | None = None
         self.warm_up = warm_up and callable(getattr(engine, "warm_up", None))
@@ -63,6 +92,16 @@ class PensieveServer:
     @property
     def target(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def internal_target(self) -> str:
+        """Where MemPool listens (HOST:PORT), once started."""
+        return self.internal.target
+
+    @property
+    def replica_address(self) -> str:
+        """This server as a router's --replica: "HOST:PORT,internal=HOST:PORT"."""
+        return f"{self.target},internal={self.internal_target}"
 
     @property
     def ready(self) -> bool:
@@ -95,13 +134,16 @@ class PensieveServer:
             self.programs))
 
     async def start(self) -> int:
-        server = grpc.aio.server(options=self._options)
+        server = grpc.aio.server(options=self._options,
+                                 interceptors=public_interceptors(self.api_keys))
         pb_grpc.add_PensieveServicer_to_server(self.service, server)
-        pb_grpc.add_MemPoolServicer_to_server(self.mempool, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, MEMPOOL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        self.port = server.add_insecure_port(f"{self.host}:{self.requested_port}")
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        address = f"{self.host}:{self.requested_port}"
+        self.port = server.add_secure_port(address, self.tls.credentials()) \
+            if self.tls is not None else server.add_insecure_port(address)
+        await self.internal.start()
         await server.start()
         self._server = server
         status = health_pb2.HealthCheckResponse
@@ -124,6 +166,7 @@ class PensieveServer:
         stopping = asyncio.create_task(self._server.stop(grace + 10.0))   # new calls: UNAVAILABLE
         await self.service.drain(grace)
         await stopping
+        await self.internal.stop(0)
         if self._expiry is not None:
             self._expiry.cancel()
         if self._warming is not None:

@@ -122,7 +122,7 @@ def test_edited_history_truncates_to_the_common_prefix():
 def test_a_mixed_step_ends_its_last_prefill_chunk_at_a_program_boundary():
     """With decodes in the step, a last prefill chunk that would pad the step up to the next
     program is cut at the one below (the rest runs next step); a prefill alone never is."""
-    from pensieve_jax.engine.scheduler import Row, fit_to_program
+    from pensieve_jax.engine.batching import Row, fit_to_program
     ladder = (8, 16, 32, 48, 64, 96, 128)
     decodes = [Row(object(), 10 + i, 11 + i, True) for i in range(30)]
     prefill = Row(object(), 0, 40, True)

@@ -175,7 +175,8 @@ def test_waiting_turns_with_cached_prompts_go_first_within_the_fairness_bound():
     from pensieve_jax.kvcache.pages import PageAllocator
     from pensieve_jax.kvcache.conversations import ConversationStore
     from pensieve_jax.engine.request import Request
-    from pensieve_jax.engine.scheduler import Scheduler, SchedulerConfig, order_waiting
+    from pensieve_jax.engine.batching import order_waiting
+    from pensieve_jax.engine.scheduler import Scheduler, SchedulerConfig
 
     store = ConversationStore(PageAllocator(64), 8)
     warm = store.get_or_create("warm", SYSTEM)

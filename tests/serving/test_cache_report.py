@@ -91,7 +91,7 @@ def held(cid, ids):
 def test_router_reconciles_reports():
     from pensieve_jax.tokenizer import Tokenizer
     from serving.router import RouterService
-    router = RouterService(["127.0.0.1:1"], "e2", Tokenizer.byte_level(512))
+    router = RouterService(["127.0.0.1:1,internal=2"], "e2", Tokenizer.byte_level(512))
     r, tree = router.replicas[0], router.tree
     router.cache.learn(r, [1, 2, 3], "s-0")               # before any report: the LRU estimate
     assert tree.match([1, 2, 3]) == {0: 3} and tree.holders(0) == {}
@@ -163,9 +163,11 @@ def test_tree_follows_evictions_and_imports(engine, reference):
         assert tree_match() == {h: len(ids)}
 
         # an import the router did not route shows up in the tree (o's report)
-        with grpc.insecure_channel(cluster.cluster.targets[h], GRPC_OPTIONS) as channel:
+        internal = cluster.cluster.internal_targets
+        with grpc.insecure_channel(internal[h], GRPC_OPTIONS) as channel:
             moved = pb_grpc.MemPoolStub(channel).Transfer(pb.TransferRequest(
-                conversation_id=conv.cids[h], target=cluster.cluster.targets[o]), timeout=60)
+                conversation_id=conv.cids[h], target=internal[o]), timeout=60,
+                metadata=cluster.cluster.secret.metadata())
         assert moved.num_tokens == len(ids)
         assert wait_until(lambda: tree_match() == {h: len(ids), o: len(ids)})
         nxt = cluster.call(lambda: router.keys.prompt_ids(conv.template, conv.ids,

@@ -125,3 +125,54 @@ def test_a_caller_service_config_replaces_the_retry_policy(flaky):
         with pytest.raises(Unavailable):
             client.stats()
     assert servicer.calls == 1
+
+
+# -- security and HTTP options (issue 20) ------------------------------------------------------
+
+def test_security_options_parse():
+    args = parse_args(["serve", "--model", "m", "--api-key", "a", "--api-key", "b",
+                       "--api-keys-file", "keys.txt", "--tls-cert", "c.pem", "--tls-key", "k.pem",
+                       "--max-request-bytes", "65536", "--max-conversations", "100",
+                       "--internal-host", "10.0.0.1", "--internal-port", "7001",
+                       "--cluster-secret", "s", "--peer", "10.0.0.2:7001", "--peer",
+                       "10.0.0.3:7001", "--peer-tls-ca", "ca.pem", "--http-port", "8000",
+                       "--served-model-name", "tiny"])
+    sec = args.security
+    assert (sec.api_key, sec.api_keys_file, sec.tls_cert, sec.tls_key, sec.max_request_bytes) \
+        == (("a", "b"), "keys.txt", "c.pem", "k.pem", 65536)
+    assert (args.max_conversations, args.internal_host, args.internal_port, args.cluster_secret,
+            args.peer, args.peer_tls_ca) == \
+        (100, "10.0.0.1", 7001, "s", ("10.0.0.2:7001", "10.0.0.3:7001"), "ca.pem")
+    assert (args.http.http_port, args.http.served_model_name) == (8000, "tiny")
+    assert engine_options(args) == {}
+    defaults = parse_args(["serve", "--model", "m"])
+    assert (defaults.security.api_key, defaults.security.max_request_bytes,
+            defaults.internal_host, defaults.internal_port, defaults.http.http_port) == \
+        ((), 4 << 20, "127.0.0.1", 0, None)
+    args = parse_args(["router", "--replica", "a:1,internal=2", "--replica", "b:1",
+                       "--api-key", "k", "--tls-cert", "c", "--tls-key", "k",
+                       "--replica-tls-ca", "ca", "--cluster-secret", "s", "--http-port", "0"])
+    assert (args.replica, args.replica_tls_ca, args.cluster_secret, args.security.api_key,
+            args.http.http_port) == (("a:1,internal=2", "b:1"), "ca", "s", ("k",), 0)
+    args = parse_args(["cluster", "--model", "m", "--api-key", "k", "--tls-cert", "c",
+                       "--tls-key", "k", "--max-request-bytes", "2048", "--http-port", "0",
+                       "--served-model-name", "x"])
+    assert (args.security.api_key, args.security.max_request_bytes, args.http.http_port,
+            args.http.served_model_name) == (("k",), 2048, 0, "x")
+    args = parse_args(["chat", "--api-key", "k", "--tls-ca", "ca.pem"])
+    assert (args.api_key, args.tls_ca) == ("k", "ca.pem")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--model", "random:tiny", "--tls-cert", "/nonexistent/c.pem", "--tls-key",
+      "/nonexistent/k.pem"], "tls_cert: no such file"),
+    (["serve", "--model", "random:tiny", "--tls-cert", "c.pem"], "--tls-cert and --tls-key"),
+    (["serve", "--model", "random:tiny", "--api-keys-file", "/nonexistent/keys"],
+     "--api-keys-file"),
+    (["serve", "--model", "random:tiny", "--max-request-bytes", "10"], "max_request_bytes"),
+    (["router", "--replica", "a:1", "--replica-tls-ca", "/nonexistent/ca.pem"],
+     "--replica-tls-ca: no such file"),
+])
+def test_bad_security_options_exit_2_with_the_reason(capsys, argv, message):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -1,5 +1,5 @@
-"""MemPool: KV export/import between engines, the MemPool gRPC service between two replicas on
-loopback, a router moving a conversation by KV transfer, and prefill/decode disaggregation
+"""MemPool: KV export/import between engines, the MemPool gRPC service between two replicas'
+internal ports on loopback, a router moving a conversation by KV transfer, and prefill/decode disaggregation
 (1 prefill + 1 decode replica) giving the single-engine outputs."""
 
 import dataclasses
@@ -12,6 +12,7 @@ import pytest
 from pensieve_jax.kvcache.transfer import KVMismatch
 from pensieve_jax.kvcache.errors import ConversationBusy
 from pensieve_jax.session import Session
+from serving.auth import CLUSTER_SECRET_METADATA
 from serving.client import connect
 from serving.cluster import BackgroundCluster, ClusterConfig
 from serving.mempool import CostModel, GRPC_OPTIONS
@@ -117,28 +118,38 @@ def test_cost_model_prefers_the_cheaper_way():
 
 # -- MemPool between two replicas ---------------------------------------------------------------
 
+SECRET = "test-cluster-secret"
+INTERNAL = ((CLUSTER_SECRET_METADATA, SECRET),)       # what internal calls carry
+
+
 def test_transfer_between_two_replicas(engine, other, reference):
-    with BackgroundServer(engine) as a, BackgroundServer(other) as b, \
-            grpc.insecure_channel(a.target, GRPC_OPTIONS) as ca, \
-            grpc.insecure_channel(b.target, GRPC_OPTIONS) as cb:
+    """MemPool on the replicas' internal ports (behind the cluster secret): Match, Export, and a
+    Transfer a -> b (b is a's configured peer) that b then continues exactly."""
+    with BackgroundServer(engine, cluster_secret=SECRET) as a, \
+            BackgroundServer(other, cluster_secret=SECRET) as b, \
+            grpc.insecure_channel(a.target) as ca, grpc.insecure_channel(b.target) as cb, \
+            grpc.insecure_channel(a.internal_target, GRPC_OPTIONS) as ia, \
+            grpc.insecure_channel(b.internal_target, GRPC_OPTIONS) as ib:
+        a.call(lambda: a.server.internal.allow_peers([b.internal_target]))
         chat_a, chat_b = pb_grpc.PensieveStub(ca), pb_grpc.PensieveStub(cb)
-        pool_a, pool_b = pb_grpc.MemPoolStub(ca), pb_grpc.MemPoolStub(cb)
+        pool_a, pool_b = pb_grpc.MemPoolStub(ia), pb_grpc.MemPoolStub(ib)
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TURNS[0]}]
         out = list(chat_a.Chat(pb.ChatRequest(messages=messages_to_proto(messages),
                                               sampling=sampling_to_proto(GREEDY)), timeout=60))
         cid = out[-1].conversation_id
         ids = a.call(lambda: list(a.service.conversations[cid].session._ids))
-        m = pool_a.Match(pb.MatchRequest(conversation_id=cid, token_ids=ids + [5]), timeout=30)
+        m = pool_a.Match(pb.MatchRequest(conversation_id=cid, token_ids=ids + [5]), timeout=30,
+                         metadata=INTERNAL)
         assert m.conversation_tokens == len(ids) and m.page_bytes == engine.kv_layout().page_bytes
         exported = list(pool_a.Export(pb.ExportRequest(conversation_id=cid, chunk_bytes=1),
-                                      timeout=30))
+                                      timeout=30, metadata=INTERNAL))
         assert exported[0].num_pages == 1 and list(exported[0].token_ids) == ids
-        moved = pool_a.Transfer(pb.TransferRequest(conversation_id=cid, target=b.target,
-                                                   adopt=True), timeout=60)
+        moved = pool_a.Transfer(pb.TransferRequest(conversation_id=cid, target=b.internal_target,
+                                                   adopt=True), timeout=60, metadata=INTERNAL)
         assert moved.num_tokens == len(ids) and moved.bytes == m.page_bytes
         assert pool_b.Match(pb.MatchRequest(conversation_id=moved.target_conversation_id,
-                                            token_ids=ids), timeout=30).conversation_tokens \
-            == len(ids)
+                                            token_ids=ids), timeout=30,
+                            metadata=INTERNAL).conversation_tokens == len(ids)
         template = [*messages, {"role": "assistant", "content": engine.tokenizer.decode(
             reference[0].token_ids)}]
         turn = template + [{"role": "user", "content": TURNS[1]}]
@@ -149,10 +160,11 @@ def test_transfer_between_two_replicas(engine, other, reference):
         assert tuple(got) == reference[1].token_ids
         assert out[-1].usage.cached_tokens == len(ids)
         with pytest.raises(grpc.RpcError) as e:
-            pool_a.Export(pb.ExportRequest(conversation_id="nope"), timeout=30).next()
+            pool_a.Export(pb.ExportRequest(conversation_id="nope"), timeout=30,
+                          metadata=INTERNAL).next()
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
         with pytest.raises(grpc.RpcError) as e:
-            pool_b.Import(iter([]), timeout=30)
+            pool_b.Import(iter([]), timeout=30, metadata=INTERNAL)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apensieve/v1/pensieve.proto\x12\x0bpensieve.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xf4\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xa6\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x15\n\rcached_tokens\x18\x02 \x01(\x05\x12\x18\n\x10prefilled_tokens\x18\x03 \x01(\x05\x12\x19\n\x11recomputed_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12\x0e\n\x06ttft_s\x18\x06 \x01(\x01\x12\x0f\n\x07total_s\x18\x07 \x01(\x01\"\xac\x01\n\x0b\x43hatRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.pensieve.v1.Message\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.pensieve.v1.SamplingParams\x12\x19\n\x11history_token_ids\x18\x04 \x03(\x05\x12\x12\n\ncache_salt\x18\x05 \x01(\t\"\x82\x01\n\x0c\x43hatResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.pensieve.v1.Usage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x9a\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.pensieve.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.pensieve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\tB\x08\n\x06prompt\"\x86\x01\n\x10GenerateResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.pensieve.v1.Usage\"1\n\x16\x45ndConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\"\x19\n\x17\x45ndConversationResponse\"\x11\n\x0fGetStatsRequest\"\xf6\x01\n\x10GetStatsResponse\x12\x12\n\nstats_json\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\x05\x12\x0f\n\x07waiting\x18\x04 \x01(\x05\x12\x15\n\rconversations\x18\x05 \x01(\x05\x12\x12\n\npages_used\x18\x06 \x01(\x05\x12\x13\n\x0bpages_total\x18\x07 \x01(\x05\x12\x12\n\nhit_tokens\x18\x08 \x01(\x03\x12\x13\n\x0bmiss_tokens\x18\t \x01(\x03\x12\x16\n\x0e\x61\x63tive_streams\x18\n \x01(\x05\x12\x1c\n\x14server_conversations\x18\x0b \x01(\x05\"w\n\x08KVLayout\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\x05\x12\x10\n\x08head_dim\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\"N\n\x0cMatchRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\ncache_salt\x18\x03 \x01(\t\"~\n\rMatchResponse\x12\x1b\n\x13\x63onversation_tokens\x18\x01 \x01(\x05\x12\x15\n\rshared_tokens\x18\x02 \x01(\x05\x12%\n\x06layout\x18\x03 \x01(\x0b\x32\x15.pensieve.v1.KVLayout\x12\x12\n\npage_bytes\x18\x04 \x01(\x03\"~\n\rExportRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_token\x18\x02 \x01(\x05\x12\x19\n\x0climit_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\x05\x42\x0f\n\r_limit_tokens\"\xe0\x01\n\x07KVChunk\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\nfirst_page\x18\x03 \x01(\x05\x12\x11\n\tnum_pages\x18\x04 \x01(\x05\x12%\n\x06layout\x18\x05 \x01(\x0b\x32\x15.pensieve.v1.KVLayout\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\r\n\x05\x61\x64opt\x18\x07 \x01(\x08\x12\x13\n\x0bpage_offset\x18\x08 \x01(\x05\x12\r\n\x05shape\x18\t \x03(\x05\x12\t\n\x01k\x18\n \x01(\x0c\x12\t\n\x01v\x18\x0b \x01(\x0c\"]\n\x0eImportResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\xaa\x01\n\x0fTransferRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x1e\n\x16target_conversation_id\x18\x03 \x01(\t\x12\r\n\x05\x61\x64opt\x18\x04 \x01(\x08\x12\x19\n\x0climit_tokens\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0b\x63hunk_bytes\x18\x06 \x01(\x05\x42\x0f\n\r_limit_tokens\"{\n\x10TransferResponse\x12\x1e\n\x16target_conversation_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x13\n\x0bsent_tokens\x18\x03 \x01(\x05\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\":\n\x12\x43\x61\x63heReportRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x15\n\rsince_version\x18\x02 \x01(\x04\"T\n\x12\x43\x61\x63hedConversation\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\ncache_salt\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\"\xba\x01\n\x13\x43\x61\x63heReportResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04\x66ull\x18\x03 \x01(\x08\x12\x36\n\rconversations\x18\x04 \x03(\x0b\x32\x1f.pensieve.v1.CachedConversation\x12\x0f\n\x07removed\x18\x05 \x03(\t\x12\x19\n\x11num_conversations\x18\x06 \x01(\x05\x12\x11\n\tpage_size\x18\x07 \x01(\x05\x32\xbb\x02\n\x08Pensieve\x12=\n\x04\x43hat\x12\x18.pensieve.v1.ChatRequest\x1a\x19.pensieve.v1.ChatResponse0\x01\x12I\n\x08Generate\x12\x1c.pensieve.v1.GenerateRequest\x1a\x1d.pensieve.v1.GenerateResponse0\x01\x12\\\n\x0f\x45ndConversation\x12#.pensieve.v1.EndConversationRequest\x1a$.pensieve.v1.EndConversationResponse\x12G\n\x08GetStats\x12\x1c.pensieve.v1.GetStatsRequest\x1a\x1d.pensieve.v1.GetStatsResponse2\xe1\x02\n\x07MemPool\x12>\n\x05Match\x12\x19.pensieve.v1.MatchRequest\x1a\x1a.pensieve.v1.MatchResponse\x12<\n\x06\x45xport\x12\x1a.pensieve.v1.ExportRequest\x1a\x14.pensieve.v1.KVChunk0\x01\x12=\n\x06Import\x12\x14.pensieve.v1.KVChunk\x1a\x1b.pensieve.v1.ImportResponse(\x01\x12G\n\x08Transfer\x12\x1c.pensieve.v1.TransferRequest\x1a\x1d.pensieve.v1.TransferResponse\x12P\n\x0b\x43\x61\x63heReport\x12\x1f.pensieve.v1.CacheReportRequest\x1a .pensieve.v1.CacheReportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apensieve/v1/pensieve.proto\x12\x0bpensieve.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xf4\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xa6\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x15\n\rcached_tokens\x18\x02 \x01(\x05\x12\x18\n\x10prefilled_tokens\x18\x03 \x01(\x05\x12\x19\n\x11recomputed_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12\x0e\n\x06ttft_s\x18\x06 \x01(\x01\x12\x0f\n\x07total_s\x18\x07 \x01(\x01\"\xac\x01\n\x0b\x43hatRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.pensieve.v1.Message\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.pensieve.v1.SamplingParams\x12\x19\n\x11history_token_ids\x18\x04 \x03(\x05\x12\x12\n\ncache_salt\x18\x05 \x01(\t\"\x82\x01\n\x0c\x43hatResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.pensieve.v1.Usage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"2\n\x08Messages\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.pensieve.v1.Message\"\xc5\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.pensieve.v1.TokenIdsH\x00\x12)\n\x08messages\x18\x05 \x01(\x0b\x32\x15.pensieve.v1.MessagesH\x00\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.pensieve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\tB\x08\n\x06prompt\"\x86\x01\n\x10GenerateResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.pensieve.v1.Usage\"1\n\x16\x45ndConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\"\x19\n\x17\x45ndConversationResponse\"\x11\n\x0fGetStatsRequest\"\xf6\x01\n\x10GetStatsResponse\x12\x12\n\nstats_json\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\x05\x12\x0f\n\x07waiting\x18\x04 \x01(\x05\x12\x15\n\rconversations\x18\x05 \x01(\x05\x12\x12\n\npages_used\x18\x06 \x01(\x05\x12\x13\n\x0bpages_total\x18\x07 \x01(\x05\x12\x12\n\nhit_tokens\x18\x08 \x01(\x03\x12\x13\n\x0bmiss_tokens\x18\t \x01(\x03\x12\x16\n\x0e\x61\x63tive_streams\x18\n \x01(\x05\x12\x1c\n\x14server_conversations\x18\x0b \x01(\x05\"w\n\x08KVLayout\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\x05\x12\x10\n\x08head_dim\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\"N\n\x0cMatchRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\ncache_salt\x18\x03 \x01(\t\"~\n\rMatchResponse\x12\x1b\n\x13\x63onversation_tokens\x18\x01 \x01(\x05\x12\x15\n\rshared_tokens\x18\x02 \x01(\x05\x12%\n\x06layout\x18\x03 \x01(\x0b\x32\x15.pensieve.v1.KVLayout\x12\x12\n\npage_bytes\x18\x04 \x01(\x03\"~\n\rExportRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_token\x18\x02 \x01(\x05\x12\x19\n\x0climit_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\x05\x42\x0f\n\r_limit_tokens\"\xe0\x01\n\x07KVChunk\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\nfirst_page\x18\x03 \x01(\x05\x12\x11\n\tnum_pages\x18\x04 \x01(\x05\x12%\n\x06layout\x18\x05 \x01(\x0b\x32\x15.pensieve.v1.KVLayout\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\r\n\x05\x61\x64opt\x18\x07 \x01(\x08\x12\x13\n\x0bpage_offset\x18\x08 \x01(\x05\x12\r\n\x05shape\x18\t \x03(\x05\x12\t\n\x01k\x18\n \x01(\x0c\x12\t\n\x01v\x18\x0b \x01(\x0c\"]\n\x0eImportResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\xaa\x01\n\x0fTransferRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x1e\n\x16target_conversation_id\x18\x03 \x01(\t\x12\r\n\x05\x61\x64opt\x18\x04 \x01(\x08\x12\x19\n\x0climit_tokens\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0b\x63hunk_bytes\x18\x06 \x01(\x05\x42\x0f\n\r_limit_tokens\"{\n\x10TransferResponse\x12\x1e\n\x16target_conversation_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x13\n\x0bsent_tokens\x18\x03 \x01(\x05\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\":\n\x12\x43\x61\x63heReportRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x15\n\rsince_version\x18\x02 \x01(\x04\"T\n\x12\x43\x61\x63hedConversation\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\ncache_salt\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\"\xba\x01\n\x13\x43\x61\x63heReportResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04\x66ull\x18\x03 \x01(\x08\x12\x36\n\rconversations\x18\x04 \x03(\x0b\x32\x1f.pensieve.v1.CachedConversation\x12\x0f\n\x07removed\x18\x05 \x03(\t\x12\x19\n\x11num_conversations\x18\x06 \x01(\x05\x12\x11\n\tpage_size\x18\x07 \x01(\x05\x32\xbb\x02\n\x08Pensieve\x12=\n\x04\x43hat\x12\x18.pensieve.v1.ChatRequest\x1a\x19.pensieve.v1.ChatResponse0\x01\x12I\n\x08Generate\x12\x1c.pensieve.v1.GenerateRequest\x1a\x1d.pensieve.v1.GenerateResponse0\x01\x12\\\n\x0f\x45ndConversation\x12#.pensieve.v1.EndConversationRequest\x1a$.pensieve.v1.EndConversationResponse\x12G\n\x08GetStats\x12\x1c.pensieve.v1.GetStatsRequest\x1a\x1d.pensieve.v1.GetStatsResponse2\xe1\x02\n\x07MemPool\x12>\n\x05Match\x12\x19.pensieve.v1.MatchRequest\x1a\x1a.pensieve.v1.MatchResponse\x12<\n\x06\x45xport\x12\x1a.pensieve.v1.ExportRequest\x1a\x14.pensieve.v1.KVChunk0\x01\x12=\n\x06Import\x12\x14.pensieve.v1.KVChunk\x1a\x1b.pensieve.v1.ImportResponse(\x01\x12G\n\x08Transfer\x12\x1c.pensieve.v1.TransferRequest\x1a\x1d.pensieve.v1.TransferResponse\x12P\n\x0b\x43\x61\x63heReport\x12\x1f.pensieve.v1.CacheReportRequest\x1a .pensieve.v1.CacheReportResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,42 +43,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATRESPONSE']._serialized_end=807
   _globals['_TOKENIDS']._serialized_start=809
   _globals['_TOKENIDS']._serialized_end=832
-  _globals['_GENERATEREQUEST']._serialized_start=835
-  _globals['_GENERATEREQUEST']._serialized_end=989
-  _globals['_GENERATERESPONSE']._serialized_start=992
-  _globals['_GENERATERESPONSE']._serialized_end=1126
-  _globals['_ENDCONVERSATIONREQUEST']._serialized_start=1128
-  _globals['_ENDCONVERSATIONREQUEST']._serialized_end=1177
-  _globals['_ENDCONVERSATIONRESPONSE']._serialized_start=1179
-  _globals['_ENDCONVERSATIONRESPONSE']._serialized_end=1204
-  _globals['_GETSTATSREQUEST']._serialized_start=1206
-  _globals['_GETSTATSREQUEST']._serialized_end=1223
-  _globals['_GETSTATSRESPONSE']._serialized_start=1226
-  _globals['_GETSTATSRESPONSE']._serialized_end=1472
-  _globals['_KVLAYOUT']._serialized_start=1474
-  _globals['_KVLAYOUT']._serialized_end=1593
-  _globals['_MATCHREQUEST']._serialized_start=1595
-  _globals['_MATCHREQUEST']._serialized_end=1673
-  _globals['_MATCHRESPONSE']._serialized_start=1675
-  _globals['_MATCHRESPONSE']._serialized_end=1801
-  _globals['_EXPORTREQUEST']._serialized_start=1803
-  _globals['_EXPORTREQUEST']._serialized_end=1929
-  _globals['_KVCHUNK']._serialized_start=1932
-  _globals['_KVCHUNK']._serialized_end=2156
-  _globals['_IMPORTRESPONSE']._serialized_start=2158
-  _globals['_IMPORTRESPONSE']._serialized_end=2251
-  _globals['_TRANSFERREQUEST']._serialized_start=2254
-  _globals['_TRANSFERREQUEST']._serialized_end=2424
-  _globals['_TRANSFERRESPONSE']._serialized_start=2426
-  _globals['_TRANSFERRESPONSE']._serialized_end=2549
-  _globals['_CACHEREPORTREQUEST']._serialized_start=2551
-  _globals['_CACHEREPORTREQUEST']._serialized_end=2609
-  _globals['_CACHEDCONVERSATION']._serialized_start=2611
-  _globals['_CACHEDCONVERSATION']._serialized_end=2695
-  _globals['_CACHEREPORTRESPONSE']._serialized_start=2698
-  _globals['_CACHEREPORTRESPONSE']._serialized_end=2884
-  _globals['_PENSIEVE']._serialized_start=2887
-  _globals['_PENSIEVE']._serialized_end=3202
-  _globals['_MEMPOOL']._serialized_start=3205
-  _globals['_MEMPOOL']._serialized_end=3558
+  _globals['_MESSAGES']._serialized_start=834
+  _globals['_MESSAGES']._serialized_end=884
+  _globals['_GENERATEREQUEST']._serialized_start=887
+  _globals['_GENERATEREQUEST']._serialized_end=1084
+  _globals['_GENERATERESPONSE']._serialized_start=1087
+  _globals['_GENERATERESPONSE']._serialized_end=1221
+  _globals['_ENDCONVERSATIONREQUEST']._serialized_start=1223
+  _globals['_ENDCONVERSATIONREQUEST']._serialized_end=1272
+  _globals['_ENDCONVERSATIONRESPONSE']._serialized_start=1274
+  _globals['_ENDCONVERSATIONRESPONSE']._serialized_end=1299
+  _globals['_GETSTATSREQUEST']._serialized_start=1301
+  _globals['_GETSTATSREQUEST']._serialized_end=1318
+  _globals['_GETSTATSRESPONSE']._serialized_start=1321
+  _globals['_GETSTATSRESPONSE']._serialized_end=1567
+  _globals['_KVLAYOUT']._serialized_start=1569
+  _globals['_KVLAYOUT']._serialized_end=1688
+  _globals['_MATCHREQUEST']._serialized_start=1690
+  _globals['_MATCHREQUEST']._serialized_end=1768
+  _globals['_MATCHRESPONSE']._serialized_start=1770
+  _globals['_MATCHRESPONSE']._serialized_end=1896
+  _globals['_EXPORTREQUEST']._serialized_start=1898
+  _globals['_EXPORTREQUEST']._serialized_end=2024
+  _globals['_KVCHUNK']._serialized_start=2027
+  _globals['_KVCHUNK']._serialized_end=2251
+  _globals['_IMPORTRESPONSE']._serialized_start=2253
+  _globals['_IMPORTRESPONSE']._serialized_end=2346
+  _globals['_TRANSFERREQUEST']._serialized_start=2349
+  _globals['_TRANSFERREQUEST']._serialized_end=2519
+  _globals['_TRANSFERRESPONSE']._serialized_start=2521
+  _globals['_TRANSFERRESPONSE']._serialized_end=2644
+  _globals['_CACHEREPORTREQUEST']._serialized_start=2646
+  _globals['_CACHEREPORTREQUEST']._serialized_end=2704
+  _globals['_CACHEDCONVERSATION']._serialized_start=2706
+  _globals['_CACHEDCONVERSATION']._serialized_end=2790
+  _globals['_CACHEREPORTRESPONSE']._serialized_start=2793
+  _globals['_CACHEREPORTRESPONSE']._serialized_end=2979
+  _globals['_PENSIEVE']._serialized_start=2982
+  _globals['_PENSIEVE']._serialized_end=3297
+  _globals['_MEMPOOL']._serialized_start=3300
+  _globals['_MEMPOOL']._serialized_end=3653
 # @@protoc_insertion_point(module_scope)

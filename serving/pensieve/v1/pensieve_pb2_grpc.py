@@ -5,7 +5,7 @@ import warnings
 
 from serving.pensieve.v1 import pensieve_pb2 as pensieve_dot_v1_dot_pensieve__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
