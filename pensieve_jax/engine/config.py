@@ -44,6 +44,10 @@ class EngineConfig:
     """Queued turns beyond which submit raises EngineOverloaded; None: no limit."""
     host_cache_bytes: int = 0
     """Bytes of the host-memory tier for idle conversations (0: none)."""
+    disk_cache_bytes: int = 0
+    """Bytes of page files on disk for chunks leaving the host tier (0: none; needs host_cache_bytes > 0)."""
+    disk_cache_dir: str | None = None
+    """Directory of the disk tier's page files (kept across restarts); None: a temporary one, removed at exit."""
     eviction_policy: str = "pensieve"
     """"pensieve" or "lru": which idle chunk leaves a tier first."""
     chunk_tokens: int = 32
@@ -106,8 +110,28 @@ class EngineConfig:
                              f"got {self.restore_policy!r}")
         if self.swap_in not in SWAP_IN_MODES:
             raise ValueError(f"swap_in must be one of {SWAP_IN_MODES}, got {self.swap_in!r}")
+        self._check_disk_tier()
         if not 0 < self.kv_cache_fraction <= 1:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
+
+
+    def _check_disk_tier(self) -> None:
+        b = self.disk_cache_bytes
+        if isinstance(b, bool) or not isinstance(b, int) or b < 0:
+            raise ValueError(f"disk_cache_bytes must be an integer >= 0, got {b!r}")
+        if b > 0 and self.host_cache_bytes <= 0:
+            raise ValueError("disk_cache_bytes > 0 needs a host tier (host_cache_bytes > 0): "
+                             "chunks reach the disk tier when they leave host memory")
+        d = self.disk_cache_dir
+        if isinstance(d, os.PathLike):
+            d = os.fspath(d)
+            object.__setattr__(self, "disk_cache_dir", d)
+        if d is not None and (not isinstance(d, str) or not d.strip()):
+            raise ValueError(f"disk_cache_dir must be a non-empty path or None, "
+                             f"got {str(d)[:100]!r}")
+        if d is not None and b == 0:
+            raise ValueError("disk_cache_dir is set but disk_cache_bytes is 0 (the disk tier "
+                             "is off): give disk_cache_bytes too")
 
 
 def page_shape(model: LoadedModel, config: EngineConfig) -> tuple[int, int, int, int]:

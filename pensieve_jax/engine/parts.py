@@ -1,9 +1,12 @@
 """An engine's parts, built from a model and an EngineConfig: the page ledger's pools, the
-host tier, the conversation store, the scheduler, the runner (the device seam), the measured
-transfer costs and the swapper. Engine composes them; nothing here runs a step."""
+host and disk tiers, the conversation store, the scheduler, the runner (the device seam), the
+measured transfer costs and the swapper. Engine composes them; nothing here runs a step."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from typing import Callable, NamedTuple
 
 import jax
@@ -12,8 +15,10 @@ import jax.numpy as jnp
 from pensieve_jax.engine.config import EngineConfig, page_bytes, page_shape, pool_pages
 from pensieve_jax.engine.scheduler import Scheduler, SchedulerConfig
 from pensieve_jax.kvcache.conversations import ConversationStore
+from pensieve_jax.kvcache.disk_cache import DiskCache
 from pensieve_jax.kvcache.eviction import make_policy
 from pensieve_jax.kvcache.host_cache import HostCache
+from pensieve_jax.kvcache.page_file import PageLayout
 from pensieve_jax.kvcache.pages import PageAllocator
 from pensieve_jax.kvcache.swap import Swapper
 from pensieve_jax.kvcache.transfer_costs import TransferCosts
@@ -37,6 +42,21 @@ class Parts(NamedTuple):
     runner: Runner
     rates: TransferCosts              # load or recompute, by measured speeds
     swapper: Swapper
+    disk: DiskCache                   # page files on disk (maybe none)
+
+
+def model_fingerprint(model: LoadedModel) -> str:
+    """Names the model a page file was written by: its source and configuration."""
+    config = dataclasses.asdict(model.config) if dataclasses.is_dataclass(model.config) else {}
+    text = json.dumps({"source": model.source, "config": config}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def page_layout(model: LoadedModel, config: EngineConfig, dtype) -> PageLayout:
+    """What a page file of this engine holds (a file of another layout is refused)."""
+    c = model.config
+    return PageLayout(jnp.dtype(dtype).name, config.page_size, c.num_layers, c.num_kv_heads,
+                      c.head_dim, model_fingerprint(model))
 
 
 def build(model: LoadedModel, dtype, config: EngineConfig,
@@ -52,10 +72,13 @@ def build(model: LoadedModel, dtype, config: EngineConfig,
     allocator = PageAllocator(num_pages)
     shape, nbytes = page_shape(model, config), page_bytes(model, config, dtype)
     host = HostCache(config.host_cache_bytes // nbytes, shape, jnp.dtype(dtype))
+    layout = page_layout(model, config, dtype)
+    disk = DiskCache(config.disk_cache_dir, config.disk_cache_bytes if host.enabled else 0,
+                     layout)
     store = ConversationStore(
         allocator, config.page_size, host.allocator if host.enabled else None,
         make_policy(config.eviction_policy, c), max(1, config.chunk_tokens // config.page_size),
-        sharing=config.prefix_sharing and config.cache_policy == "stateful")
+        sharing=config.prefix_sharing and config.cache_policy == "stateful", disk=disk)
     ladder = config.token_buckets or token_buckets(   # (with a 1-token program on CPU)
         config.max_batched_tokens, single=single_decode_program(jax.devices()[0].platform))
     scheduler = Scheduler(SchedulerConfig(
@@ -82,6 +105,12 @@ def build(model: LoadedModel, dtype, config: EngineConfig,
             rates.calibrate(runner, shape, host.k.dtype)
         if config.restore_policy != "load":
             store.recompute_cheaper = rates.recompute_cheaper
-    swapper = Swapper(runner, store, host, rates, layered=config.swap_in == "layered")
+    if disk.enabled:
+        if config.restore_policy == "auto":
+            rates.calibrate_disk(disk.directory, layout)
+        disk.reads.on_load = rates.disk_read
+        if config.restore_policy != "load":
+            store.restorer.disk_recompute_cheaper = rates.disk_recompute_cheaper
+    swapper = Swapper(runner, store, host, rates, layered=config.swap_in == "layered", disk=disk)
     return Parts(max_model_len, allocator, host, store, scheduler, attention, runner, rates,
-                 swapper)
+                 swapper, disk)

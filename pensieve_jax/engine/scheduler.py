@@ -93,7 +93,7 @@ class Scheduler:
         when admission stops here (req is back at the front)."""
         if req.conversation is None:
             try:
-                if not self._admit(req):
+                if not bind_conversation(self.store, req):
                     deferred.append(req)      # its conversation's cache flush runs first
                     return 0
             except (ConversationBusy, ValueError) as e:     # busy, or another salt's
@@ -181,26 +181,6 @@ class Scheduler:
         req.restored = True
         return True
 
-    def _admit(self, req: Request) -> bool:
-        """Bind the request to its conversation and reuse the longest cached prefix, its own
-        or shared. False if the conversation's previous turn still has its cache flush to run
-        (admit later)."""
-        conv = self.store.get_or_create(req.requested_conversation, req.prompt, req.salt)
-        if conv.busy:
-            if conv.flushing:
-                return False
-            raise ConversationBusy(f"conversation {brief(conv.id)} has a turn in progress")
-        conv.busy = True
-        req.conversation = conv
-        computed = common_prefix(conv.token_ids[:conv.num_computed], req.prompt)
-        req.known_len = common_prefix(conv.token_ids, req.prompt)
-        # the last prompt token always runs: its logits give the first output token
-        self.store.truncate(conv, min(computed, len(req.prompt) - 1))
-        conv.token_ids = list(req.prompt)
-        req.cached_shared = min(conv.shared_tokens, conv.num_computed)    # a fork's pages
-        conv.shared_tokens = 0
-        return True
-
     def _drop_waiting_kv(self, keep: Request) -> bool:
         """Free the pages of admitted turns still waiting (newest first); False if none."""
         for other in reversed(self.waiting):
@@ -253,6 +233,27 @@ class Scheduler:
         reqs = self.running + list(self.waiting)
         self.running, self.waiting = [], collections.deque()
         return reqs
+
+def bind_conversation(store: ConversationStore, req: Request) -> bool:
+    """Bind the request to its conversation and reuse the longest cached prefix, its own
+    or shared. False if the conversation's previous turn still has its cache flush to run
+    (admit later)."""
+    conv = store.get_or_create(req.requested_conversation, req.prompt, req.salt)
+    if conv.busy:
+        if conv.flushing:
+            return False
+        raise ConversationBusy(f"conversation {brief(conv.id)} has a turn in progress")
+    conv.busy = True
+    req.conversation = conv
+    computed = common_prefix(conv.token_ids[:conv.num_computed], req.prompt)
+    req.known_len = common_prefix(conv.token_ids, req.prompt)
+    # the last prompt token always runs: its logits give the first output token
+    store.truncate(conv, min(computed, len(req.prompt) - 1))
+    conv.token_ids = list(req.prompt)
+    req.cached_shared = min(conv.shared_tokens, conv.num_computed)    # a fork's pages
+    conv.shared_tokens = 0
+    return True
+
 
 def drop_kv(store: ConversationStore, req: Request) -> None:
     """Free req's pages: its tokens are recomputed, after it is restored again on admission

@@ -34,6 +34,9 @@ def engine_stats(parts: Parts, config: EngineConfig, counts: dict[str, int], loo
     """Called on the engine thread."""
     store, scheduler = parts.store, parts.scheduler
     programs = _programs(parts, watch, warm_up_s)
+    disk = parts.swapper.disk_stats()
+    # tokens loaded back from page files (counted among cached_tokens, not as host tokens)
+    from_disk = disk.get("served_tokens", 0)
     return dict(
         counts, compilations=programs["compiled"], programs=programs,
         running=len(scheduler.running), waiting=len(scheduler.waiting),
@@ -41,10 +44,13 @@ def engine_stats(parts: Parts, config: EngineConfig, counts: dict[str, int], loo
         **store.counts, cached_tokens_resident=store.cached_tokens(),
         resident_tokens=store.resident_tokens(),
         hit_tokens=counts["cached_tokens"],
-        hit_tokens_by_tier={"device": counts["cached_tokens"] - counts["cached_host_tokens"],
-                            "host": counts["cached_host_tokens"]},
+        hit_tokens_by_tier={"device": max(0, counts["cached_tokens"] -
+                                          counts["cached_host_tokens"] - from_disk),
+                            "host": counts["cached_host_tokens"], "disk": from_disk},
         miss_tokens=counts["prefilled_tokens"] + counts["recomputed_tokens"],
         pages={"device": _pages(parts.allocator), "host": _pages(store.host)},
+        # the disk tier: served_tokens, used_bytes, load_s, files by state, bad/refused files
+        disk=disk,
         sharing=dict(store.sharing_stats(), enabled=store.index is not None,
                      shared_hit_tokens=counts["cached_shared_tokens"],
                      hit_ratio=counts["cached_tokens"] / max(1, counts["prompt_tokens"])),

@@ -7,7 +7,8 @@ The store is built from three parts, each in its own module:
     | ledger   | PageLedger (ledger.py)    | which conversation holds which device/host page:  |
     |          |                           | references, sharing, the prefix index            |
     | evictor  | Evictor (eviction.py)     | idle conversations' chunks leave the device (to   |
-    |          |                           | host, or dropped) and the host tier, by a policy |
+    |          |                           | host, or dropped), the host tier (to disk, or    |
+    |          |                           | dropped) and the disk tier, by a policy          |
     | restorer | Restorer (restore.py)     | a returning conversation gets its pages back from |
     |          |                           | its own tiers or the index, and recomputes the   |
     |          |                           | one range that is left (usually a prefix)        |
@@ -18,10 +19,12 @@ the facade the scheduler and engine call; the `Conversation` record is described
 
 from __future__ import annotations
 
-import itertools
+import secrets
 import time
 from typing import Callable
 
+from pensieve_jax.kvcache import disk_restart
+from pensieve_jax.kvcache.disk_cache import DiskCache
 from pensieve_jax.kvcache.eviction import EvictionPolicy, Evictor, LRUPolicy
 from pensieve_jax.kvcache.ledger import Conversation, PageLedger
 from pensieve_jax.kvcache.pages import PageAllocator
@@ -38,16 +41,16 @@ class ConversationStore:
     def __init__(self, allocator: PageAllocator, page_size: int,
                  host_allocator: PageAllocator | None = None,
                  policy: EvictionPolicy | None = None, chunk_pages: int = 2,
-                 sharing: bool = True):
+                 sharing: bool = True, disk: DiskCache | None = None):
         self.ledger = PageLedger(allocator, page_size, host_allocator,
-                                 PrefixIndex(page_size) if sharing else None)
+                                 PrefixIndex(page_size) if sharing else None,
+                                 disk if disk is not None and disk.enabled else None)
         self.conversations: dict[str, Conversation] = {}
         self.closing: set[str] = set()           # ended while busy: removed at release
         self.evictor = Evictor(self.ledger, self.conversations, policy or LRUPolicy(),
                                chunk_pages)
         self.restorer = Restorer(self.ledger)
         self.evicted_tokens = 0                  # computed tokens let go by drop_kv
-        self._ids = itertools.count()
         # the parts, as the scheduler and engine see them (docstrings: the parts' own)
         self.allocator, self.host = self.ledger.device, self.ledger.host   # host None: no tier
         self.index, self.page_size = self.ledger.index, page_size   # index None: no sharing
@@ -78,7 +81,8 @@ class ConversationStore:
     # -- conversations ------------------------------------------------------------------------
 
     def new_id(self, prefix: str = "conv") -> str:
-        return f"{prefix}-{next(self._ids)}"
+        """An unguessable id (128 random bits): a client cannot name another's conversation."""
+        return f"{prefix}-{secrets.token_hex(16)}"
 
     def new_anonymous(self, salt: str = "") -> Conversation:
         """A new, empty anonymous conversation."""
@@ -111,6 +115,18 @@ class ConversationStore:
         conv = self.new_anonymous(salt)
         if best is not None:
             self.ledger.fork(best, conv, best_len)
+        return conv
+
+    def reopen(self, conversation_id: str, token_ids: list[int], salt: str = "") -> Conversation:
+        """A conversation an earlier process kept (a state directory), created idle with its
+        token history and the KV unclaimed page files on disk hold for it (disk_restart.claim).
+        Raises ValueError if the id is in use."""
+        if conversation_id in self.conversations:
+            raise ValueError(f"conversation {conversation_id[:100]!r} already exists")
+        conv = Conversation(conversation_id, False, salt, list(token_ids))
+        if self.ledger.disk is not None:
+            disk_restart.claim(self.ledger.disk, conv)
+        self.conversations[conversation_id] = conv
         return conv
 
     def cached_prefix(self, conversation_id: str | None, prompt: list[int], salt: str) -> int:
@@ -195,14 +211,16 @@ class ConversationStore:
     # -- stats --------------------------------------------------------------------------------
 
     def resident_tokens(self) -> dict[str, int]:
-        """Tokens of idle conversations by tier (device / host; shared pages once each)."""
+        """Tokens of idle conversations by tier (device / host / disk; shared pages once each;
+        whole pages)."""
         ps = self.page_size
-        device, host = set(), set()
+        device, host, disk = set(), set(), 0
         for c in self.conversations.values():
             if not c.busy:
                 device.update(p for p in c.pages if p >= 0)
                 host.update(c.host_pages.values())
-        return {"device": len(device) * ps, "host": len(host) * ps}
+                disk += len(c.disk_pages)
+        return {"device": len(device) * ps, "host": len(host) * ps, "disk": disk * ps}
 
     def cached_tokens(self) -> int:
         """Computed tokens of idle conversations (shared ones counted per holder)."""

@@ -5,8 +5,11 @@ of that conversation in the tier (causal attention makes leading tokens the chea
 recompute). The policy scores candidate chunks; the lowest score is evicted first.
 
 The `Evictor` takes an idle conversation's front-most chunk of pages it alone holds (device ->
-host, host -> dropped); shared pages go only when no private page is left, and then only this
-conversation's reference goes.
+host -> disk -> dropped; a tier that is missing or full passes the chunk on to the next);
+shared pages go only when no private page is left, and then only this conversation's reference
+goes. A host chunk goes to disk only if the policy values it above the disk chunk it would
+displace (else it is dropped); a conversation's dropped pages always form a prefix, so pages in
+front of a dropped chunk go too (they would be recomputed anyway).
 """
 
 from __future__ import annotations
@@ -69,9 +72,10 @@ def make_policy(name: str, config: ModelConfig) -> EvictionPolicy:
 
 
 class Evictor:
-    """Evicts idle conversations' chunks from the device (to the host tier, or dropped) and
-    from the host tier, choosing them by the policy. Device -> host copies are queued in
-    `swap_out` for the swapper (pensieve_jax/kvcache/swap.py) to run before the next step."""
+    """Evicts idle conversations' chunks from the device (to the host tier, or dropped), from
+    the host tier (to disk, or dropped) and from disk, choosing them by the policy. Device ->
+    host copies are queued in `swap_out`, and page files in the ledger's DiskCache, for the
+    swapper (pensieve_jax/kvcache/swap.py) to run before the next step."""
 
     def __init__(self, ledger: PageLedger, conversations: Mapping[str, Conversation],
                  policy: EvictionPolicy, chunk_pages: int = 2):
@@ -81,7 +85,8 @@ class Evictor:
         self.chunk_pages = chunk_pages
         self.swap_out: list[tuple[int, int]] = []     # (device page, host page), to copy
         self.counts = dict.fromkeys(("device_to_host_pages", "host_dropped_pages",
-                                     "device_dropped_pages", "released_shared_pages"), 0)
+                                     "device_dropped_pages", "released_shared_pages",
+                                     "host_to_disk_pages", "disk_dropped_pages"), 0)
 
     def take_swap_outs(self) -> list[tuple[int, int]]:
         """The (device page, host page) copies queued since the last call."""
@@ -115,9 +120,8 @@ class Evictor:
                 self.counts["device_to_host_pages"] += len(chunk)
             elif to_host_only:
                 return False
-            else:       # host pages in front of a dropped chunk would be recomputed anyway
-                ledger.free_host([victim.host_pages.pop(i) for i in sorted(victim.host_pages)
-                                  if i < chunk[0]])
+            else:       # pages in front of a dropped chunk would be recomputed anyway
+                self._drop_front(victim, chunk[0])
                 self.counts["device_dropped_pages"] += len(chunk)
             ledger.free_device(pages)
             for i in chunk:
@@ -133,13 +137,75 @@ class Evictor:
         while self.ledger.host.num_free < num_pages:
             if no_drops:
                 return False
-            victim, _ = self._pick(lambda c: sorted(c.host_pages)[:self.chunk_pages])
+            victim, chunk = self._pick(lambda c: sorted(c.host_pages)[:self.chunk_pages])
             if victim is None:
                 return False
-            chunk = sorted(victim.host_pages)[:self.chunk_pages]
+            if self._to_disk(victim, chunk):
+                continue
+            self._drop_front(victim, chunk[0])
             self.ledger.free_host([victim.host_pages.pop(i) for i in chunk])
             self.counts["host_dropped_pages"] += len(chunk)
         return True
+
+    def _drop_front(self, conv: Conversation, first: int) -> None:
+        """conv's host and disk pages in front of page `first` go (it is being dropped)."""
+        for i in sorted({*conv.host_pages, *conv.disk_pages}):
+            if i < first:
+                self.ledger.release_page(conv, i)
+
+    def _to_disk(self, conv: Conversation, chunk: list[int]) -> bool:
+        """Move conv's host pages `chunk` to a page file, making room on disk by dropping
+        unclaimed files, then disk chunks the policy values less. False: no disk tier, or the
+        chunk is worth less than what it would displace."""
+        disk, ps = self.ledger.disk, self.ledger.page_size
+        if disk is None or not disk.enabled:
+            return False
+        tokens = [conv.token_ids[i * ps:min((i + 1) * ps, conv.num_computed)] for i in chunk]
+        f = disk.plan(conv.id, conv.salt, chunk, tokens,
+                      [self._source(conv.host_pages[i]) for i in chunk])
+        if not self._disk_room(f.nbytes, self._score(conv, chunk, time.monotonic())):
+            return False
+        disk.add(f)
+        for slot, i in enumerate(chunk):
+            conv.disk_pages[i] = (f.name, slot)
+        self.ledger.free_host([conv.host_pages.pop(i) for i in chunk])
+        self.counts["host_to_disk_pages"] += len(chunk)
+        return True
+
+    def _source(self, host_page: int) -> tuple[str, int]:
+        """Where a host page's contents are now: its device page while the copy to it is still
+        queued (then the copy is cancelled if no one else holds the host page), else itself."""
+        for j, (device_page, h) in enumerate(self.swap_out):
+            if h == host_page:
+                if self.ledger.host.ref_count(host_page) == 1:
+                    del self.swap_out[j]
+                return ("device", device_page)
+        return ("host", host_page)
+
+    def _disk_room(self, nbytes: int, worth: float) -> bool:
+        """Free nbytes on disk for a chunk the policy scores `worth`."""
+        disk = self.ledger.disk
+        if nbytes > disk.capacity_bytes:
+            return False
+        disk.poll()                          # files let go while being written free up
+        while disk.free_bytes < nbytes:
+            if disk.drop_unclaimed():
+                continue
+            victim, chunk = self._pick(self._front_disk_chunk)
+            if victim is None or self._score(victim, chunk, time.monotonic()) > worth:
+                return False
+            for i in chunk:
+                self.ledger.release_page(victim, i)
+            self.counts["disk_dropped_pages"] += len(chunk)
+        return True
+
+    @staticmethod
+    def _front_disk_chunk(conv: Conversation) -> list[int]:
+        """The page indices of conv's front-most page file."""
+        if not conv.disk_pages:
+            return []
+        name = conv.disk_pages[min(conv.disk_pages)][0]
+        return sorted(i for i, (n, _) in conv.disk_pages.items() if n == name)
 
     def _pick_device_chunk(self, shared: bool):
         """The idle conversation and chunk (page indices) to evict from the device next: the
@@ -162,7 +228,7 @@ class Evictor:
     def _pick(self, chunk_of, weight=None):
         """The idle conversation whose chunk (chunk_of(conv): page indices, front first) scores
         lowest under the policy (times weight(conv, chunk): shared pages are worth more)."""
-        now, ps = time.monotonic(), self.ledger.page_size
+        now = time.monotonic()
         best, best_chunk, best_score = None, [], None
         for conv in self.conversations.values():
             if conv.busy:
@@ -170,11 +236,15 @@ class Evictor:
             run = chunk_of(conv)
             if not run:
                 continue
-            start = run[0] * ps
-            n = max(min(len(run) * ps, conv.num_computed - start), 1)
-            score = self.policy.score(start, n, now - conv.last_used, conv.last_used)
+            score = self._score(conv, run, now)
             if weight is not None:
                 score *= weight(conv, run)
             if best_score is None or score < best_score:
                 best, best_chunk, best_score = conv, run, score
         return best, best_chunk
+
+    def _score(self, conv: Conversation, run: list[int], now: float) -> float:
+        """The policy's score of conv's pages `run` (page indices, front first)."""
+        start = run[0] * self.ledger.page_size
+        n = max(min(len(run) * self.ledger.page_size, conv.num_computed - start), 1)
+        return self.policy.score(start, n, now - conv.last_used, conv.last_used)

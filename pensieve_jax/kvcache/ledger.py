@@ -7,6 +7,7 @@ prefix index that offers full pages to other conversations.
     | num_computed       | tokens [0, num_computed) have had their KV computed               |
     | pages[i]           | device page of tokens [i*ps, (i+1)*ps), or -1 if not on device    |
     | host_pages[i]      | host page of page index i (when swapped out)                      |
+    | disk_pages[i]      | (page file, slot) of page index i (when moved on to disk)         |
     | cow                | (i, device page): page i is to be copied from that page (a shared |
     |                    | page this conversation will write into), a reference held on it  |
     | salt               | cache salt: pages are shared only between equal salts            |
@@ -14,6 +15,8 @@ prefix index that offers full pages to other conversations.
     |                    | starts with its tokens may adopt it (stateless clients)           |
     | busy / flushing    | a turn runs in it / that turn is done but for its cache flush     |
 
+A page index is in one tier at a time: device, host or disk (or none: dropped, recomputed when
+the conversation returns). Disk slots are never shared (kvcache/disk_cache.py).
 Pages are reference-counted: with prompt sharing (`PrefixIndex`) one device or host page may be
 held by many conversations. A page with more than one holder is never written (copy on write).
 A page whose last holder lets it go leaves the index too.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from pensieve_jax.kvcache.disk_cache import DiskCache
 from pensieve_jax.kvcache.pages import PageAllocator
 from pensieve_jax.kvcache.prefix_index import PrefixIndex
 
@@ -38,6 +42,7 @@ class Conversation:
     token_ids: list[int] = dataclasses.field(default_factory=list)
     pages: list[int] = dataclasses.field(default_factory=list)
     host_pages: dict[int, int] = dataclasses.field(default_factory=dict)
+    disk_pages: dict[int, tuple[str, int]] = dataclasses.field(default_factory=dict)
     cow: tuple[int, int] | None = None
     shared_tokens: int = 0      # computed tokens it was given by a fork, not yet accounted
     num_computed: int = 0
@@ -49,19 +54,23 @@ class Conversation:
     def dropped(self) -> int:
         """Leading pages whose KV this conversation holds in no tier."""
         for i, p in enumerate(self.pages):
-            if p >= 0 or i in self.host_pages or (self.cow and self.cow[0] == i):
+            if (p >= 0 or i in self.host_pages or i in self.disk_pages or
+                    (self.cow and self.cow[0] == i)):
                 return i
         return len(self.pages)
 
 
 class PageLedger:
-    """The page pools (device, and host when there is a host tier) and the prefix index (None:
-    no prompt sharing), kept consistent as conversations take, share and let go of pages."""
+    """The page pools (device, and host when there is a host tier), the disk tier's page files
+    (None: no disk tier) and the prefix index (None: no prompt sharing), kept consistent as
+    conversations take, share and let go of pages."""
 
     def __init__(self, device: PageAllocator, page_size: int,
-                 host: PageAllocator | None = None, index: PrefixIndex | None = None):
+                 host: PageAllocator | None = None, index: PrefixIndex | None = None,
+                 disk: DiskCache | None = None):
         self.device = device
         self.host = host
+        self.disk = disk
         self.page_size = page_size
         self.index = index
 
@@ -86,6 +95,8 @@ class PageLedger:
             conv.pages[i] = -1
         if i in conv.host_pages:
             self.free_host([conv.host_pages.pop(i)])
+        if i in conv.disk_pages:
+            self.disk.release(*conv.disk_pages.pop(i))
         if conv.cow and conv.cow[0] == i:
             self.free_device([conv.cow[1]])
             conv.cow = None
@@ -94,8 +105,8 @@ class PageLedger:
         """Keep KV for tokens [0, num_tokens) only; pages past them go back to their pools."""
         conv.num_computed = min(conv.num_computed, num_tokens)
         keep = -(-conv.num_computed // self.page_size)
-        for i in sorted(set(range(keep, len(conv.pages))) | {i for i in conv.host_pages
-                                                            if i >= keep}):
+        for i in sorted(set(range(keep, len(conv.pages))) |
+                        {i for i in (*conv.host_pages, *conv.disk_pages) if i >= keep}):
             self.release_page(conv, i)
         del conv.pages[keep:]
 

@@ -8,7 +8,8 @@ prefix tree: Preble's "replicas report inserts and evictions").
 A conversation holds the leading tokens whose KV has a copy on device or host, its own pages or
 the prefix index's (`PageLedger.held_tokens`); a dropped prefix is not held, so a conversation
 whose front chunk was evicted holds nothing (its later pages only save recomputation once the
-front is recomputed). Conversations holding nothing are left out. Shared prompt prefixes need no
+front is recomputed). Pages in page files on disk are not held either: they cannot be exported
+(KV transfers read device and host pages), though they save this engine recomputation. Conversations holding nothing are left out. Shared prompt prefixes need no
 report of their own: a page the prefix index can serve from the start is in the held prefix of
 some conversation (held prefixes read the index for pages a conversation let go).
 

@@ -1,7 +1,8 @@
 """Page copies between the tiers, run between steps.
 
     phase      when                         what
-    start      after schedule, before run   device -> host gather + async copy (swap-out),
+    start      after schedule, before run   page files written (disk_writes.py),
+                                            device -> host gather + async copy (swap-out),
                                             device -> device (copy on write),
                                             host -> device staged (swap-in starts; "next_step")
                                             or handed to this step ("layered")
@@ -13,6 +14,8 @@
 
 "next_step": a swap-in overlaps one whole step's compute and its turn runs from the next step
 on. "layered": its turn runs in the same step, and the copy overlaps that step's layers.
+Pages read from disk (by the restore plan, while the step before runs) join the host pages of
+the same swap-in: one staged copy for both.
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ from __future__ import annotations
 import time
 
 import jax
+import numpy as np
 
 from pensieve_jax.kvcache.conversations import ConversationStore
+from pensieve_jax.kvcache.disk_cache import DiskCache
+from pensieve_jax.kvcache.disk_writes import DiskWrites
 from pensieve_jax.kvcache.host_cache import HostCache
 from pensieve_jax.runner.model_runner import HostPages, ModelRunner
 from pensieve_jax.kvcache.transfer_costs import TransferCosts
@@ -29,9 +35,11 @@ from pensieve_jax.kvcache.transfer_costs import TransferCosts
 
 class Swapper:
     def __init__(self, runner: ModelRunner, store: ConversationStore, host: HostCache,
-                 rates: TransferCosts, layered: bool = False):
+                 rates: TransferCosts, layered: bool = False, disk: DiskCache | None = None):
         self.runner, self.store, self.host, self.rates = runner, store, host, rates
         self.layered = layered
+        self.disk = disk if disk is not None and disk.enabled else None
+        self.disk_writes = DiskWrites(runner, store, host, self.disk) if self.disk else None
         self._landing = None                 # swap-ins started, to land at the next step
         self._incoming: HostPages | None = None    # "layered": for the step about to run
 
@@ -44,22 +52,53 @@ class Swapper:
         """Run the copies the scheduler planned: device -> host, device -> device, then host ->
         device (a page freed by one may be the target of a later one)."""
         self.host.finish_writes()           # last step's device -> host copies land now
+        if self.disk_writes is not None:
+            self.disk_writes.start()        # reads host pages (and gathers device pages) first
         out, copies, into = self.store.take_transfers()
+        from_disk = self.store.restorer.take_disk_loads()
         if out:
             self.host.write_async(self.runner.gather_pages([d for d, _ in out]),
                                   [h for _, h in out])
         if copies:
             self.runner.copy_pages(copies)
-        if into:
+        if into or from_disk:
             start = time.perf_counter()
-            k, v = self.host.read([s.host_page for s in into])
+            k, v = self._read(into, from_disk)
+            host_pages = [s.host_page for s in into]
+            into = [*into, *from_disk]
             if self.layered:
                 self._incoming = HostPages(k, v, [s.device_page for s in into])
                 self.host.stats["in_layered_pages"] += len(into)
             else:
                 self._landing = (self.runner.stage_pages(k, v), into)
-            self.store.swapped_in([s.host_page for s in into])
+            self.store.swapped_in(host_pages)
             self.host.stats["in_s"] += time.perf_counter() - start
+
+    def _read(self, into, from_disk) -> tuple:
+        """k, v [layers, n, ...] of the host pages of `into`, then the pages read from disk."""
+        ks, vs = [], []
+        if into:
+            k, v = self.host.read([s.host_page for s in into])
+            ks.append(k)
+            vs.append(v)
+        if from_disk:
+            ks.append(np.stack([d.k for d in from_disk], axis=1))
+            vs.append(np.stack([d.v for d in from_disk], axis=1))
+        if len(ks) == 1:
+            return ks[0], vs[0]
+        return np.concatenate(ks, axis=1), np.concatenate(vs, axis=1)
+
+    def flush_to_disk(self, conversation_ids: list[str] | None = None) -> int:
+        """Write a copy of the device and host pages of idle conversations (or the ones named)
+        to page files a later process can claim (ConversationStore.reopen); see
+        DiskWrites.flush_to_disk. Run on the engine thread with no step in flight (after
+        StepLoop.settle_copies). Returns the pages written (0 without a disk tier)."""
+        if self.disk_writes is None:
+            return 0
+        self.start()                        # queued swap-outs: gathered and copied to host
+        self.flush()
+        self.host.finish_writes()
+        return self.disk_writes.flush_to_disk(conversation_ids)
 
     def take_incoming(self) -> HostPages | None:
         """"layered": the swap-ins the step about to run must load (it then owns them)."""
@@ -89,9 +128,16 @@ class Swapper:
         return True
 
     def drop(self) -> None:
-        """Forget staged swap-ins (their pools are gone after a failed step)."""
+        """Forget staged swap-ins and gathered pages (their pools are gone after a failed
+        step)."""
         self._landing = self._incoming = None
+        if self.disk_writes is not None:
+            self.disk_writes.drop()
 
     def stats(self) -> dict:
         return dict(self.host.stats, **self.rates.stats(),
                     in_step_load_error=self.runner.in_step_load_error)
+
+    def disk_stats(self) -> dict:
+        """The disk tier's counters and bytes (DiskCache.report); {"enabled": False} if none."""
+        return self.disk.report() if self.disk is not None else {"enabled": False}

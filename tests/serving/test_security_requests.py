@@ -105,8 +105,6 @@ def test_chat_ids_are_unguessable(stub):
     assert all(re.fullmatch(r"[0-9a-f]{32}", random_part(c)) for c in ids)   # 128 bits
 
 
-@pytest.mark.xfail(strict=True, reason="engine anon-N ids come from kvcache "
-                   "ConversationStore.new_id (H5's module): needs random ids there")
 def test_generate_ids_are_unguessable(stub):
     ids = [generate_ids(stub, [9, 10 + i, 11])[0] for i in range(3)]
     assert all(len(random_part(c)) >= 24 for c in ids)
