@@ -81,7 +81,7 @@ from pensieve_jax.weights import LoadedModel  # noqa: E402
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 PALLAS_PREFIX = "ragged_paged_attention"
-MODEL = "random:llama3-8b"
+MODEL = "random:llama3-8b"      # the default; --model another random: preset
 DTYPE = "bfloat16"
 # JAX's GPU client takes this fraction of device memory by default (XLA_PYTHON_CLIENT_MEM_FRACTION)
 CLIENT_MEM_FRACTION = 0.75
@@ -415,10 +415,12 @@ def setup(config: ModelConfig, loaded: LoadedModel, dtype, devices: list, num_pa
                  None if mesh is None else param_sh, incoming, tuple(devices))
 
 
-def engine_programs(target: Target, tp: int, ptxas: str | None, log) -> tuple[list, dict]:
-    """Every step and page program of the default engine configuration (layered loads on)."""
-    config, dtype = PRESETS[MODEL.removeprefix("random:")], jnp.dtype(DTYPE)
-    loaded = LoadedModel(config, param_shapes(config, dtype), None, MODEL)
+def engine_programs(target: Target, tp: int, ptxas: str | None, log,
+                    model: str = MODEL) -> tuple[list, dict]:
+    """Every step and page program of the default engine configuration (layered loads on) for
+    a random: preset of a real shape (its sliding window, biases, q/k norm included)."""
+    config, dtype = PRESETS[model.removeprefix("random:")], jnp.dtype(DTYPE)
+    loaded = LoadedModel(config, param_shapes(config, dtype), None, model)
     engine = EngineConfig(attention="pallas", swap_in="layered", host_cache_bytes=1,
                           tensor_parallel=tp)
     programs = program_set(config, engine)
@@ -452,7 +454,7 @@ def engine_programs(target: Target, tp: int, ptxas: str | None, log) -> tuple[li
         check_plan(row, plan)
         rows.append(log(row))
     host_kind = host_memory_kind(devices[0])
-    meta = {"tp": tp, "model": MODEL, "dtype": DTYPE, "attention": "pallas",
+    meta = {"tp": tp, "model": model, "dtype": DTYPE, "attention": "pallas",
             "interpret": s.model.interpret, "devices": [str(d) for d in devices],
             "program_set": {"token_buckets": list(programs.token_buckets),
                             "max_num_seqs": programs.max_num_seqs,
@@ -487,12 +489,14 @@ class KernelCase:
                                  # runner sets for float32 programs)
     max_model_len: int = 4096
     num_pages: int = 2048
+    sliding_window: int | None = None    # Mistral-style: keys older than this are not read
 
     @property
     def name(self) -> str:
         kind = self.dtype + ("" if self.precision == "default" else f"/{self.precision}")
+        window = "" if self.sliding_window is None else f" window={self.sliding_window}"
         return (f"kernel p{self.page_size} h{self.heads}/{self.kv_heads} d{self.head_dim} "
-                f"{self.mix} T={self.tokens} S={self.seqs} {kind}")
+                f"{self.mix} T={self.tokens} S={self.seqs} {kind}{window}")
 
 
 MIXES = {"decode": (64, 64), "mixed": (256, 64), "prefill": (512, 4)}
@@ -514,6 +518,10 @@ def kernel_cases(sweep: str = "full") -> list[KernelCase]:
     if sweep == "full":
         cases += [KernelCase(16, h, kvh, d, mix, "float32", *MIXES[mix], precision="highest")
                   for h, kvh, d in layouts for mix in MIXES]
+    if sweep in ("full", "ci"):     # the sliding window (Mistral 7B v0.1: 4096; a small one)
+        cases += [KernelCase(16, 32, 8, 128, mix, "bfloat16", *MIXES[mix], sliding_window=w,
+                             max_model_len=8192, num_pages=4096)
+                  for w in (4096, 64) for mix in MIXES]
     return cases
 
 
@@ -529,7 +537,8 @@ def lower_kernel(case: KernelCase, device):
             spec((), jnp.int32), spec((case.seqs, pages_per_seq), jnp.int32),
             spec((case.seqs,), jnp.int32), spec((case.seqs + 1,), jnp.int32))
     interpret = kernel_interpret([device])
-    fn = jax.jit(lambda *a: ragged_paged_attention_stacked(*a, interpret=interpret))
+    fn = jax.jit(lambda *a: ragged_paged_attention_stacked(
+        *a, interpret=interpret, sliding_window=case.sliding_window))
     with jax.default_matmul_precision(case.precision):
         return fn.lower(*args)
 
@@ -626,7 +635,8 @@ def run_target(target: Target, args, ptxas: str | None) -> dict:
     if not args.kernels_only and not args.smoke:
         for tp in args.tp:
             try:
-                tp_rows, meta = engine_programs(target, tp, ptxas, log_row)
+                tp_rows, meta = engine_programs(target, tp, ptxas, log_row,
+                                                getattr(args, "model", MODEL))
             except Exception as e:  # noqa: BLE001 - a setup that fails is recorded, not fatal
                 meta = {"tp": tp, "error": f"{type(e).__name__}: {e}"[:4000],
                         "traceback": traceback.format_exc()[-3000:]}
@@ -655,6 +665,9 @@ def main(argv=None) -> int:
                     help="the kernel sweep (ci: a subset)")
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2],
                     help="tensor-parallel degrees of the engine programs")
+    ap.add_argument("--model", default=MODEL,
+                    help="a random: preset of the engine programs, e.g. random:qwen3-8b or "
+                         "random:mistral-7b-v0.1 (results: aot_<target>_<preset>.json)")
     args = ap.parse_args(argv)
     if not plugin_installed():
         print("the CUDA plugin is not installed (make aot installs it into .venv/aot)",
@@ -662,6 +675,8 @@ def main(argv=None) -> int:
         return 2
     ptxas = find_ptxas()
     suffix = "_smoke" if args.smoke else "_kernels" if args.kernels_only else ""
+    if args.model != MODEL and not (args.smoke or args.kernels_only):
+        suffix = "_" + args.model.removeprefix("random:").replace(".", "_")
     failed = False
     for target in targets(args.target):
         result = {**environment(argv, __file__), **run_target(target, args, ptxas)}

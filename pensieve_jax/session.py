@@ -145,6 +145,16 @@ class Session(TurnMethods):
         self._undo: tuple | None = None     # the state before the last turn was recorded
         self._reply_start = 0               # where the last turn's reply starts in _ids
 
+    @property
+    def token_ids(self) -> list[int]:
+        """Every token the conversation has seen (prompts and replies), exactly."""
+        return list(self._ids)
+
+    @property
+    def template_history(self) -> list[dict[str, str]]:
+        """The messages the chat template renders (replies as their tokens decode)."""
+        return list(self._template_history)
+
     def continue_from(self, token_ids: Sequence[int],
                       earlier: Iterable[dict[str, str]] = ()) -> None:
         """Continue the conversation from exactly `token_ids`: its whole token history so far

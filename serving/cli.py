@@ -33,6 +33,7 @@ import signal
 import sys
 
 from pensieve_jax.engine.sampling import SamplingParams
+from pensieve_jax.state_store import StateDirMismatch
 from serving import cli_wiring as wiring
 from serving.cli_options import (DEFAULT_PORT, Chat, Cluster, Router, Serve, engine_flags,
                                  engine_options, parse_args)
@@ -133,13 +134,17 @@ async def _serve(args: Serve) -> int:
     keys, tls = wiring.api_keys(sec), wiring.server_tls(sec)
     limits, internal = wiring.limits(sec, args.max_conversations), wiring.internal_options(args)
     options, warm_up = warm_up_later(engine_options(args))
+    if args.state_dir is not None:
+        from serving.server.state import engine_options as kept_engine_options
+        options = kept_engine_options(args.state_dir, options)
     engine = Engine.from_pretrained(args.model, dtype=args.dtype,
                                     cache_dir=False if args.no_cache_dir else None, **options)
     metrics = Metrics(engine)
     server = PensieveServer(engine, args.host, args.port, metrics=metrics, model_name=args.model,
                             role=args.role, warm_up=warm_up, api_keys=keys, limits=limits,
                             tls=tls, internal=internal,
-                            cluster_secret=ClusterSecret.from_options(args.cluster_secret))
+                            cluster_secret=ClusterSecret.from_options(args.cluster_secret),
+                            state_dir=args.state_dir)
     failed: list[BaseException] = []
     stop = asyncio.Event()
 
@@ -236,9 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(args, Serve):
             return asyncio.run(_serve(args))
         asyncio.run(_cluster(args) if isinstance(args, Cluster) else _router(args))
-    except wiring.OptionError as e:     # a missing key or TLS file, a value out of range
+    except (wiring.OptionError, StateDirMismatch) as e:   # a missing key or TLS file, a value
         print(f"pensieve: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return 2                        # out of range, a state dir of another model
     return 0
 
 

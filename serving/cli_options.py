@@ -87,6 +87,8 @@ class Serve:
     """What a router uses this replica for (prefill/decode disaggregation)."""
     max_conversations: int | None = None
     """Conversations kept; beyond, the least recently used idle one is ended (its cache freed). None: no cap."""
+    state_dir: str | None = None
+    """Keep Chat conversations across restarts in this directory (records, and the KV disk tier in DIR/kv)."""
     internal_host: str = "127.0.0.1"
     """Address the internal services (MemPool: KV reports and moves between replicas) bind."""
     internal_port: int = 0

@@ -234,6 +234,7 @@ class Scheduler:
         self.running, self.waiting = [], collections.deque()
         return reqs
 
+
 def bind_conversation(store: ConversationStore, req: Request) -> bool:
     """Bind the request to its conversation and reuse the longest cached prefix, its own
     or shared. False if the conversation's previous turn still has its cache flush to run

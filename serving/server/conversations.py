@@ -98,6 +98,7 @@ class ConversationTable(Mapping[str, Conversation]):
         self._open: dict[str, Conversation] = {}
         self._starting: set[Conversation] = set()    # new, the engine has not taken them yet
         self._generating = 0                          # Generate calls running
+        self.kept = None             # --state-dir: serving/server/state.py's KeptConversations
 
     def __getitem__(self, conversation_id: str) -> Conversation:
         return self._open[conversation_id]
@@ -132,7 +133,12 @@ class ConversationTable(Mapping[str, Conversation]):
                 return
 
     def _close(self, conv: Conversation) -> None:
-        asyncio.get_running_loop().run_in_executor(None, conv.session.close)
+        asyncio.get_running_loop().run_in_executor(None, self._end, conv)
+
+    def _end(self, conv: Conversation) -> None:
+        if self.kept is not None:
+            self.kept.forget(conv.session.conversation_id)
+        conv.session.close()
 
     def _end_generated(self, conversation_id: str) -> None:
         self.generated.pop(conversation_id, None)
@@ -223,7 +229,7 @@ class ConversationTable(Mapping[str, Conversation]):
         """Close the conversation (its Session frees its cache), if open."""
         conv = self._open.pop(conversation_id, None)
         if conv is not None:
-            await asyncio.to_thread(conv.session.close)
+            await asyncio.to_thread(self._end, conv)
 
     # -- Generate conversations ---------------------------------------------------------------
 

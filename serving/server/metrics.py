@@ -79,6 +79,15 @@ class EngineCollector(Collector):
                                ("engine_steps", "steps", "Engine steps run"),
                                ("compilations", "compilations", "Step shapes compiled")):
             yield CounterMetricFamily(f"pensieve_{name}", doc, value=stats[key])
+        disk = stats.get("disk") or {}
+        if disk.get("enabled"):            # the disk tier (EngineConfig.disk_cache_bytes)
+            yield GaugeMetricFamily("pensieve_disk_cache_bytes", "Bytes of KV page files on disk",
+                                    value=disk["used_bytes"])
+            yield CounterMetricFamily("pensieve_disk_served_tokens",
+                                      "Prompt tokens whose KV was loaded from disk",
+                                      value=disk["served_tokens"])
+            yield CounterMetricFamily("pensieve_disk_load_seconds",
+                                      "Time spent reading page files", value=disk["load_s"])
 
 
 class Metrics:

@@ -26,6 +26,7 @@ from serving.pensieve.v1 import pensieve_pb2_grpc as pb_grpc
 from serving.server.internal import LOOPBACK, InternalOptions, InternalServer, peer_credentials
 from serving.server.metrics import Metrics
 from serving.server.service import SERVICE_NAME, PensieveService
+from serving.server.state import KeptConversations
 from serving.server.warm_up import describe_programs
 from serving.tls import ServerTls
 
@@ -50,7 +51,8 @@ class PensieveServer:
     request may ask (max_request_bytes caps the public port's messages). tls: the public (and
     internal) port's certificate. internal: where MemPool listens and its peers; cluster_secret:
     what MemPool's callers must send (None: a random one). options: more gRPC server options
-    for the public port."""
+    for the public port. state_dir: keep Chat conversations across restarts there
+    (serving/server/state.py; the engine's disk tier should use its kv/ folder)."""
 
     def __init__(self, engine: "Engine", host: str = DEFAULT_HOST, port: int = 0,
                  metrics: Metrics | None = None, model_name: str | None = None,
@@ -58,7 +60,7 @@ class PensieveServer:
                  role: str = "both", warm_up: bool = False, *, api_keys: ApiKeys | None = None,
                  limits: Limits | None = None, tls: ServerTls | None = None,
                  internal: InternalOptions | None = None,
-                 cluster_secret: str | ClusterSecret | None = None):
+                 cluster_secret: str | ClusterSecret | None = None, state_dir: str | None = None):
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self.engine = engine
@@ -72,6 +74,8 @@ class PensieveServer:
         self.service = PensieveService(engine, metrics, model_name, max_streams,
                                        api_keys=self.api_keys, limits=self.limits)
         self.service.role = role
+        self.kept = KeptConversations(engine, state_dir) if state_dir is not None else None
+        self.service.conversations.kept = self.kept
         internal = internal if internal is not None else InternalOptions()
         self.cluster_secret = cluster_secret if isinstance(cluster_secret, ClusterSecret) \
             else ClusterSecret(cluster_secret)
@@ -134,6 +138,9 @@ class PensieveServer:
             self.programs))
 
     async def start(self) -> int:
+        if self.kept is not None:        # before any call can name them
+            n = await asyncio.to_thread(self.kept.reopen_all, self.service.conversations)
+            log.info("reopened %d kept conversations", n)
         server = grpc.aio.server(options=self._options,
                                  interceptors=public_interceptors(self.api_keys))
         pb_grpc.add_PensieveServicer_to_server(self.service, server)
@@ -166,6 +173,10 @@ class PensieveServer:
         stopping = asyncio.create_task(self._server.stop(grace + 10.0))   # new calls: UNAVAILABLE
         await self.service.drain(grace)
         await stopping
+        if self.kept is not None:        # the idle conversations' KV to page files
+            pages = await asyncio.to_thread(self.kept.flush)
+            log.info("kept conversations flushed: %d pages written", pages)
+            self.kept.close()
         await self.internal.stop(0)
         if self._expiry is not None:
             self._expiry.cancel()

@@ -9,6 +9,7 @@ and size against max_model_len, before anything is tokenized), token ids, cache_
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 from pensieve_jax.engine.request import Usage, check_sampling
@@ -140,6 +141,8 @@ class Turns:
                 worker.cancel()
             # the session keeps what was sent; it is free before the last message goes out
             self.conversations.delivered(conv, worker)
+        if self.conversations.kept is not None:    # --state-dir: on disk before it is
+            await asyncio.to_thread(self.conversations.kept.save, conv)     # acknowledged
         self.observe(reply.usage)
         yield pb.ChatResponse(conversation_id=cid, finish_reason=reply.finish_reason,
                               usage=usage_to_proto(reply.usage))

@@ -76,6 +76,7 @@ def test_a_script_that_leaves_the_default_model_open_exits_cleanly():
                            "params deleted": "True"}
 
 
+@pytest.mark.slow
 def test_with_closes_the_engine():
     out = run_script(f"""
         with {TINY} as e:

@@ -51,6 +51,7 @@ def test_committed_without_outputs():
             assert not cell.outputs and cell.execution_count is None, cell.source[:60]
 
 
+@pytest.mark.slow
 def test_runs_without_errors(executed):
     errors = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs
               if o.output_type == "error"]
@@ -58,6 +59,7 @@ def test_runs_without_errors(executed):
     assert all(c.execution_count for c in executed.cells if c.cell_type == "code")
 
 
+@pytest.mark.slow
 def test_streams_the_reply_into_the_cell(executed):
     text = stdout(tagged(executed, "stream"))
     streamed, _, summary = text.rpartition("\n[")
@@ -65,6 +67,7 @@ def test_streams_the_reply_into_the_cell(executed):
     assert summary.rstrip().endswith("]") and " tokens, " in summary, text
 
 
+@pytest.mark.slow
 def test_plots_the_cache_work_per_turn(executed):
     outputs = tagged(executed, "plot").outputs
     assert any("image/png" in o.get("data", {}) for o in outputs), outputs

@@ -158,7 +158,8 @@ def poison_before_windows(args, window, page_size, keys_per_block):
     return (q, jnp.asarray(k), jnp.asarray(v), *args[3:]), len(poisoned)
 
 
-@pytest.mark.parametrize("window", [1, 5, 16, 40])
+@pytest.mark.parametrize("window", [1, pytest.param(5, marks=pytest.mark.slow), 16,
+                                    pytest.param(40, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("page_size", [4, 16])
 def test_sliding_window_matches_reference(window, page_size):
     """Mixed prefill / decode rows, contexts shorter and longer than the window."""
@@ -172,7 +173,8 @@ def test_sliding_window_matches_reference(window, page_size):
         assert rel_err(ref, ragged_paged_attention_reference(*args)) > 1e-2
 
 
-@pytest.mark.parametrize("num_splits", [None, 1, 3])
+@pytest.mark.parametrize("num_splits", [None, pytest.param(1, marks=pytest.mark.slow),
+                                        pytest.param(3, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("window,q_lens", [(16, [1, 1, 1]), (24, [5, 1, 12]), (70, [1, 3, 1])])
 def test_sliding_window_never_reads_pages_before_it(window, q_lens, num_splits):
     """Pages wholly before a sequence's window (in whole page blocks) hold NaN: the output is

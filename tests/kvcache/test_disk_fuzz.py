@@ -126,7 +126,8 @@ def run_fuzz(seed: int, directory: str) -> dict:
     return stats
 
 
-SEEDS = range(24)
+FAST_SEEDS = range(6)         # make test; the rest run with the slow tests
+SEEDS = [*FAST_SEEDS, *(pytest.param(s, marks=pytest.mark.slow) for s in range(6, 24))]
 _STATS: dict[int, dict] = {}         # seed -> engine stats, for the check below
 
 
@@ -138,7 +139,7 @@ def test_disk_tier_fuzz(seed, tmp_path):
 def test_the_fuzz_reaches_the_disk_tier(tmp_path):
     """The configurations above do exercise disk: writes, loads, drops and bad files (seeds
     not run yet in this session are run here)."""
-    for seed in SEEDS:
+    for seed in FAST_SEEDS:
         if seed not in _STATS:
             _STATS[seed] = run_fuzz(seed, str(tmp_path / str(seed)))
     totals = {"host_to_disk_pages": 0, "disk_dropped_pages": 0, "served_tokens": 0,

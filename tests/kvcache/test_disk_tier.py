@@ -109,6 +109,7 @@ def test_a_damaged_page_file_costs_only_its_conversation(stateless, tmp_path, da
     eng.shutdown()
 
 
+@pytest.mark.slow
 def test_the_disk_cap_holds_and_every_turn_matches_recompute(stateless, tmp_path):
     """8 conversations of 3 turns through 20 device pages, 4 host pages and disk room for 12
     pages: files are dropped to stay under the cap, and outputs never change."""
@@ -137,6 +138,7 @@ def flush(eng):
     return eng.call(lambda: (eng.steps.settle_copies(), eng.swapper.flush_to_disk())[1])
 
 
+@pytest.mark.slow
 def test_flushed_conversations_survive_a_restart(stateless, tmp_path):
     eng = disk_engine(str(tmp_path))
     history, new = first_turn(eng, "A", 1)
@@ -153,6 +155,7 @@ def test_flushed_conversations_survive_a_restart(stateless, tmp_path):
     again.shutdown()
 
 
+@pytest.mark.slow
 def test_page_files_of_another_layout_are_refused(stateless, tmp_path):
     eng = disk_engine(str(tmp_path))
     history, new = first_turn(eng, "A", 1)

@@ -149,6 +149,7 @@ def test_usage_adds_up_for_every_turn_with_preemptions_and_every_tier(stateless)
     eng.shutdown()
 
 
+@pytest.mark.slow
 def test_ahead_of_time_swap_out_keeps_free_pages():
     eng = make(num_pages=32, host_cache_bytes=64 * PAGE_BYTES, swap_out_threshold=0.5)
     for i in range(3):

@@ -125,7 +125,8 @@ def windowed_reference(q, kv, batch, sm_scale, window):
     return out
 
 
-@pytest.mark.parametrize("window", [1, 3, 8, 50])
+@pytest.mark.parametrize("window", [1, pytest.param(3, marks=pytest.mark.slow), 8,
+                                    pytest.param(50, marks=pytest.mark.slow)])
 def test_sliding_window_matches_dense(rng, window):
     q_lens, kv_lens = [7, 1, 0, 20, 1], [20, 6, 4, 23, 40]
     q, kv, batch = make_case(rng, q_lens, kv_lens)

@@ -87,6 +87,7 @@ def test_mixed_steps_match_dense_attention(rng, name, group, wide):
     check(q, kv, batch)
 
 
+@pytest.mark.slow
 def test_random_mixed_steps_sweep(rng):
     """Random mixes in fixed shapes: T=384 rows, S=12 sequences, 40 pages of 8 per sequence."""
     T, S, W = 384, 12, 40

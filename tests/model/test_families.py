@@ -99,6 +99,7 @@ def test_logits_match_transformers(family):
     assert_matches_reference(*family)
 
 
+@pytest.mark.slow
 def test_engine_greedy_matches_transformers(family, engines):
     """Through the engine: chunked prefill, paged decode one token at a time."""
     _, ref = family

@@ -30,6 +30,7 @@ def params():
     return random_params(FAMILY, jnp.float32, seed=4, std=0.2)
 
 
+@pytest.mark.slow
 def test_per_layer_kernels_keep_biases_and_equal_stacked(params, rng):
     stripped, kernels = unstack_kernels(params)
     layers = stripped["params"]["layers"]
@@ -48,6 +49,7 @@ def test_per_layer_kernels_keep_biases_and_equal_stacked(params, rng):
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_each_feature_changes_the_output(params, rng):
     """Biases, q/k norms and the window are applied, not ignored."""
     tokens = rng.integers(0, FAMILY.vocab_size, 20)

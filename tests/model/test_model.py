@@ -76,6 +76,7 @@ def test_padding_rows_do_not_touch_the_cache(model_and_params, rng):
         np.testing.assert_allclose(padded, np.asarray(plain), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_logits_indices_select_rows(model_and_params, rng):
     from pensieve_jax.model.attention import AttentionBatch, init_kv_cache
     model, params = model_and_params
@@ -89,6 +90,7 @@ def test_logits_indices_select_rows(model_and_params, rng):
     np.testing.assert_allclose(np.asarray(picked), np.asarray(full)[[5, 2]], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_model_tracks_float32(rng):
     config = CONFIG
     params32 = random_params(config, jnp.float32, seed=2, std=0.1)
@@ -150,6 +152,7 @@ def test_pallas_backend_matches_xla_in_the_model(model_and_params, rng):
     np.testing.assert_allclose(outs[1], outs[0], atol=2e-5)
 
 
+@pytest.mark.slow
 def test_per_layer_kernels_equal_stacked(model_and_params, rng):
     """The CPU layout (each layer's matmul kernels an array of its own, picked by a switch;
     q/k/v and gate/up fused) computes what the stacked layout does, cache included."""

@@ -5,6 +5,7 @@ it; fixtures/make_smollm2_reference.py made the fixture offline (see its docstri
 """
 
 import numpy as np
+import pytest
 
 from conftest import run_model
 from pensieve_jax.engine.engine import Engine, EngineConfig
@@ -12,6 +13,7 @@ from pensieve_jax.model.llama import Llama
 from pensieve_jax.engine.sampling import SamplingParams
 
 
+@pytest.mark.slow
 def test_logits_match_transformers(smollm2, hf_reference):
     prompt = hf_reference["prompt_ids"]
     config = smollm2.config
@@ -22,6 +24,7 @@ def test_logits_match_transformers(smollm2, hf_reference):
     assert np.abs(ours - hf_reference["logits"]).max() < 1e-3
 
 
+@pytest.mark.slow
 def test_greedy_continuation_matches_transformers(smollm2, hf_reference):
     engine = Engine(smollm2, "float32", EngineConfig(max_model_len=256, num_pages=32))
     out = engine.generate(hf_reference["prompt_ids"],
@@ -30,6 +33,7 @@ def test_greedy_continuation_matches_transformers(smollm2, hf_reference):
     assert engine.tokenizer.decode(out) == hf_reference["greedy_text"]
 
 
+@pytest.mark.slow
 def test_chat_reply_is_sensible_english(smollm2, hf_reference):
     engine = Engine(smollm2, "float32", EngineConfig(max_model_len=256, num_pages=32))
     out = engine.generate(hf_reference["prompt_ids"], SamplingParams(max_tokens=32))

@@ -124,6 +124,7 @@ def test_a_warm_engine_compiles_nothing_while_serving_a_mixed_workload():
     assert stats["programs"]["padded_tokens"] >= stats["programs"]["real_tokens"]
 
 
+@pytest.mark.slow
 def test_a_compile_after_ready_is_counted_and_logged(caplog):
     """Guard for the guard: a program outside the set (forced here) does not go unnoticed."""
     engine = Engine.from_pretrained("random:tiny", precompile=True, max_model_len=64,

@@ -38,7 +38,7 @@ def random_pages(model, n, seed):
 
 
 @pytest.mark.parametrize("attention", ["xla", "pallas"])
-@pytest.mark.parametrize("new", [1, 5])
+@pytest.mark.parametrize("new", [1, pytest.param(5, marks=pytest.mark.slow)])
 def test_pages_loaded_in_the_step_equal_pages_scattered_before_it(model, attention, new):
     k, v = random_pages(model, 3, seed=new)
     ids = [5, 2, 9]                                # not in order; page 11 takes the new tokens

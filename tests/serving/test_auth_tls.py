@@ -317,6 +317,7 @@ def test_pensieve_serve_and_chat_with_a_key_over_tls(engine, tls, tmp_path):
         assert stop_process(proc) == 0
 
 
+@pytest.mark.slow
 def test_pensieve_serve_http_api_with_a_key_over_tls(tls, tmp_path):
     proc, found = serve_process(tmp_path, "--api-key", "k1", "--tls-cert", tls.cert_file,
                                 "--tls-key", tls.key_file, "--http-port", "0",

@@ -196,6 +196,7 @@ def test_the_cluster_is_ready_once_every_replica_is_serving(engine, monkeypatch)
             c.stop()
 
 
+@pytest.mark.slow
 def test_pensieve_serve_opens_its_port_then_reaches_serving(tmp_path):
     options = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE_OPTIONS.items()]
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", "PENSIEVE_JAX_CACHE": str(tmp_path)}

@@ -16,6 +16,8 @@ import pytest
 from ..conftest import ENGINE_OPTIONS, MODEL
 from .conftest import unique
 
+pytestmark = pytest.mark.slow      # `.ci/run` runs it (make test stays under 10 min)
+
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 NAME = "tiny-cli"
 KEY = "sk-test-key"

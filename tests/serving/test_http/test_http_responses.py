@@ -7,6 +7,8 @@ import pytest
 
 from .conftest import MODEL, chat, unique
 
+pytestmark = pytest.mark.slow      # `.ci/run` runs it (make test stays under 10 min)
+
 GREEDY = dict(model=MODEL, temperature=0, max_output_tokens=8,
               extra_body={"ignore_eos": True})
 

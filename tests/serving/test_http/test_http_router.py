@@ -11,6 +11,8 @@ from ..conftest import ENGINE_OPTIONS
 from ..conftest import MODEL as ENGINE_MODEL
 from .conftest import MODEL, chat, unique
 
+pytestmark = pytest.mark.slow      # `.ci/run` runs it (make test stays under 10 min)
+
 
 @pytest.fixture(scope="module")
 def routed(engine):

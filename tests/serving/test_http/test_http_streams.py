@@ -6,9 +6,12 @@ from concurrent import futures
 
 import httpx2 as httpx
 import openai
+import pytest
 
 from ..conftest import settle, wait_until
 from .conftest import MODEL, unique
+
+pytestmark = pytest.mark.slow      # `.ci/run` runs it (make test stays under 10 min)
 
 TOKENS = 16
 
