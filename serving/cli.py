@@ -161,6 +161,9 @@ async def _serve(args: Serve) -> int:
                   f"{describe_programs(server.programs)}; health SERVING", flush=True)
 
     warming = gateway = None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):   # before the port is announced: a SIGTERM
+        loop.add_signal_handler(sig, stop.set)     # right after it still shuts down cleanly
     try:
         await server.start()
         if args.metrics_port is not None:
@@ -171,9 +174,6 @@ async def _serve(args: Serve) -> int:
         gateway = await wiring.start_http(args.http, args.host, server.port, args.model, keys,
                                           tls, limits.max_request_bytes, metrics.registry)
         warming = asyncio.create_task(report_warm())
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         print("pensieve: shutting down", flush=True)
         await wiring.stop_http(gateway)
