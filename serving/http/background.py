@@ -6,11 +6,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from typing import Any
 
 from serving.http.gateway import HttpGateway
+from serving.loop_thread import LoopThread
 
 
 class BackgroundHttp:
@@ -21,31 +20,8 @@ class BackgroundHttp:
                  port: int = 0, ssl_certfile: str | None = None,
                  ssl_keyfile: str | None = None, **kwargs: Any):
         self.gateway = HttpGateway(grpc_target, model_name, **kwargs)
-        self._address = (host, port, ssl_certfile, ssl_keyfile)
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=asyncio.run, args=(self._main(),),
-                                        name="pensieve-http", daemon=True)
-        self._thread.start()
-        self._ready.wait()
-        if self._error is not None:
-            raise self._error
-
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        try:
-            await self.gateway.start(*self._address)
-        except BaseException as e:
-            self._error = e
-            self._ready.set()
-            await self.gateway.shutdown()
-            return
-        self._ready.set()
-        await self._stop.wait()
-        await self.gateway.shutdown()
+        self._loop = LoopThread("pensieve-http", lambda: self.gateway.start(
+            host, port, ssl_certfile, ssl_keyfile), on_failure=self.gateway.shutdown)
 
     @property
     def port(self) -> int:
@@ -57,9 +33,7 @@ class BackgroundHttp:
         return self.gateway.url
 
     def stop(self) -> None:
-        if self._thread.is_alive() and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join()
+        self._loop.stop(self.gateway.shutdown)
 
     def __enter__(self) -> "BackgroundHttp":
         return self
