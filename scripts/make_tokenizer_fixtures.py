@@ -1,13 +1,15 @@
-"""Make the SentencePiece-style tokenizer fixtures (tests/fixtures/tokenizers/).
+"""Make the tokenizer fixtures (tests/fixtures/tokenizers/): SentencePiece-style and Qwen2-style.
 
-Not part of the test suite. It needs sentencepiece, transformers, protobuf and gguf, which the
-project does not depend on (no torch), so run it once from a separate virtual environment:
+Not part of the test suite. The SentencePiece part needs sentencepiece, transformers, protobuf
+and gguf, which the project does not depend on (no torch), so run it once from a separate
+virtual environment; the Qwen2 part needs only tokenizers and gguf (the project's own .venv):
 
     python3 -m venv /tmp/tokvenv
     /tmp/tokvenv/bin/pip install transformers sentencepiece tokenizers protobuf gguf numpy
-    HF_HUB_OFFLINE=1 /tmp/tokvenv/bin/python scripts/make_tokenizer_fixtures.py
+    HF_HUB_OFFLINE=1 /tmp/tokvenv/bin/python scripts/make_tokenizer_fixtures.py [sentencepiece|qwen2]
+    .venv/bin/python scripts/make_tokenizer_fixtures.py qwen2
 
-It trains a tiny SentencePiece BPE model the way Llama's was configured (byte fallback, split
+(no argument: both parts). The SentencePiece part trains a tiny SentencePiece BPE model the way Llama's was configured (byte fallback, split
 digits, identity normalization, a dummy prefix, whitespace kept) on the built-in text below,
 and writes:
 
@@ -23,6 +25,8 @@ and writes:
              implementation) and from transformers on each tokenizer.json; chat renderings and
              ids from transformers' apply_chat_template; template feature renderings
 
+The Qwen2 part (make_qwen2, below) writes qwen2/, qwen2.gguf and qwen2_reference.json.
+
 The GGUF reference is the llama2 ids: llama.cpp (whose files these are) prepends a space to the
 text and after every control token, as the legacy tokenizer.json and SentencePiece do.
 transformers 5 (its GGUF loader needs torch, so it is not run here) builds a GGUF SentencePiece
@@ -35,18 +39,25 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
+import unicodedata
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import gguf  # noqa: E402
-import sentencepiece as spm  # noqa: E402
-import transformers  # noqa: E402
-from tokenizers import (AddedToken, Tokenizer, decoders, models, normalizers,  # noqa: E402
-                        processors)
-from transformers import LlamaTokenizer, PreTrainedTokenizerFast  # noqa: E402
-from transformers.tokenization_utils_base import generate_merges  # noqa: E402
+import tokenizers  # noqa: E402
+from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models,  # noqa: E402
+                        normalizers, pre_tokenizers, processors, trainers)
+
+try:   # the SentencePiece part only
+    import sentencepiece as spm
+    import transformers
+    from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+    from transformers.tokenization_utils_base import generate_merges
+except ImportError:
+    spm = transformers = None
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tokenizers"
 VOCAB_SIZE = 480
@@ -213,13 +224,17 @@ def chat_reference(tok, template: str) -> list[dict]:
     return out
 
 
-def main() -> None:
+def make_sentencepiece() -> None:
+    if spm is None or transformers is None:
+        raise SystemExit("the SentencePiece fixtures need sentencepiece and transformers "
+                         "(see the module docstring)")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         sp = spm.SentencePieceProcessor(model_file=str(train(work)))
         assert sp.get_piece_size() == VOCAB_SIZE
-        if OUT.exists():
-            shutil.rmtree(OUT)
+        for old in (OUT / "llama2", OUT / "mistral"):
+            if old.exists():
+                shutil.rmtree(old)
         (OUT / "llama2").mkdir(parents=True)
         legacy_tokenizer_json(sp).save(str(OUT / "llama2" / "tokenizer.json"))
         (OUT / "llama2" / "tokenizer_config.json").write_text(json.dumps({
@@ -271,9 +286,164 @@ def main() -> None:
             "feature_template": FEATURE_TEMPLATE, "feature_cases": features,
         }
         (OUT / "reference.json").write_text(json.dumps(reference, ensure_ascii=False, indent=1))
+
+# -- Qwen2-style byte-level BPE --------------------------------------------------------------
+#
+# A tiny vocabulary in the format of Qwen2/2.5/3's tokenizer.json (NFC, the Split regex below,
+# ByteLevel without its own regex, byte-level BPE) and the same vocabulary as the GGUF metadata
+# llama.cpp's convert_hf_to_gguf.py writes for it (tokenizer.ggml.pre = "qwen2"). The merges
+# are learned with a split that lets up to three digits and a letter run with its combining
+# marks merge, as Qwen's real vocabulary (cl100k-derived) has multi-digit tokens: Qwen's own
+# single-digit split never produces them, so a GGUF reader that groups digits (Llama 3's split)
+# or breaks words at combining marks (qwen2 vs qwen35) gives other ids, and the test sees it.
+
+# transformers' Qwen2Tokenizer / Qwen3_5Tokenizer PRETOKENIZE_REGEX (Qwen's tokenizer.json)
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}"
+               r"\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN35_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s"
+                r"\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+TRAINING_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}{1,3}| ?"
+                  r"[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN_VOCAB_SIZE = 512          # the qwen2 family fixture's vocab_size (tests/fixtures/families)
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]      # control tokens
+QWEN_USER_DEFINED = ["<think>", "</think>"]                           # added, not special
+QWEN_TRAINING_TEXT = TRAINING_TEXT + """\
+In 2024 and 2025 we counted 123 apples, 456 pears and 789 plums; 1000 more in 2026.
+Call 555 1234 or 555 9876. Version 3.14 replaced 2.71 on 12 05 2024 at 10 30.
+I'VE said it: you're right, they'll come, she'd know, it's fine, we've won, I'm here.
+नमस्ते दुनिया। हिन्दी में लिखा गया वाक्य। किताब और कहानी।
+Ça va très bien, merci. Où est la gare? À bientôt!
+$price = 42; if (x >= 10) { return "done"; } // 100% sure
+"""
+QWEN_TEXTS = [
+    "12345 and 2026", "Numbers: 0 7 10 100 1000 99999 3.14159 1,234,567 and -42",
+    "I'VE seen it, you're right, they'll go, she'd say, it's fine, WE'LL see, DON'T",
+    "Hello world", "hello  world   with   spaces", " leading space", "  two leading spaces",
+    "trailing spaces   ", "line one\nline two\n\nline four\n", "mixed \t\n whitespace \n\t",
+    "\n\n\n", "   \n  \n", "tab\tseparated\tvalues", "unicode: café naïve Zürich ß∑≈ç√",
+    "decomposed: cafe\u0301 and nai\u0308ve", "नमस्ते दुनिया, हिन्दी में", "CJK: 日本語のテキスト 中文的句子",
+    "emoji: 🙂🚀👍🏽 family 👨\u200d👩\u200d👧", "RTL: עברית العربية",
+    "code: def f(x):\n    return x**2  # comment", '$price = "42"; (parens) [x] {y} 100%',
+    "special tokens as text: <|im_start|>user\nhi<|im_end|>\n",
+    "<|endoftext|> in the middle <|endoftext|>", "<think>reasoning</think> the answer",
+    "<|im_start|partial <think", "", " ", "a",
+]
+# NFC composes these, so decode(encode(t)) is the composed text
+QWEN_NOT_NFC = {"decomposed: cafe\u0301 and nai\u0308ve"}
+CHATML_TEMPLATE = (
+    "{%- for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+    "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' "
+    "}}{%- endif %}")
+
+
+def qwen_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], split: str) -> Tokenizer:
+    """A tokenizer.json as Qwen's repositories have it (transformers' Qwen2Tokenizer)."""
+    tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_USER_DEFINED])
+    return tok
+
+
+def train_qwen2() -> Tokenizer:
+    n_bpe = QWEN_VOCAB_SIZE - len(QWEN_SPECIALS) - len(QWEN_USER_DEFINED)
+    learner = qwen_tokenizer({}, [], TRAINING_SPLIT)
+    learner.train_from_iterator(
+        [QWEN_TRAINING_TEXT] * 4,
+        trainers.BpeTrainer(vocab_size=n_bpe, show_progress=False, special_tokens=[],
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    model = json.loads(learner.to_str())["model"]
+    vocab = {t: i for t, i in model["vocab"].items() if i < n_bpe}
+    assert len(vocab) == n_bpe and sorted(vocab.values()) == list(range(n_bpe))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tok = qwen_tokenizer(vocab, merges, QWEN2_SPLIT)
+    assert tok.get_vocab_size(with_added_tokens=True) == QWEN_VOCAB_SIZE
+    assert any(t.isdigit() and len(t) > 1 for t in vocab), "no multi-digit tokens learned"
+    return tok
+
+
+def write_qwen2_gguf(path: Path, tok: Tokenizer) -> None:
+    """What convert_hf_to_gguf.py (Qwen2Model._set_vocab_gpt2) writes: every id's token text,
+    added tokens as CONTROL when special (or looking like <|...|>) else USER_DEFINED, the
+    tokenizer.json merges as "a b", bos/pad = <|endoftext|> (Qwen's config.json), eos."""
+    added = tok.get_added_tokens_decoder()
+    tokens, types = [], []
+    for i in range(tok.get_vocab_size(with_added_tokens=True)):
+        text = tok.id_to_token(i)
+        tokens.append(text)
+        types.append(gguf.TokenType.NORMAL if i not in added else gguf.TokenType.CONTROL
+                     if added[i].special or (text.startswith("<|") and text.endswith("|>"))
+                     else gguf.TokenType.USER_DEFINED)
+    merges = json.loads(tok.to_str())["model"]["merges"]
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_name("qwen2 tokenizer fixture")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    w.add_bos_token_id(tok.token_to_id("<|endoftext|>"))
+    w.add_eos_token_id(tok.token_to_id("<|im_end|>"))
+    w.add_pad_token_id(tok.token_to_id("<|endoftext|>"))
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML_TEMPLATE)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def split_ids(tok: Tokenizer, split: str, texts: list[str]) -> list[list[int]]:
+    """Ids of `texts` from `tok`'s vocabulary and merges with another split regex."""
+    config = json.loads(tok.to_str())
+    config["pre_tokenizer"]["pretokenizers"][0]["pattern"] = {"Regex": split}
+    other = Tokenizer.from_str(json.dumps(config))
+    return [other.encode(t, add_special_tokens=False).ids for t in texts]
+
+
+def make_qwen2() -> None:
+    tok = train_qwen2()
+    (OUT / "qwen2").mkdir(parents=True, exist_ok=True)
+    tok.save(str(OUT / "qwen2" / "tokenizer.json"))
+    (OUT / "qwen2" / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": False, "bos_token": None, "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "chat_template": CHATML_TEMPLATE}, indent=1))
+    write_qwen2_gguf(OUT / "qwen2.gguf", tok)
+    tok = Tokenizer.from_file(str(OUT / "qwen2" / "tokenizer.json"))   # as the tests read it
+    ids = [tok.encode(t, add_special_tokens=False).ids for t in QWEN_TEXTS]
+    qwen35 = split_ids(tok, QWEN35_SPLIT, QWEN_TEXTS)
+    llama3 = split_ids(tok, TRAINING_SPLIT.replace(r"[\p{L}\p{M}]", r"\p{L}").replace(
+        r"\p{L}\p{M}\p{N}", r"\p{L}\p{N}"), QWEN_TEXTS)
+    assert qwen35 != ids and llama3 != ids, "the fixture cannot tell the splits apart"
+    for t, got in zip(QWEN_TEXTS, ids):
+        back = tok.decode(got, skip_special_tokens=False)
+        assert back == (unicodedata.normalize("NFC", t) if t in QWEN_NOT_NFC else t), (t, back)
+    reference = {
+        "generator": "scripts/make_tokenizer_fixtures.py (make_qwen2)",
+        "versions": {"tokenizers": tokenizers.__version__,
+                     "gguf": getattr(gguf, "__version__", "?")},
+        "qwen2_split": QWEN2_SPLIT, "qwen35_split": QWEN35_SPLIT,
+        "texts": QWEN_TEXTS, "not_nfc": sorted(QWEN_TEXTS.index(t) for t in QWEN_NOT_NFC),
+        "qwen2_ids": ids, "qwen35_ids": qwen35,
+    }
+    (OUT / "qwen2_reference.json").write_text(json.dumps(reference, ensure_ascii=False,
+                                                         indent=None))
+
+
+def main(parts: list[str]) -> None:
+    known = {"sentencepiece": make_sentencepiece, "qwen2": make_qwen2}
+    for part in parts or list(known):
+        if part not in known:
+            raise SystemExit(f"unknown part {part!r} (known: {', '.join(known)})")
+        known[part]()
     print(f"wrote {OUT}: " + ", ".join(f"{p.relative_to(OUT)} {p.stat().st_size} B"
                                        for p in sorted(OUT.rglob("*")) if p.is_file()))
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

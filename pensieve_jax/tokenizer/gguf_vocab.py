@@ -1,7 +1,7 @@
 """Tokenizer backends from GGUF metadata: the `tokenizer.ggml.*` keys llama.cpp writes.
 
-- "gpt2": byte-level BPE with the file's merges and the pre-tokenizer split its
-  `tokenizer.ggml.pre` names (Llama 3, SmolLM2, Qwen...).
+- "gpt2": byte-level BPE with the file's merges and the split its `tokenizer.ggml.pre` names
+  (gguf_pre.py: GPT-2, Llama 3, SmolLM2, Qwen2/2.5/3, Qwen3.5...).
 - "llama": SentencePiece BPE (Llama 2, Mistral) as llama.cpp runs it: spaces become '▁', a
   '▁' is prepended to the text and to each piece after a control or user-defined token
   (`tokenizer.ggml.add_space_prefix`, default true), pieces merge best-score first, and
@@ -18,20 +18,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokenizers import (AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models,
-                        normalizers, pre_tokenizers)
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers
 
 from pensieve_jax.tokenizer.errors import TokenizerError
+from pensieve_jax.tokenizer.gguf_pre import byte_level_split
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SUPPORTED_MODELS = ("gpt2", "llama")
-
-# Pre-tokenizer regexes by GGUF `tokenizer.ggml.pre` (the split llama.cpp applies before BPE).
-_LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}"
-                   r"\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone",
-                     "minerva")
-_LLAMA3_LIKE = ("llama-bpe", "llama3", "dbrx", "smaug-bpe")
 
 
 def gguf_backend(meta: dict[str, Any]) -> tuple[HFTokenizer, dict[str, Any]]:
@@ -69,31 +62,14 @@ def _required(meta: dict[str, Any], key: str) -> Any:
     return meta[key]
 
 
-def byte_level_pre_tokenizer(pre: str):
-    if pre in _DIGITS_THEN_GPT2:
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ])
-    if pre in _LLAMA3_LIKE:
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_LLAMA3_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
-    if pre in ("gpt2", "default", "gpt-2"):
-        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    raise TokenizerError(f"unsupported GGUF pre-tokenizer {pre!r} (supported: gpt2, "
-                         f"{', '.join(_DIGITS_THEN_GPT2 + _LLAMA3_LIKE)})")
-
-
 def _byte_level(meta: dict[str, Any], tokens: list[str]) -> HFTokenizer:
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    pre_tokenizer = byte_level_pre_tokenizer(pre)
+    split = byte_level_split(meta.get("tokenizer.ggml.pre", "default"))
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     vocab = {t: i for i, t in enumerate(tokens)}
     backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
-                                     ignore_merges=pre in _LLAMA3_LIKE))
-    backend.pre_tokenizer = pre_tokenizer
+                                     ignore_merges=split.ignore_merges))
+    backend.normalizer = split.normalizer()
+    backend.pre_tokenizer = split.pre_tokenizer()
     backend.decoder = decoders.ByteLevel()
     return backend
 

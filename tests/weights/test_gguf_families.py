@@ -36,8 +36,17 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{LAYER[module]}.{leaf}"
 
 
-def write_family_gguf(path, name: str, arch: str, extra=None) -> dict:
-    """The fixture's weights (float32) and config as a GGUF file of `arch`."""
+def copy_tokenizer(w: gguf.GGUFWriter, source) -> None:
+    """The tokenizer.* metadata of the GGUF file `source`, with its value types, into `w`."""
+    for key, field in gguf.GGUFReader(str(source)).fields.items():
+        if key.startswith("tokenizer."):
+            sub = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+
+
+def write_family_gguf(path, name: str, arch: str, extra=None, tokenizer_from=None) -> dict:
+    """The fixture's weights (float32) and config as a GGUF file of `arch`; the tokenizer is
+    copied from the GGUF file `tokenizer_from`, else a byte-level stand-in."""
     root = FIXTURES / "families" / name
     hf = json.loads((root / "config.json").read_text())
     w = gguf.GGUFWriter(str(path), arch)
@@ -60,14 +69,17 @@ def write_family_gguf(path, name: str, arch: str, extra=None) -> dict:
         w.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
     for key, value in (extra or {}).items():
         getattr(w, key)(value)
-    tokens, types = gpt2_vocab(hf["vocab_size"])
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt2")         # (the tokenizer is not what is tested here)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(MERGES)
-    w.add_eos_token_id(tokens.index("<|im_end|>"))
-    w.add_chat_template(CHAT_TEMPLATE)
+    if tokenizer_from is not None:
+        copy_tokenizer(w, tokenizer_from)
+    else:
+        tokens, types = gpt2_vocab(hf["vocab_size"])
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt2")         # (the tokenizer is not what is tested here)
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(MERGES)
+        w.add_eos_token_id(tokens.index("<|im_end|>"))
+        w.add_chat_template(CHAT_TEMPLATE)
     with safe_open(str(root / "model.safetensors"), framework="flax") as f:
         for key in sorted(f.keys()):
             w.add_tensor(gguf_name(key), np.asarray(f.get_tensor(key).astype("float32")))
