@@ -18,6 +18,10 @@ thread) stops the running turn. A turn that is stopped early or fails keeps what
 `truncate_reply(n)` cuts it to what its caller was actually shown (a server's delivered
 chunks), `undo_turn()` forgets it. Messages that cannot fit max_model_len are refused before
 anything is tokenized (`check_size`).
+
+A session named by `conversation_id` on an engine with a state_dir is kept across restarts
+(engine/kept_sessions.py): its record is written before each turn's last chunk (or reply) is
+returned, a later process's `engine.session(conversation_id=...)` continues it, close() ends it.
 """
 
 from __future__ import annotations
@@ -124,10 +128,16 @@ class TurnMethods:
 
 class Session(TurnMethods):
     def __init__(self, engine: "Engine", system: str | None = None,
-                 history: Iterable[dict[str, str]] | None = None, cache_salt: str | None = None):
+                 history: Iterable[dict[str, str]] | None = None, cache_salt: str | None = None,
+                 conversation_id: str | None = None):
+        if conversation_id is not None and (not isinstance(conversation_id, str) or
+                                            not conversation_id.strip()):
+            raise ValueError(f"conversation_id must be a non-empty string, got "
+                             f"{brief(conversation_id)}")
         self.engine = engine
         self.cache_salt = cache_salt        # shares cached pages only with the same salt
-        self.conversation_id = f"session-{secrets.token_hex(16)}"     # 128 random bits
+        # 128 random bits unless named
+        self.conversation_id = conversation_id or f"session-{secrets.token_hex(16)}"
         self.history: list[dict[str, str]] = []
         if system is not None:
             self.history.append({"role": "system", "content": system})
@@ -144,6 +154,10 @@ class Session(TurnMethods):
         self.turns = 0                      # turns recorded (undo_turn takes one back)
         self._undo: tuple | None = None     # the state before the last turn was recorded
         self._reply_start = 0               # where the last turn's reply starts in _ids
+        # named, on an engine with a state_dir: kept there (a kept one is continued)
+        self.kept = getattr(engine, "kept", None) if conversation_id is not None else None
+        if self.kept is not None:
+            self.kept.attach(self, started=bool(self.history))
 
     @property
     def token_ids(self) -> list[int]:
@@ -220,6 +234,12 @@ class Session(TurnMethods):
         self._reply_start = len(turn.output.prompt_token_ids)
         self._ids = list(turn.output.prompt_token_ids) + turn.detok.ids
         self.last_reply = reply
+        self._keep()
+
+    def _keep(self) -> None:
+        """A kept session's record: durable before the turn's last chunk goes out."""
+        if self.kept is not None:
+            self.kept.save(self)
 
     def truncate_reply(self, n_tokens: int, text: str | None = None) -> None:
         """Keep of the last turn's reply only what its caller was shown (a server, after a turn
@@ -241,6 +261,7 @@ class Session(TurnMethods):
             self.last_reply = dataclasses.replace(
                 reply, text=shown, token_ids=ids,
                 finish_reason="abort" if cut else reply.finish_reason)
+            self._keep()
 
     def undo_turn(self) -> None:
         """Forget the last turn recorded (its caller never learned that it was accepted); the
@@ -252,6 +273,7 @@ class Session(TurnMethods):
             del self.history[n_history:], self._template_history[n_template:]
             self._undo = None
             self.turns -= 1
+            self._keep()
 
     def cancel(self) -> None:
         """Stop the running turn, if any (from any thread); its stream ends with finish_reason
@@ -261,8 +283,11 @@ class Session(TurnMethods):
             turn.handle.cancel()
 
     def close(self) -> None:
+        """End the conversation: its cache is freed (and a kept one's record deleted)."""
         if not self._closed:
             self._closed = True
+            if self.kept is not None:
+                self.kept.forget(self.conversation_id)
             try:
                 self.engine.end_conversation(self.conversation_id)
             except EngineClosed:      # its cache went with the engine

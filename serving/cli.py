@@ -33,7 +33,7 @@ import signal
 import sys
 
 from pensieve_jax.engine.sampling import SamplingParams
-from pensieve_jax.state_store import StateDirMismatch
+from pensieve_jax.engine.state_store import StateDirMismatch
 from serving import cli_wiring as wiring
 from serving.cli_options import (DEFAULT_PORT, Chat, Cluster, Router, Serve, engine_flags,
                                  engine_options, parse_args)
@@ -134,11 +134,10 @@ async def _serve(args: Serve) -> int:
     keys, tls = wiring.api_keys(sec), wiring.server_tls(sec)
     limits, internal = wiring.limits(sec, args.max_conversations), wiring.internal_options(args)
     options, warm_up = warm_up_later(engine_options(args))
-    if args.state_dir is not None:
-        from serving.server.state import engine_options as kept_engine_options
-        options = kept_engine_options(args.state_dir, options)
+    # --state-dir: the engine's disk tier in DIR/kv, its records in DIR (StateDirMismatch)
     engine = Engine.from_pretrained(args.model, dtype=args.dtype,
-                                    cache_dir=False if args.no_cache_dir else None, **options)
+                                    cache_dir=False if args.no_cache_dir else None,
+                                    state_dir=args.state_dir, **options)
     metrics = Metrics(engine)
     server = PensieveServer(engine, args.host, args.port, metrics=metrics, model_name=args.model,
                             role=args.role, warm_up=warm_up, api_keys=keys, limits=limits,

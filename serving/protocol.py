@@ -34,13 +34,14 @@ def usage_to_proto(usage: Usage) -> pb.Usage:
                     prefilled_tokens=usage.prefilled_tokens,
                     recomputed_tokens=usage.recomputed_tokens,
                     completion_tokens=usage.completion_tokens, ttft_s=usage.ttft_s,
-                    total_s=usage.total_s)
+                    total_s=usage.total_s, cached_disk_tokens=usage.cached_disk_tokens)
 
 
 def usage_from_proto(msg: pb.Usage) -> Usage:
     return Usage(prompt_tokens=msg.prompt_tokens, cached_tokens=msg.cached_tokens,
                  prefilled_tokens=msg.prefilled_tokens, recomputed_tokens=msg.recomputed_tokens,
-                 completion_tokens=msg.completion_tokens, ttft_s=msg.ttft_s, total_s=msg.total_s)
+                 completion_tokens=msg.completion_tokens, ttft_s=msg.ttft_s, total_s=msg.total_s,
+                 cached_disk_tokens=msg.cached_disk_tokens)
 
 
 def messages_from_proto(messages: Iterable[pb.Message]) -> list[dict[str, str]]:

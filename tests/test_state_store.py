@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pensieve_jax.state_store import ConversationRecord, StateDirMismatch, StateStore
+from pensieve_jax.engine.state_store import ConversationRecord, StateDirMismatch, StateStore
 
 FINGERPRINT = {"model": "random:tiny", "page_size": 16, "dtype": "float32"}
 
@@ -31,7 +31,7 @@ def test_records_round_trip_and_delete(tmp_path):
 def test_saved_record_survives_sigkill(tmp_path):
     code = f"""
 import os, signal
-from pensieve_jax.state_store import ConversationRecord, StateStore
+from pensieve_jax.engine.state_store import ConversationRecord, StateStore
 store = StateStore.open({str(tmp_path)!r}, {FINGERPRINT!r})
 store.save(ConversationRecord("chat-k", "o", "", tuple(range(1000))))
 os.kill(os.getpid(), signal.SIGKILL)

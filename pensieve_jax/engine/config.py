@@ -75,6 +75,15 @@ class EngineConfig:
     overlap: bool = True      # engine.py
     """Plan and dispatch step N+1 while the device runs step N, then postprocess N; off: one after another."""
 
+    @classmethod
+    def from_options(cls, options: dict) -> "EngineConfig":
+        """EngineConfig(**options); TypeError naming the options that are no field."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(options) - fields
+        if unknown:
+            raise TypeError(f"unknown engine options {sorted(unknown)} (known: {sorted(fields)})")
+        return cls(**options)
+
     @property
     def precompile_enabled(self) -> bool:
         if self.precompile is not None:

@@ -9,7 +9,6 @@ its parts (engine/parts.py) and is what callers hold.
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import logging
 import secrets
 import threading
@@ -18,16 +17,19 @@ import uuid
 import weakref
 from typing import Any, Callable, Sequence
 
-import jax
+import jax  # noqa: F401 (before the atexit hook below: see _close_open_engines)
 import numpy as np
 
+from pensieve_jax.engine.buffers import free_buffers
 from pensieve_jax.engine.config import EngineConfig
 from pensieve_jax.engine.errors import EngineClosed, EngineOverloaded  # noqa: F401 (API)
+from pensieve_jax.engine.kept_sessions import KeptSessions, open_state_dir
 from pensieve_jax.engine.loop import StepLoop
 from pensieve_jax.engine.parts import MakeRunner, build
 from pensieve_jax.engine.request import (Request, RequestHandle, check_prompt, check_sampling,
                                          check_text_bytes, text_byte_limit)
 from pensieve_jax.engine.sampling import SamplingParams
+from pensieve_jax.engine.state_store import ConversationRecord
 from pensieve_jax.engine.stats import engine_stats
 from pensieve_jax.engine.turns import Turns
 from pensieve_jax.engine.worker import EngineThread, overlaps
@@ -56,13 +58,35 @@ def _close_open_engines() -> None:
             pass
 
 
-class Engine:
+class SessionMethods:
+    """An engine's Session API (the layer above, imported when called) and the conversations
+    its state_dir keeps (`kept`: engine/kept_sessions.py's KeptSessions, or None)."""
+    kept: KeptSessions | None = None
+
+    def session(self, system: str | None = None, history=None, cache_salt: str | None = None,
+                conversation_id: str | None = None):
+        """A Session (one conversation); history: earlier messages to start from; cache_salt:
+        share cached prompt pages only with requests of the same salt (tenant isolation);
+        conversation_id: its name (with a state_dir: kept until closed, or continued)."""
+        from pensieve_jax.session import Session     # the layer above: a convenience
+        return Session(self, system, history, cache_salt, conversation_id)
+
+    def kept_conversations(self) -> list[ConversationRecord]:
+        """The conversations kept in the state_dir, least recently updated first ([]: none)."""
+        return self.kept.records() if self.kept is not None else []
+
+
+class Engine(SessionMethods):
     def __init__(self, model: LoadedModel, dtype="float32", config: EngineConfig = EngineConfig(),
-                 make_runner: MakeRunner | None = None):
+                 make_runner: MakeRunner | None = None, state_dir: str | None = None):
         """make_runner(num_pages, token_ladder): the runner to drive instead of a ModelRunner
-        of `model` (the device seam, runner/seam.py; tests drive a runner without a device)."""
+        of `model` (the device seam, runner/seam.py; tests drive a runner without a device).
+        state_dir: keep named sessions there across restarts (engine/kept_sessions.py)."""
+        if state_dir is not None:   # StateDirMismatch (another model or layout) before building
+            config, records = open_state_dir(state_dir, model, config, dtype)
         self.model, self.config = model, config
         self.parts = parts = build(model, dtype, config, make_runner)
+        self.kept = KeptSessions(self, records) if state_dir is not None else None
         self.max_model_len, self.runner = parts.max_model_len, parts.runner
         self.allocator, self.host, self.store = parts.allocator, parts.host, parts.store
         self.scheduler, self.swapper = parts.scheduler, parts.swapper
@@ -86,17 +110,14 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, source: str = DEFAULT_MODEL, dtype="float32", cache_dir=None,
-                        **options) -> "Engine":
+                        state_dir: str | None = None, **options) -> "Engine":
         """source: a .gguf path, a Hugging Face directory, a converted (orbax) directory,
         random:<preset>, or the alias smollm2-135m-instruct. options: EngineConfig fields."""
-        fields = {f.name for f in dataclasses.fields(EngineConfig)}
-        unknown = set(options) - fields
-        if unknown:
-            raise TypeError(f"unknown engine options {sorted(unknown)} (known: {sorted(fields)})")
-        engine = cls(load_model(source, dtype, cache_dir), dtype, EngineConfig(**options))
+        engine = cls(load_model(source, dtype, cache_dir), dtype,
+                     EngineConfig.from_options(options), state_dir=state_dir)
         engine.owns_weights = True
-        # the runner holds the weights as its programs take them (copies where its layout or
-        # mesh differs from the loaded one): keep those, not the loaded tree beside them
+        # keep the weights as the runner's programs take them (copies where its layout or mesh
+        # differs from the loaded one), not the loaded tree beside them
         engine.model = engine.model._replace(params=engine.runner.params)
         return engine
 
@@ -163,12 +184,6 @@ class Engine:
             ids.pop()
         return ids
 
-    def session(self, system: str | None = None, history=None, cache_salt: str | None = None):
-        """A Session (one conversation); history: earlier messages to start from; cache_salt:
-        share cached prompt pages only with requests of the same salt (tenant isolation)."""
-        from pensieve_jax.session import Session     # the layer above: a convenience
-        return Session(self, system, history, cache_salt)
-
     def cancel(self, request_id: str) -> None:
         """Stop a turn now; its conversation keeps the tokens produced so far."""
         try:
@@ -233,17 +248,21 @@ class Engine:
     # -- life cycle ---------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the engine: turns still queued or running end with EngineClosed, the engine
-        thread exits and the device buffers go (the KV pools; the weights too if
-        from_pretrained loaded them and no open engine shares them). Idempotent; afterwards
-        submit, call and what uses them raise EngineClosed. `with Engine.from_pretrained(...)
-        as engine:` closes on the way out, and engines still open close at interpreter exit."""
+        """Stop the engine: kept conversations' idle KV to page files (state_dir), turns still
+        queued or running end with EngineClosed, the engine thread exits and the device buffers
+        go (the KV pools; the weights too if from_pretrained loaded them and no open engine
+        shares them). Idempotent; afterwards submit, call and what uses them raise EngineClosed.
+        `with Engine...(...) as engine:` closes on the way out, and so does interpreter exit."""
+        if self.kept is not None and not self.closed:
+            self.kept.shut()
+
         def end_all() -> None:
             self.swapper.drop()
             self.turns.end_all(EngineClosed("the engine was closed"))
         if self.thread.stop(end_all):
             _open_engines.discard(self)
-            free_buffers(self.runner, self.model.params, self.owns_weights)
+            shared = any(e.model.params is self.model.params for e in _open_engines)
+            free_buffers(self.runner, self.model.params, self.owns_weights and not shared)
 
     shutdown = close      # the earlier name
 
@@ -276,17 +295,3 @@ def precompile(runner) -> float:
     log.info("engine ready: %d step programs compiled or loaded in %.1f s", total, seconds)
     return seconds
 
-
-def free_buffers(runner, params, owns_weights: bool) -> None:
-    """(after the engine thread ended) Free the KV pools and the weights an engine owns: copies
-    its runner made (tensor parallel), and the loaded ones if from_pretrained loaded them and
-    no open engine shares them."""
-    shared = {id(a) for a in jax.tree_util.tree_leaves(params)}
-    owned = jax.tree_util.tree_leaves(runner.kv) + [
-        a for a in jax.tree_util.tree_leaves(runner.params) if id(a) not in shared]
-    if owns_weights and not any(e.model.params is params for e in _open_engines):
-        owned += jax.tree_util.tree_leaves(params)
-    runner.kv = runner.params = None
-    for a in owned:
-        if isinstance(a, jax.Array) and not a.is_deleted():
-            a.delete()

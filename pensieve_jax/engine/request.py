@@ -28,7 +28,9 @@ class Usage:
     |                   | recomputed instead of loaded                                      |
     | prefilled_tokens  | the rest: prompt tokens new to the conversation, computed         |
 
-    cached_host_tokens and cached_shared_tokens are parts of cached_tokens. A preempted turn
+    cached_host_tokens, cached_disk_tokens and cached_shared_tokens are parts of cached_tokens
+    (host and disk: the tiers its KV was loaded back from; shared: pages of other
+    conversations, on any tier). A preempted turn
     loses its KV, is restored again and recomputes what is missing: all the fields describe
     the run that finished (from the turn's last restore), so work lost to a preemption is in
     none of them (Engine.stats(): "preemptions", "step_tokens"), a token the turn prefilled
@@ -42,6 +44,7 @@ class Usage:
     ttft_s: float
     total_s: float
     cached_host_tokens: int = 0    # part of cached_tokens that was loaded back from host memory
+    cached_disk_tokens: int = 0    # part of cached_tokens that was loaded back from page files
     cached_shared_tokens: int = 0  # part of cached_tokens on pages shared with other conversations
 
 
@@ -128,6 +131,7 @@ class Request:
         self.front_done = self.front_end = 0   # a dropped prefix being recomputed
         self.cached = self.cached_host = self.prefilled = self.recomputed = 0  # Usage, this run
         self.cached_shared = 0            # cached tokens on pages shared with other conversations
+        self.cached_disk = 0              # cached tokens loaded back from page files
         self.waited = 0                   # scheduling steps spent waiting (fairness bound)
         self.arrival = time.perf_counter()
         self.first_token_time: float | None = None
@@ -165,7 +169,7 @@ class Request:
     def reset_usage(self) -> None:
         """The turn's KV is gone (preempted, or dropped while it waited): what it reused and
         computed so far no longer counts; its next restore and run are accounted afresh."""
-        self.cached = self.cached_host = self.cached_shared = 0
+        self.cached = self.cached_host = self.cached_disk = self.cached_shared = 0
         self.prefilled = self.recomputed = 0
 
     def make_output(self) -> RequestOutput:
@@ -181,6 +185,7 @@ class Request:
                         prefilled_tokens=self.prefilled, recomputed_tokens=self.recomputed,
                         completion_tokens=len(self.output), ttft_s=first - self.arrival,
                         total_s=now - self.arrival, cached_host_tokens=self.cached_host,
+                        cached_disk_tokens=self.cached_disk,
                         cached_shared_tokens=min(self.cached_shared, self.cached)))
 
 

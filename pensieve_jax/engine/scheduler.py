@@ -174,6 +174,7 @@ class Scheduler:
         lo, hi = plan.front
         req.cached = reused - max(0, min(hi, reused) - lo)
         req.cached_host = sum(max(0, min(ps, reused - i * ps)) for i in conv.host_pages)
+        req.cached_disk = sum(max(0, min(ps, reused - i * ps)) for i in conv.disk_pages)
         loads = self.store.restore(conv)
         req.loading = loads > 0 and not self.config.swap_in_same_step
         req.front_done, req.front_end = plan.front

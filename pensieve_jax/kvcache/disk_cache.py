@@ -128,9 +128,11 @@ class DiskCache:
         out, self._pending = [f for f in self._pending if f.name in self.files], []
         return out
 
-    def drop_unclaimed(self) -> bool:
-        """Delete the oldest file no conversation holds; False if there is none."""
-        free = [f for f in self.files.values() if not f.held]
+    def drop_unclaimed(self, before: float | None = None) -> bool:
+        """Delete the oldest file no conversation holds (written before `before`, a time.time(),
+        if given); False if there is none."""
+        free = [f for f in self.files.values()
+                if not f.held and (before is None or f.written < before)]
         if not free:
             return False
         self.remove(min(free, key=lambda f: f.written))

@@ -19,13 +19,15 @@ __all__ = ["claim", "write_unclaimed"]
 
 
 def write_unclaimed(disk: DiskCache, conversation_id: str, salt: str, pages: list[int],
-                    tokens: list[list[int]], k: np.ndarray, v: np.ndarray) -> DiskFile | None:
+                    tokens: list[list[int]], k: np.ndarray, v: np.ndarray,
+                    keep_since: float | None = None) -> DiskFile | None:
     """Start writing a copy of pages a conversation keeps elsewhere (k, v [layers, pages, ...]),
     held by no one until a reopened conversation claims it (durable once DiskCache.poll(wait=
-    True) has seen it written). Older unclaimed files make room; None if there is none."""
+    True) has seen it written). Older unclaimed files make room, those written since
+    keep_since (a time.time(): this flush's own) excepted; None if there is none."""
     f = disk.plan(conversation_id, salt, pages, tokens, [])
     while disk.free_bytes < f.nbytes:
-        if not disk.drop_unclaimed():
+        if not disk.drop_unclaimed(before=keep_since):
             return None
     f.held.clear()
     disk.add(f, queue=False)

@@ -8,10 +8,13 @@ so the copy overlaps a step). Until a file is written its pages count as missing
 
 from __future__ import annotations
 
+import time
+
 import jax
 import numpy as np
 
 from pensieve_jax.kvcache import disk_restart
+from pensieve_jax.kvcache.background_writes import WORKERS
 from pensieve_jax.kvcache.conversations import ConversationStore
 from pensieve_jax.kvcache.disk_cache import DiskCache
 from pensieve_jax.kvcache.host_cache import HostCache
@@ -79,30 +82,47 @@ class DiskWrites:
         self._gathered.clear()
         self.disk.poll(wait=True)
 
-    def flush_to_disk(self, conversation_ids: list[str] | None = None) -> int:
-        """Write a copy of every page idle conversations (or the ones named) hold on device or
-        host to page files no conversation holds, for a later process to claim
-        (ConversationStore.reopen); pages already on disk stay in their files. Call through
-        Swapper.flush_to_disk (which lands pending copies first). Blocks until every page file
-        is written (those of earlier evictions too). Returns the pages written."""
+    def flush_to_disk(self, conversation_ids: list[str] | None = None,
+                      deadline: float | None = None) -> int:
+        """Write a copy of every page idle conversations hold on device or host to page files
+        no conversation holds, for a later process to claim (ConversationStore.reopen); pages
+        already on disk stay in their files. conversation_ids: these, in this order (None:
+        all, the most recently used first); when the disk tier is full, the flush stops (its
+        own files are not dropped for later ones). deadline (time.monotonic()): no file is
+        started after it, and files are written a few at a time (WORKERS), so the flush ends
+        within about one file's write of it; what is left is recomputed after a restart. Call
+        through Swapper.flush_to_disk (which lands pending copies first). Blocks until every
+        file started is written (those of earlier evictions too). Returns the pages written."""
         self.finish()
+        files, since = [], time.time()      # this flush's files never make room for later ones
+        for conv, pages in self._flush_chunks(conversation_ids):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            ps = self.store.page_size
+            tokens = [conv.token_ids[i * ps:min((i + 1) * ps, conv.num_computed)]
+                      for i in pages]
+            files.append(disk_restart.write_unclaimed(self.disk, conv.id, conv.salt, pages,
+                                                      tokens, *self._read(conv, pages), since))
+            if files[-1] is None:
+                break                           # the disk tier is full: the rest is recomputed
+            if deadline is not None and len(self.disk.writes) >= WORKERS:
+                self.disk.poll(wait=True)       # a few at a time: the deadline is kept
+        self.disk.poll(wait=True)               # durable from here
+        return sum(len(f.pages) for f in files if f is not None and f.state == "written")
+
+    def _flush_chunks(self, conversation_ids: list[str] | None):
+        """(conversation, page indices of one chunk) to flush, in flush order."""
+        convs = self.store.conversations
+        order = sorted(convs.values(), key=lambda c: -c.last_used) if conversation_ids is None \
+            else [convs.get(cid) for cid in conversation_ids]
         ps, chunk = self.store.page_size, self.store.evictor.chunk_pages
-        ids = list(self.store.conversations) if conversation_ids is None else conversation_ids
-        files = []
-        for cid in ids:
-            conv = self.store.conversations.get(cid)
+        for conv in order:
             if conv is None or conv.busy:
                 continue
             n = min(-(-conv.num_computed // ps), len(conv.pages))
             held = [i for i in range(n) if conv.pages[i] >= 0 or i in conv.host_pages]
             for at in range(0, len(held), chunk):
-                pages = held[at:at + chunk]
-                tokens = [conv.token_ids[i * ps:min((i + 1) * ps, conv.num_computed)]
-                          for i in pages]
-                files.append(disk_restart.write_unclaimed(self.disk, conv.id, conv.salt, pages,
-                                                          tokens, *self._read(conv, pages)))
-        self.disk.poll(wait=True)               # durable from here
-        return sum(len(f.pages) for f in files if f is not None and f.state == "written")
+                yield conv, held[at:at + chunk]
 
     def _read(self, conv, pages: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """k, v [layers, len(pages), ...] of conv's pages, from device or host."""

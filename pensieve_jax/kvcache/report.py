@@ -6,12 +6,14 @@ prefix tree: Preble's "replicas report inserts and evictions").
     r = tracker.report(r.epoch, r.version)    # only what changed since (nothing: same version)
 
 A conversation holds the leading tokens whose KV has a copy on device or host, its own pages or
-the prefix index's (`PageLedger.held_tokens`); a dropped prefix is not held, so a conversation
-whose front chunk was evicted holds nothing (its later pages only save recomputation once the
-front is recomputed). Pages in page files on disk are not held either: they cannot be exported
-(KV transfers read device and host pages), though they save this engine recomputation. Conversations holding nothing are left out. Shared prompt prefixes need no
-report of their own: a page the prefix index can serve from the start is in the held prefix of
-some conversation (held prefixes read the index for pages a conversation let go).
+the prefix index's (`PageLedger.held_tokens`), or in its page files on disk (`held_tokens`): a
+returning conversation is best served where its KV is, even on disk (after a restart all of it
+may be), though a KV transfer exports only its device and host part. A dropped prefix is not
+held, so a conversation whose front chunk was evicted holds nothing (its later pages only save
+recomputation once the front is recomputed). Conversations holding nothing are left out.
+Shared prompt prefixes need no report of their own: a page the prefix index can serve from
+the start is in the held prefix of some conversation (held prefixes read the index for pages a
+conversation let go).
 
 Each refresh reads the engine on its thread (`Engine.cache_scan` runs `scan` there), comparing
 a cheap key per conversation (held tokens, length, last use, salt) with the previous refresh, so
@@ -31,7 +33,7 @@ from typing import Iterable, NamedTuple, Protocol
 
 from pensieve_jax.kvcache.conversations import ConversationStore
 
-__all__ = ["CacheReport", "CacheSource", "CacheTracker", "Held", "scan"]
+__all__ = ["CacheReport", "CacheSource", "CacheTracker", "Held", "held_tokens", "scan"]
 
 
 class Held(NamedTuple):
@@ -62,13 +64,26 @@ def scan(store: ConversationStore, previous: dict[str, Held]) -> dict[str, Held]
         if conv.busy and prev is not None:
             out[conv.id] = prev
             continue
-        n = store.held_tokens(conv)
+        n = held_tokens(store, conv)
         key = (conv.salt, n, len(conv.token_ids), conv.last_used, conv.busy)
         if prev is not None and prev.key == key:
             out[conv.id] = prev
         elif n > 0:
             out[conv.id] = Held(conv.id, conv.salt, tuple(conv.token_ids[:n]), key)
     return out
+
+
+def held_tokens(store: ConversationStore, conv) -> int:
+    """Leading tokens of conv whose KV has a copy on device or host (the store's held_tokens),
+    and on from there while its pages are on any tier, page files on disk included."""
+    n = store.held_tokens(conv)
+    if not conv.disk_pages:
+        return n
+    ps = store.page_size
+    i, n_pages = n // ps, min(-(-conv.num_computed // ps), len(conv.pages))
+    while i < n_pages and (i in conv.disk_pages or conv.pages[i] >= 0 or i in conv.host_pages):
+        i += 1
+    return max(n, min(conv.num_computed, i * ps))
 
 
 class CacheSource(Protocol):

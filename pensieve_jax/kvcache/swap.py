@@ -88,17 +88,19 @@ class Swapper:
             return ks[0], vs[0]
         return np.concatenate(ks, axis=1), np.concatenate(vs, axis=1)
 
-    def flush_to_disk(self, conversation_ids: list[str] | None = None) -> int:
-        """Write a copy of the device and host pages of idle conversations (or the ones named)
-        to page files a later process can claim (ConversationStore.reopen); see
-        DiskWrites.flush_to_disk. Run on the engine thread with no step in flight (after
-        StepLoop.settle_copies). Returns the pages written (0 without a disk tier)."""
+    def flush_to_disk(self, conversation_ids: list[str] | None = None,
+                      deadline: float | None = None) -> int:
+        """Write a copy of the device and host pages of idle conversations (or the ones named,
+        in that order) to page files a later process can claim (ConversationStore.reopen),
+        none started after deadline (time.monotonic()); see DiskWrites.flush_to_disk. Run on
+        the engine thread with no step in flight (after StepLoop.settle_copies). Returns the
+        pages written (0 without a disk tier)."""
         if self.disk_writes is None:
             return 0
         self.start()                        # queued swap-outs: gathered and copied to host
         self.flush()
         self.host.finish_writes()
-        return self.disk_writes.flush_to_disk(conversation_ids)
+        return self.disk_writes.flush_to_disk(conversation_ids, deadline)
 
     def take_incoming(self) -> HostPages | None:
         """"layered": the swap-ins the step about to run must load (it then owns them)."""

@@ -1,8 +1,9 @@
 """Token accounting of a turn (pensieve.v1.Usage) in OpenAI's shapes.
 
 Both carry the engine's real reuse: `cached_tokens` are prompt tokens whose KV came from the
-cache. `pensieve` adds what OpenAI has no field for: prompt tokens computed for the first
-time (prefilled) or again (recomputed), and the engine's time to first token and turn time.
+cache. `pensieve` adds what OpenAI has no field for: the part of those loaded back from page
+files on disk (cached_disk_tokens), prompt tokens computed for the first time (prefilled) or
+again (recomputed), and the engine's time to first token and turn time.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from serving.pensieve.v1 import pensieve_pb2 as pb
 
 
 def _pensieve(usage: pb.Usage) -> dict[str, Any]:
-    return {"prefilled_tokens": usage.prefilled_tokens,
+    return {"cached_disk_tokens": usage.cached_disk_tokens,
+            "prefilled_tokens": usage.prefilled_tokens,
             "recomputed_tokens": usage.recomputed_tokens,
             "ttft_s": round(usage.ttft_s, 6), "total_s": round(usage.total_s, 6)}
 

@@ -52,7 +52,8 @@ class PensieveServer:
     internal) port's certificate. internal: where MemPool listens and its peers; cluster_secret:
     what MemPool's callers must send (None: a random one). options: more gRPC server options
     for the public port. state_dir: keep Chat conversations across restarts there
-    (serving/server/state.py; the engine's disk tier should use its kv/ folder)."""
+    (serving/server/state.py; the engine's own if it was built with one, as `pensieve serve
+    --state-dir` does; else the engine's disk tier should use its kv/ folder)."""
 
     def __init__(self, engine: "Engine", host: str = DEFAULT_HOST, port: int = 0,
                  metrics: Metrics | None = None, model_name: str | None = None,
@@ -74,7 +75,8 @@ class PensieveServer:
         self.service = PensieveService(engine, metrics, model_name, max_streams,
                                        api_keys=self.api_keys, limits=self.limits)
         self.service.role = role
-        self.kept = KeptConversations(engine, state_dir) if state_dir is not None else None
+        self.kept = KeptConversations(engine, state_dir) if state_dir is not None or \
+            getattr(engine, "kept", None) is not None else None
         self.service.conversations.kept = self.kept
         internal = internal if internal is not None else InternalOptions()
         self.cluster_secret = cluster_secret if isinstance(cluster_secret, ClusterSecret) \
@@ -165,17 +167,22 @@ class PensieveServer:
 
     async def shutdown(self, grace: float = 5.0) -> None:
         """Take no new calls; let in-flight turns finish for up to `grace` seconds, then cancel
-        them (each stream still ends cleanly, with finish_reason "abort")."""
+        them (each stream still ends cleanly, with finish_reason "abort"). With a state
+        directory, the kept conversations' KV then goes to page files in what is left of
+        `grace`, the most recently used first (the rest is recomputed after a restart)."""
         if self._server is None:
             return
+        deadline = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()
         self.service.warm_up.open(NotReady("the server stopped before its engine was warm"))
         stopping = asyncio.create_task(self._server.stop(grace + 10.0))   # new calls: UNAVAILABLE
         await self.service.drain(grace)
         await stopping
         if self.kept is not None:        # the idle conversations' KV to page files
-            pages = await asyncio.to_thread(self.kept.flush)
-            log.info("kept conversations flushed: %d pages written", pages)
+            start = time.monotonic()
+            pages = await asyncio.to_thread(self.kept.flush, deadline)
+            log.info("kept conversations flushed: %d pages written in %.2f s (%.2f s of the "
+                     "grace were left)", pages, time.monotonic() - start, deadline - start)
             self.kept.close()
         await self.internal.stop(0)
         if self._expiry is not None:

@@ -63,11 +63,13 @@ def test_a_returning_conversation_is_served_from_disk(stateless, swap_in):
     history, new = first_turn(eng, "A", 1)
     push_out(eng)
     assert on_disk(eng, "A")
+    # a cache report counts KV on disk as held: a router sends A back here
+    assert eng.cache_scan({})["A"].token_ids == tuple(history)
     # page files are written in the background (served from memory meanwhile): read them back
     eng.call(lambda: eng.swapper.disk.poll(wait=True))
     usage, _ = next_turn(eng, stateless, "A", history, new)
     assert usage.cached_tokens == len(history) and usage.recomputed_tokens == 0
-    assert usage.cached_host_tokens == 0
+    assert usage.cached_host_tokens == 0 and usage.cached_disk_tokens == len(history)
     stats = settle(eng)
     assert stats["hit_tokens_by_tier"]["disk"] == len(history)
     disk = stats["disk"]
@@ -99,7 +101,7 @@ def test_a_damaged_page_file_costs_only_its_conversation(stateless, tmp_path, da
         os.remove(path)
     usage, _ = next_turn(eng, stateless, "A", a, a_new)
     assert usage.recomputed_tokens == damaged
-    assert usage.cached_tokens == len(a) - damaged
+    assert usage.cached_tokens == usage.cached_disk_tokens == len(a) - damaged
     usage, _ = next_turn(eng, stateless, "B", b, b_new)
     assert usage.recomputed_tokens == 0 and usage.cached_tokens == len(b)
     disk = settle(eng)["disk"]
@@ -149,8 +151,10 @@ def test_flushed_conversations_survive_a_restart(stateless, tmp_path):
     assert again.stats()["disk"]["unclaimed_files"] > 0
     conv = again.call(lambda: again.store.reopen("A", history))
     assert conv.num_computed == len(history)
+    assert again.cache_scan({})["A"].token_ids == tuple(history)      # held, on disk
     usage, _ = next_turn(again, stateless, "A", history, [7, 8, 9])
-    assert usage.cached_tokens == len(history) and usage.recomputed_tokens == 0
+    assert usage.cached_tokens == usage.cached_disk_tokens == len(history)
+    assert usage.recomputed_tokens == 0
     assert settle(again)["hit_tokens_by_tier"]["disk"] == len(history)
     again.shutdown()
 

@@ -60,7 +60,31 @@ def test_a_conversation_survives_sigterm_and_restart_with_its_kv_from_disk(env, 
         assert second.stop() == 0, "".join(second.lines)
     assert [ids1, ids2, ids3] == reference(engine, TEXTS)
     assert last.usage.cached_tokens > 0 and last.usage.recomputed_tokens == 0
+    assert last.usage.cached_disk_tokens == last.usage.cached_tokens    # all of it from disk
     assert stats["hit_tokens_by_tier"]["disk"] >= last.usage.cached_tokens
+
+
+def test_a_flush_out_of_grace_is_recomputed_after_restart(env, engine, tmp_path):
+    """--grace 0: the shutdown's flush has no time left and writes no page file; the kept
+    conversation still continues after the restart, recomputed, with the same tokens."""
+    state = tmp_path / "state"
+    first = Served(env, "--state-dir", str(state), "--grace", "0")
+    channel, stub = connect(first)
+    cid, _, ids1, _, _ = turn(stub, TEXTS[0])
+    channel.close()
+    assert first.stop() == 0, "".join(first.lines)
+    assert (state / "conversations.sqlite3").exists()
+    assert not list((state / "kv").glob("*.kvp"))          # the flush had no time left
+
+    second = Served(env, "--state-dir", str(state))
+    try:
+        channel, stub = connect(second)
+        _, _, ids2, last, _ = turn(stub, TEXTS[1], cid)
+        channel.close()
+    finally:
+        assert second.stop() == 0, "".join(second.lines)
+    assert [ids1, ids2] == reference(engine, TEXTS[:2])
+    assert last.usage.cached_tokens == 0 and last.usage.recomputed_tokens > 0
 
 
 def test_after_sigkill_mid_turn_every_acknowledged_turn_is_kept(env, engine, tmp_path):
@@ -110,6 +134,7 @@ def test_a_truncated_page_file_costs_only_its_conversation(env, engine, tmp_path
     assert ids_a == reference(engine, TEXTS[:2])[1]         # recomputed, the same tokens
     assert last_a.usage.cached_tokens == 0 and last_a.usage.recomputed_tokens > 0
     assert last_b.usage.cached_tokens > 0 and last_b.usage.recomputed_tokens == 0
+    assert last_b.usage.cached_disk_tokens == last_b.usage.cached_tokens
 
 
 def test_a_state_dir_of_another_page_layout_is_refused(env, tmp_path):
