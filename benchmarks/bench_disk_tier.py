@@ -25,17 +25,17 @@ import argparse
 import os
 import statistics
 import tempfile
-import threading
 import time
 
 import numpy as np
 
 import workload as wl
-from common import environment, write_json
+from closed_loop import run_users, usage_totals
+from common import environment, model_and_vocab, write_json
 from pensieve_jax.engine.config import page_bytes as engine_page_bytes
 from pensieve_jax.engine.engine import Engine, EngineConfig
 from pensieve_jax.engine.sampling import SamplingParams
-from pensieve_jax.weights import load_model
+from tier_pools import tier_pools
 
 TIERS = ("device", "host", "disk", "disk-cold", "recompute")
 PAGE_SIZE = 16
@@ -127,7 +127,8 @@ def replay(engine: Engine, load: wl.Workload, vocab: int, seed: int, tag: str) -
     ttfts, outputs, usages = [], {}, []
     start = time.perf_counter()
 
-    def user(i: int, conv: wl.Conversation) -> None:
+    def user(i: int) -> None:
+        conv = load.conversations[i]
         time.sleep(max(0.0, load.arrivals_s[i] - (time.perf_counter() - start)))
         system, turns = wl.token_ids_for(conv, vocab, seed)
         seq, outs = list(system), []
@@ -143,16 +144,9 @@ def replay(engine: Engine, load: wl.Workload, vocab: int, seed: int, tag: str) -
             outs.append(list(res.token_ids))
         outputs[i] = outs
 
-    threads = [threading.Thread(target=user, args=(i, c))
-               for i, c in enumerate(load.conversations)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_users(user, len(load.conversations))
     wall = time.perf_counter() - start
-    total = {k: sum(getattr(u, k) for u in usages) for k in (
-        "prompt_tokens", "cached_tokens", "cached_host_tokens", "prefilled_tokens",
-        "recomputed_tokens", "completion_tokens")}
+    total = usage_totals(usages)
     return {"seconds": wall, "turns": len(usages), "turns_per_s": len(usages) / wall,
             "output_tokens_per_s": total["completion_tokens"] / wall,
             "ttft_p50_s": float(np.median(ttfts)), "ttft_p90_s": float(np.percentile(ttfts, 90)),
@@ -165,9 +159,10 @@ def replay_part(model, args, vocab: int) -> dict:
                         max_context=args.max_context)
     load = wl.schedule(convs, rate=args.rate, think_time_s=args.think_time, seed=args.seed)
     working_pages = sum(-(-c.context_len() // PAGE_SIZE) for c in convs)
-    page_bytes = engine_page_bytes(model, EngineConfig(page_size=PAGE_SIZE), args.dtype)
-    device = max(int(args.device_fraction * working_pages), -(-max_len // PAGE_SIZE) + 8)
-    host = max(int(args.host_fraction * working_pages), 2)
+    pools = tier_pools(model, args.dtype, PAGE_SIZE, working_pages, args.device_fraction,
+                       args.host_fraction, min_device_pages=-(-max_len // PAGE_SIZE) + 8,
+                       min_host_pages=2)
+    device, host, page_bytes = pools.device_pages, pools.host_pages, pools.page_bytes
     out = {"workload": load.summary(), "working_set_pages": working_pages,
            "device_pages": device, "host_pages": host, "setups": {}}
     outputs = {}
@@ -231,8 +226,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
-    model = load_model(args.model, args.dtype)
-    vocab = min(model.config.vocab_size, model.tokenizer.vocab_size)
+    model, vocab = model_and_vocab(args.model, args.dtype)
     result = {**environment(argv, __file__), "model": model.source, "page_size": PAGE_SIZE}
     if "ttft" in args.parts:
         result["ttft"] = ttft_part(model, args, vocab)

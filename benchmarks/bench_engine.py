@@ -12,15 +12,14 @@ adds `--new-tokens` random token ids (drawn around the ShareGPT mean of ~38) and
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 
 import numpy as np
 
-from common import environment, write_json
+from closed_loop import run_users
+from common import environment, model_and_vocab, write_json
 from pensieve_jax.engine.engine import Engine, EngineConfig
 from pensieve_jax.engine.sampling import SamplingParams
-from pensieve_jax.weights import load_model
 
 
 def phase_prefill(engine: Engine, n: int, length: int, vocab: int, seed: int) -> dict:
@@ -62,13 +61,7 @@ def phase_multiturn(engine: Engine, args, vocab: int, token_seed: int, tag: str)
         outputs[i] = outs
 
     before = engine.stats()
-    start = time.perf_counter()
-    threads = [threading.Thread(target=user, args=(i,)) for i in range(args.conversations)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    dt = time.perf_counter() - start
+    dt = run_users(user, args.conversations)
     after = engine.stats()
     delta = {k: after[k] - before[k] for k in ("cached_tokens", "prefilled_tokens",
                                                 "recomputed_tokens", "completion_tokens", "steps",
@@ -94,8 +87,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
-    model = load_model(args.model, args.dtype)
-    vocab = min(model.config.vocab_size, model.tokenizer.vocab_size)
+    model, vocab = model_and_vocab(args.model, args.dtype)
     result = {**environment(argv, __file__), "model": model.source, "dtype": args.dtype,
               "workload": {k: getattr(args, k) for k in ("conversations", "turns", "new_tokens",
                                                          "max_tokens")}}

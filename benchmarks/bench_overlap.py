@@ -37,11 +37,11 @@ import argparse
 import dataclasses
 import os
 import statistics
-import threading
 import time
 
 import numpy as np
 
+from closed_loop import run_users
 from common import environment, write_json
 from pensieve_jax.model.config import PRESETS
 from pensieve_jax.engine.engine import Engine, EngineConfig
@@ -90,13 +90,7 @@ def run_round(engine: Engine, w: dict, vocab: int, seed: int, tag: str) -> dict:
         outputs[i] = outs
 
     before = engine.call(lambda: dict(engine.loop, dispatch_s=engine.runner.dispatch_s))
-    start = time.perf_counter()
-    threads = [threading.Thread(target=user, args=(i,)) for i in range(w["conversations"])]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    wall = run_users(user, w["conversations"])
     after = engine.call(lambda: dict(engine.loop, dispatch_s=engine.runner.dispatch_s))
     for i in range(w["conversations"]):
         engine.end_conversation(f"{tag}-{i}")

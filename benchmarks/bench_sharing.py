@@ -22,10 +22,10 @@ import time
 import numpy as np
 
 import workload as wl
-from common import environment, write_json
+from closed_loop import run_users, usage_totals
+from common import environment, model_and_vocab, write_json
 from pensieve_jax.engine.engine import Engine, EngineConfig
 from pensieve_jax.engine.sampling import SamplingParams
-from pensieve_jax.weights import load_model
 
 SETUPS = {   # name: (cache_policy, prefix_sharing)
     "stateless": ("stateless", False),
@@ -75,17 +75,10 @@ def replay(engine: Engine, convs, ids, starts, think, tag: str) -> dict:
 
     sampler = threading.Thread(target=sample_pages, daemon=True)
     sampler.start()
-    start = time.perf_counter()
-    threads = [threading.Thread(target=user, args=(i,)) for i in range(len(convs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    wall = run_users(user, len(convs))
     done.set()
-    total = {k: sum(getattr(u, k) for u in usages) for k in (
-        "prompt_tokens", "cached_tokens", "cached_shared_tokens", "prefilled_tokens",
-        "recomputed_tokens", "completion_tokens")}
+    total = usage_totals(usages, ("prompt_tokens", "cached_tokens", "cached_shared_tokens",
+                                  "prefilled_tokens", "recomputed_tokens", "completion_tokens"))
     return {"seconds": wall, "requests_per_s": len(usages) / wall,
             "output_tokens_per_s": total["completion_tokens"] / wall,
             "ttft_mean_s": float(np.mean(ttft)), "ttft_p50_s": float(np.median(ttft)),
@@ -113,8 +106,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
-    model = load_model(args.model, args.dtype)
-    vocab = min(model.config.vocab_size, model.tokenizer.vocab_size)
+    model, vocab = model_and_vocab(args.model, args.dtype)
     convs, ids, starts, think = conversations(args, vocab, seed=1, token_seed=1)
     warm_ids = conversations(args, vocab, seed=1, token_seed=2)[1]
     max_len = max(c.context_len() for c in convs) + 8

@@ -13,15 +13,15 @@ turn / its output tokens.
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 
 import numpy as np
 
-from common import environment, write_json
+from closed_loop import run_users, usage_totals
+from common import environment, model_and_vocab, write_json
 from pensieve_jax.engine.engine import Engine, EngineConfig
 from pensieve_jax.engine.sampling import SamplingParams
-from pensieve_jax.weights import load_model
+from tier_pools import tier_pools
 
 SETUPS = {   # name: (cache_policy, host tier?, eviction policy, swap_in)
     "stateless": ("stateless", False, "lru", "next_step"),
@@ -61,16 +61,8 @@ def replay(engine: Engine, args, turns, think, tag: str) -> dict:
             time.sleep(think[i][k])
         outputs[i] = outs
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=user, args=(i,)) for i in range(len(turns))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    total = {k: sum(getattr(u, k) for u in usages) for k in (
-        "prompt_tokens", "cached_tokens", "cached_host_tokens", "prefilled_tokens",
-        "recomputed_tokens", "completion_tokens")}
+    wall = run_users(user, len(turns))
+    total = usage_totals(usages)
     return {"seconds": wall, "requests_per_s": len(usages) / wall,
             "output_tokens_per_s": total["completion_tokens"] / wall,
             "norm_latency_mean": float(np.mean(lat)), "norm_latency_p50": float(np.median(lat)),
@@ -99,17 +91,14 @@ def main(argv=None) -> None:
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
-    model = load_model(args.model, args.dtype)
-    vocab = min(model.config.vocab_size, model.tokenizer.vocab_size)
+    model, vocab = model_and_vocab(args.model, args.dtype)
     page_size = 16
     per_conv = (args.new_tokens + args.max_tokens) * args.turns
     need_pages = args.conversations * -(-per_conv // page_size)
     max_len = per_conv + 4 * args.new_tokens
-    num_pages = max(int(args.device_fraction * need_pages), 2 * -(-max_len // page_size))
-    c = model.config
-    page_bytes = 2 * c.num_layers * page_size * c.num_kv_heads * c.head_dim * \
-        np.dtype(args.dtype).itemsize
-    host_bytes = int(args.host_fraction * need_pages * page_bytes)
+    pools = tier_pools(model, args.dtype, page_size, need_pages, args.device_fraction,
+                       args.host_fraction, min_device_pages=2 * -(-max_len // page_size))
+    num_pages, host_bytes = pools.device_pages, pools.host_bytes
     turns, think = workload(args, vocab, seed=1)
     result = {**environment(argv, __file__), "model": model.source, "device_pages": num_pages,
               "pages_needed": need_pages, "host_bytes": host_bytes, "setups": {}}

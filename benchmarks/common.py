@@ -1,6 +1,7 @@
-"""What the benchmark scripts share: the environment header of a results JSON, writing it, a
-median timer and an optional progress bar.
+"""What the benchmark scripts share: the model and the token range of its random prompts, the
+environment header of a results JSON, writing it, a median timer and an optional progress bar.
 
+    model, vocab = model_and_vocab(args.model, args.dtype)
     result = {**environment(argv, __file__), "model": model.source, "rows": rows}
     write_json(args.out, result)
 
@@ -90,6 +91,14 @@ def environment(argv: Sequence[str] | None = None, script: str | None = None) ->
     return {"command": command_line(argv, script), "backend": jax.default_backend(),
             "device": str(devices[0].device_kind), "num_devices": len(devices),
             "jax": jax.__version__, "git_commit": git_commit(), **machine()}
+
+
+def model_and_vocab(name: str, dtype: str):
+    """(the loaded model, how many token ids both it and its tokenizer take): the range the
+    benchmarks draw random prompts from."""
+    from pensieve_jax.weights import load_model
+    model = load_model(name, dtype)
+    return model, min(model.config.vocab_size, model.tokenizer.vocab_size)
 
 
 def _json_default(o):

@@ -31,43 +31,33 @@ from the seed, so two replays of one Workload (one per cache policy) see the sam
 [{"from": "human" | "gpt" | "system", "value": text}]}]`); turns keep their text and, with a
 tokenizer, their token lengths.
 
+Parts: workload_conversations.py (Turn, Conversation, summarize) and workload_sharegpt.py (the
+file format); this module re-exports them, so `import workload as wl` gives the whole API.
 This module needs only numpy (no jax), so a peer process without jax can import it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import numpy as np
+
+from workload_conversations import Conversation, Turn, cap_context, summarize
+from workload_sharegpt import (ASSISTANT_ROLES, USER_ROLES, load_sharegpt,
+                               parse_sharegpt_record, write_sharegpt)
+
+__all__ = ["ANSWER_SIGMA", "ASSISTANT_ROLES", "Conversation", "GENERATORS", "PROMPT_SIGMA",
+           "SHAREGPT", "Turn", "ULTRACHAT", "USER_ROLES", "Workload", "cap_context",
+           "load_sharegpt", "lognormal_lengths", "multi_round_qa", "parse_sharegpt_record",
+           "poisson_arrivals", "schedule", "sharegpt", "summarize", "synthetic", "think_times",
+           "token_ids_for", "turn_counts", "ultrachat", "write_sharegpt"]
 
 SHAREGPT = {"turns": 5.56, "prompt": 37.77, "answer": 204.58}
 ULTRACHAT = {"turns": 3.86, "prompt": 51.78, "answer": 257.81}
 PROMPT_SIGMA = 0.8      # log-normal shape of user prompts (heavy-tailed)
 ANSWER_SIGMA = 0.6      # ... and of answers
-
-
-@dataclasses.dataclass(frozen=True)
-class Turn:
-    prompt_len: int                 # new user tokens this turn (token-level replay)
-    answer_len: int                 # tokens to generate (max_tokens; ignore_eos in token mode)
-    text: str | None = None         # the user's message (text mode)
-    answer: str | None = None       # the dataset's answer (text mode; informative only)
-
-
-@dataclasses.dataclass(frozen=True)
-class Conversation:
-    id: str
-    turns: tuple[Turn, ...]
-    system_len: int = 0             # system prompt tokens before the first turn
-    system: str | None = None       # its text (text mode)
-    system_key: str | None = None   # conversations with the same key share the system prompt
-
-    def context_len(self) -> int:
-        return self.system_len + sum(t.prompt_len + t.answer_len for t in self.turns)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,22 +85,6 @@ class Workload:
                 **summarize(self.conversations)}
 
 
-def summarize(conversations: Sequence[Conversation]) -> dict[str, Any]:
-    turns = [t for c in conversations for t in c.turns]
-    if not turns:
-        return {"conversations": len(conversations), "turns": 0}
-    ctx = [c.context_len() for c in conversations]
-    return {
-        "conversations": len(conversations), "turns": len(turns),
-        "mean_turns": len(turns) / len(conversations),
-        "mean_prompt_tokens": float(np.mean([t.prompt_len for t in turns])),
-        "mean_answer_tokens": float(np.mean([t.answer_len for t in turns])),
-        "mean_system_tokens": float(np.mean([c.system_len for c in conversations])),
-        "mean_context_tokens": float(np.mean(ctx)), "max_context_tokens": int(max(ctx)),
-        "max_turns": max(len(c.turns) for c in conversations),
-    }
-
-
 # -- distributions --------------------------------------------------------------------------
 
 def lognormal_lengths(rng: np.random.Generator, mean: float, sigma: float, size) -> np.ndarray:
@@ -130,18 +104,6 @@ def turn_counts(rng: np.random.Generator, mean: float, size, max_turns: int | No
     return np.minimum(n, max_turns) if max_turns else n
 
 
-def _cap_context(turns: list[Turn], system_len: int, max_context: int | None) -> list[Turn]:
-    if not max_context:
-        return turns
-    total, kept = system_len, []
-    for t in turns:
-        total += t.prompt_len + t.answer_len
-        if total > max_context:
-            break
-        kept.append(t)
-    return kept
-
-
 def synthetic(num_conversations: int, *, turns: float, prompt: float, answer: float,
               seed: int = 0, scale: float = 1.0, prompt_sigma: float = PROMPT_SIGMA,
               answer_sigma: float = ANSWER_SIGMA, max_turns: int | None = None,
@@ -158,7 +120,7 @@ def synthetic(num_conversations: int, *, turns: float, prompt: float, answer: fl
         n = int(turn_counts(rng, turns, 1, max_turns)[0])
         p = lognormal_lengths(rng, prompt * scale, prompt_sigma, n)
         a = lognormal_lengths(rng, answer * scale, answer_sigma, n)
-        ts = _cap_context([Turn(int(x), int(y)) for x, y in zip(p, a)], system_len, max_context)
+        ts = cap_context([Turn(int(x), int(y)) for x, y in zip(p, a)], system_len, max_context)
         if ts:
             out.append(Conversation(f"{name}-{seed}-{len(out)}", tuple(ts), system_len))
     return out
@@ -227,93 +189,6 @@ def schedule(conversations: Iterable[Conversation], rate: float = math.inf,
     name = name or (convs[0].id.split("-")[0] if convs else "empty")
     return Workload(name, convs, tuple(float(a) for a in arrivals), thinks, float(rate),
                     float(think_time_s), seed)
-
-
-# -- ShareGPT-format files ------------------------------------------------------------------
-
-USER_ROLES = {"human", "user"}
-ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bard", "bing", "model"}
-
-
-def _read_records(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        return json.loads(text)
-    if stripped.startswith("{") and "\n" not in stripped.strip():
-        return [json.loads(text)]
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def parse_sharegpt_record(record: dict) -> tuple[str | None, list[tuple[str, str | None]]]:
-    """(system text, [(user text, assistant text or None), ...]) of one ShareGPT record.
-    Leading assistant messages are dropped; consecutive messages of one role are joined."""
-    system, pairs = None, []
-    messages = record.get("conversations") or record.get("conversation") or []
-    merged: list[list[str]] = []          # [role, text]
-    for m in messages:
-        role = str(m.get("from", m.get("role", ""))).lower()
-        value = m.get("value", m.get("content"))
-        if not isinstance(value, str):
-            continue
-        if role == "system":
-            system = value if system is None else system + "\n" + value
-            continue
-        role = "user" if role in USER_ROLES else "assistant" if role in ASSISTANT_ROLES else None
-        if role is None:
-            continue
-        if merged and merged[-1][0] == role:
-            merged[-1][1] += "\n" + value
-        else:
-            merged.append([role, value])
-    while merged and merged[0][0] != "user":
-        merged.pop(0)
-    for i, (role, text) in enumerate(merged):
-        if role == "user":
-            nxt = merged[i + 1] if i + 1 < len(merged) else None
-            pairs.append((text, nxt[1] if nxt else None))
-    return system, pairs
-
-
-def load_sharegpt(path: str | Path, tokenizer=None, max_conversations: int | None = None,
-                  min_turns: int = 1, max_context: int | None = None,
-                  default_answer_len: int = 128, skip_empty: bool = True) -> list[Conversation]:
-    """Conversations from a ShareGPT-format JSON (a list) or JSONL file.
-
-    With a tokenizer (anything with `encode(text) -> ids`), prompt_len / answer_len are the
-    token counts of the texts (answer_len: of the dataset's answer, default_answer_len when a
-    conversation ends with a user turn); without one, ~4 characters per token."""
-    count: Callable[[str], int] = (lambda s: len(tokenizer.encode(s))) if tokenizer is not None \
-        else (lambda s: max(1, round(len(s) / 4)))
-    out = []
-    for k, rec in enumerate(_read_records(Path(path))):
-        system, pairs = parse_sharegpt_record(rec)
-        if skip_empty:
-            pairs = [(u, a) for u, a in pairs if u.strip()]
-        turns = [Turn(max(1, count(u)), max(1, count(a)) if a else default_answer_len, u, a)
-                 for u, a in pairs]
-        sys_len = count(system) if system else 0
-        turns = _cap_context(turns, sys_len, max_context)
-        if len(turns) < max(1, min_turns):
-            continue
-        cid = str(rec.get("id", f"sharegpt-file-{k}"))
-        out.append(Conversation(cid, tuple(turns), sys_len, system))
-        if max_conversations and len(out) >= max_conversations:
-            break
-    return out
-
-
-def write_sharegpt(conversations: Sequence[Conversation], path: str | Path) -> None:
-    """Write conversations that carry text as a ShareGPT-format JSON list."""
-    recs = []
-    for c in conversations:
-        msgs = [{"from": "system", "value": c.system}] if c.system else []
-        for t in c.turns:
-            msgs.append({"from": "human", "value": t.text or ""})
-            if t.answer is not None:
-                msgs.append({"from": "gpt", "value": t.answer})
-        recs.append({"id": c.id, "conversations": msgs})
-    Path(path).write_text(json.dumps(recs, indent=1), encoding="utf-8")
 
 
 # -- token ids for token-level replay ---------------------------------------------------------

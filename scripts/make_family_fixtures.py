@@ -53,49 +53,51 @@ BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attenti
             num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, hidden_act="silu",
             bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
+# What every family has unless its entry says otherwise: the model's config (on top of BASE), and
+# `expect`, what our loader must read from that config (written by hand, per family).
+CONFIG = dict(num_hidden_layers=2, tie_word_embeddings=False, max_position_embeddings=4096)
+EXPECT = dict(qkv_bias=False, o_bias=False, qk_norm=False, sliding_window=None,
+              tie_word_embeddings=False, rope_kind=None, rope_theta=10000.0)
+
+
+def family(cls: str, prompts: list[int], *, config: dict, expect: dict, new_tokens: int = 16,
+           legacy: bool = False, **more) -> dict:
+    """One family's entry: CONFIG and EXPECT with its overrides. legacy: its config.json in the
+    transformers 4 format; prompts: the prompt lengths; more: legacy_extra."""
+    return dict(cls=cls, legacy=legacy, config={**CONFIG, **config}, prompts=prompts,
+                new_tokens=new_tokens, expect={**EXPECT, **expect}, **more)
+
+
 FAMILIES = {
-    "qwen2": dict(
-        cls="Qwen2ForCausalLM", legacy=True,
-        config=dict(num_hidden_layers=2, tie_word_embeddings=True, max_position_embeddings=4096,
-                    rope_theta=1000000.0, use_sliding_window=False, max_window_layers=2),
+    "qwen2": family(
+        "Qwen2ForCausalLM", [12, 30], legacy=True,
+        config=dict(tie_word_embeddings=True, rope_theta=1000000.0, use_sliding_window=False,
+                    max_window_layers=2),
         legacy_extra={"sliding_window": 4096},       # present but off, as in Qwen2.5 configs
-        prompts=[12, 30], new_tokens=16,
-        expect=dict(qkv_bias=True, o_bias=False, qk_norm=False, sliding_window=None,
-                    tie_word_embeddings=True, rope_kind=None, rope_theta=1000000.0)),
-    "qwen3": dict(
-        cls="Qwen3ForCausalLM", legacy=True,
-        config=dict(num_hidden_layers=3, tie_word_embeddings=False, max_position_embeddings=4096,
-                    rope_theta=1000000.0,
+        expect=dict(qkv_bias=True, tie_word_embeddings=True, rope_theta=1000000.0)),
+    "qwen3": family(
+        "Qwen3ForCausalLM", [14, 5], legacy=True,
+        config=dict(num_hidden_layers=3, rope_theta=1000000.0,
                     rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                   "original_max_position_embeddings": 1024}),
-        prompts=[14, 5], new_tokens=16,
-        expect=dict(qkv_bias=False, o_bias=False, qk_norm=True, sliding_window=None,
-                    tie_word_embeddings=False, rope_kind="yarn", rope_theta=1000000.0)),
-    "mistral": dict(
-        cls="MistralForCausalLM", legacy=False,
-        config=dict(num_hidden_layers=3, tie_word_embeddings=False, max_position_embeddings=4096,
-                    sliding_window=16, rope_theta=10000.0),
-        prompts=[40, 9], new_tokens=24,
-        expect=dict(qkv_bias=False, o_bias=False, qk_norm=False, sliding_window=16,
-                    tie_word_embeddings=False, rope_kind=None, rope_theta=10000.0)),
-    "llama-yarn": dict(
-        cls="LlamaForCausalLM", legacy=False,
-        config=dict(num_hidden_layers=2, tie_word_embeddings=False, max_position_embeddings=64,
+        expect=dict(qk_norm=True, rope_kind="yarn", rope_theta=1000000.0)),
+    "mistral": family(
+        "MistralForCausalLM", [40, 9], new_tokens=24,
+        config=dict(num_hidden_layers=3, sliding_window=16, rope_theta=10000.0),
+        expect=dict(sliding_window=16)),
+    "llama-yarn": family(
+        "LlamaForCausalLM", [20, 6], new_tokens=20,
+        config=dict(max_position_embeddings=64,
                     rope_parameters={"rope_type": "yarn", "rope_theta": 50000.0, "factor": 4.0,
                                      "original_max_position_embeddings": 16,
                                      "beta_fast": 16.0}),
-        prompts=[20, 6], new_tokens=20,
-        expect=dict(qkv_bias=False, o_bias=False, qk_norm=False, sliding_window=None,
-                    tie_word_embeddings=False, rope_kind="yarn", rope_theta=50000.0)),
-    "llama-dynamic": dict(
-        cls="LlamaForCausalLM", legacy=False,
-        config=dict(num_hidden_layers=2, tie_word_embeddings=False, max_position_embeddings=32,
-                    attention_bias=True,
+        expect=dict(rope_kind="yarn", rope_theta=50000.0)),
+    "llama-dynamic": family(
+        "LlamaForCausalLM", [20, 7], new_tokens=24,
+        config=dict(max_position_embeddings=32, attention_bias=True,
                     rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
                                      "factor": 2.0}),
-        prompts=[20, 7], new_tokens=24,
-        expect=dict(qkv_bias=True, o_bias=True, qk_norm=False, sliding_window=None,
-                    tie_word_embeddings=False, rope_kind="dynamic", rope_theta=10000.0)),
+        expect=dict(qkv_bias=True, o_bias=True, rope_kind="dynamic")),
 }
 
 

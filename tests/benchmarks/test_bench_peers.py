@@ -6,6 +6,7 @@ import pytest
 
 import bench_peers
 from peers import llama_cpp_peer
+from peers.divergence import divergence_prefix, first_divergence
 from peers.f32_gguf import gguf_tensors, write_f32_gguf
 from pensieve_jax.weights import load_model
 from pensieve_jax.weights.gguf_file import unpermute_rope_rows
@@ -45,8 +46,8 @@ def test_f32_gguf_holds_our_weights_in_llama_cpp_layout(tmp_path):
 
 
 def test_first_divergence_names_turn_and_token():
-    assert bench_peers.first_divergence([[1, 2], [3, 4]], [[1, 2], [3, 4]]) is None
-    d = bench_peers.first_divergence([[1, 2], [3, 4, 5]], [[1, 2], [3, 9, 5]])
+    assert first_divergence([[1, 2], [3, 4]], [[1, 2], [3, 4]]) is None
+    d = first_divergence([[1, 2], [3, 4, 5]], [[1, 2], [3, 9, 5]])
     assert d["turn_index"] == 1 and d["token_index"] == 1
     assert d["pensieve"] == 4 and d["llama.cpp"] == 9
 
@@ -54,8 +55,8 @@ def test_first_divergence_names_turn_and_token():
 def test_divergence_prefix_is_the_conversation_so_far():
     prompts = [(0, [1, 2]), (0, [3]), (1, [7, 7]), (0, [4])]
     tokens = [[10, 11], [12], [70], [13, 14]]
-    assert bench_peers.divergence_prefix(prompts, tokens, 3, 1) == [1, 2, 10, 11, 3, 12, 4, 13]
-    assert bench_peers.divergence_prefix(prompts, tokens, 2, 0) == [7, 7]
+    assert divergence_prefix(prompts, tokens, 3, 1) == [1, 2, 10, 11, 3, 12, 4, 13]
+    assert divergence_prefix(prompts, tokens, 2, 0) == [7, 7]
 
 
 @pytest.mark.slow   # an engine start (compiles); `make test-all` runs it

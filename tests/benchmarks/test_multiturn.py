@@ -104,10 +104,12 @@ def test_replay_through_grpc(tiny_engine):
 
 
 def test_warm_up_covers_a_replay(tiny_engine):
-    # --precompile all: the engine's whole program set (token buckets 8 .. 64) before any pass
+    # --precompile all: the engine's whole program set (token buckets 1 8 16 32 48 64 on CPU)
+    # before any pass
     convs = wl.sharegpt(4, seed=9, scale=0.1, max_context=200)
     pre = warm_up(tiny_engine)
-    assert pre["ready"] and pre["programs"] == len(tiny_engine.runner.programs.shapes) == 5
+    assert tiny_engine.runner.programs.token_buckets == (1, 8, 16, 32, 48, 64)
+    assert pre["ready"] and pre["programs"] == len(tiny_engine.runner.programs.shapes) == 6
     assert pre["seconds"] >= 0 and pre["warm_up_s"] is not None
     assert warm_up(tiny_engine)["seconds"] < pre["warm_up_s"] + 1    # idempotent
     workload = wl.schedule(convs, rate=math.inf, think_time_s=0.0, seed=0)

@@ -1,6 +1,5 @@
 """The engine on random:tiny: cached turns equal recomputation, batching, preemption, bad input."""
 
-import threading
 import time
 
 import numpy as np
@@ -9,61 +8,12 @@ import pytest
 from pensieve_jax.engine.engine import Engine
 from pensieve_jax.engine.sampling import SamplingParams
 from pensieve_jax.weights import ModelLoadError
+from tests.engine.tiny_engine import (GREEDY, conversation_turns, engine_fixture,
+                                      greedy_by_recompute, make, random_turns, run_conversations,
+                                      settle, tokens)
 
-OPTS = dict(max_model_len=128, page_size=8, max_batched_tokens=16, max_num_seqs=8)
-GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
-
-
-def make(policy="stateful", **kw):
-    return Engine.from_pretrained("random:tiny", cache_policy=policy, **{**OPTS, "num_pages": 64,
-                                                                         **kw})
-
-
-@pytest.fixture(scope="module")
-def engine():
-    e = make()
-    yield e
-    e.shutdown()
-
-
-@pytest.fixture(scope="module")
-def stateless():
-    e = make("stateless")
-    yield e
-    e.shutdown()
-
-
-def greedy_by_recompute(engine, prompt, n):
-    """Reference: every token from a fresh full prefill of the whole sequence so far."""
-    seq, out = list(prompt), []
-    for _ in range(n):
-        token = engine.generate(seq, SamplingParams(max_tokens=1, ignore_eos=True))[0]
-        out.append(token)
-        seq.append(token)
-    return out
-
-
-def conversation_turns(engine, turns, conversation_id, params=GREEDY):
-    """Feed turns of new token ids into one conversation; returns outputs per turn."""
-    seq, outs = [], []
-    for new in turns:
-        seq = seq + list(new)
-        out = engine.submit(seq, params, conversation_id=conversation_id).result()
-        outs.append(out)
-        seq = seq + list(out.token_ids)
-    return outs
-
-
-def settle(engine):
-    """Wait until the engine has nothing in flight (a finished turn's cache flush included)."""
-    while (s := engine.stats())["running"] or s["waiting"]:
-        time.sleep(0.01)
-    return s
-
-
-def random_turns(seed, n_turns=3, lo=3, hi=20):
-    rng = np.random.default_rng(seed)
-    return [list(rng.integers(0, 256, rng.integers(lo, hi))) for _ in range(n_turns)]
+engine = engine_fixture()
+stateless = engine_fixture("stateless")
 
 
 def test_cached_decode_equals_recompute_from_scratch(engine, stateless):
@@ -76,19 +26,10 @@ def test_cached_decode_equals_recompute_from_scratch(engine, stateless):
 def test_multiturn_stateful_equals_stateless_while_others_run(engine, stateless):
     """Each conversation's outputs are identical with and without the cache, while other
     conversations share the batches; later turns hit the cache for the whole history."""
-    results = {}
-
-    def run(eng, name, i):
-        results[(name, i)] = conversation_turns(eng, random_turns(i), f"{name}-conv-{i}")
-
-    threads = [threading.Thread(target=run, args=(eng, name, i)) for i in range(5)
-               for eng, name in ((engine, "stateful"), (stateless, "stateless"))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for i in range(5):
-        full, base = results[("stateful", i)], results[("stateless", i)]
+    turns = {f"conv-{i}": random_turns(i) for i in range(5)}
+    cached, recomputed = run_conversations(engine, turns), run_conversations(stateless, turns)
+    for cid in turns:
+        full, base = cached[cid], recomputed[cid]
         assert [o.token_ids for o in full] == [o.token_ids for o in base]
         for k in range(1, 3):
             history = len(full[k - 1].prompt_token_ids) + len(full[k - 1].token_ids)
@@ -103,19 +44,10 @@ def test_pool_exhaustion_still_finishes_every_request_correctly(stateless):
     """14 pages of 8 tokens for 8 concurrent conversations: eviction and preemption happen,
     outputs stay identical to the uncontended stateless engine."""
     tight = make(num_pages=16, max_num_seqs=8)
-    want, got = {}, {}
-
-    def run(eng, store, i):
-        store[i] = [o.token_ids for o in conversation_turns(eng, random_turns(100 + i, 2, 20, 40),
-                                                             f"c{i}", SamplingParams(
-                                                                 max_tokens=12, ignore_eos=True))]
-    for eng, store in ((tight, got), (stateless, want)):
-        threads = [threading.Thread(target=run, args=(eng, store, i)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert got == want
+    turns = {f"c{i}": random_turns(100 + i, 2, 20, 40) for i in range(8)}
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    assert tokens(run_conversations(tight, turns, params)) == \
+        tokens(run_conversations(stateless, turns, params))
     stats = tight.stats()
     assert stats["preemptions"] > 0 or stats["device_dropped_pages"] > 0
     assert stats["running"] == stats["waiting"] == 0
@@ -240,26 +172,6 @@ def test_bad_engine_options():
         Engine.from_pretrained("random:tiny", num_pages=2, page_size=8, max_model_len=128)
     with pytest.raises(ModelLoadError, match="unknown model source 'no-such-model'"):
         Engine.from_pretrained("no-such-model")
-
-
-def test_cancel_frees_the_slot_and_keeps_delivered_tokens(engine, stateless):
-    prompt = list(range(30, 45))
-    handle = engine.submit(prompt, SamplingParams(max_tokens=60, ignore_eos=True),
-                           conversation_id="cancel-me")
-    got = []
-    for event in handle:
-        got.extend(event.token_ids)
-        if len(got) == 3:
-            handle.cancel()
-    out = handle.result()
-    assert out.finish_reason == "abort" and list(out.token_ids)[:3] == got[:3]
-    stats = settle(engine)
-    assert stats["running"] == 0
-    # the next turn continues from everything delivered, using what is cached
-    seq = prompt + list(out.token_ids) + [7, 8]
-    nxt = engine.submit(seq, GREEDY, conversation_id="cancel-me").result()
-    assert nxt.usage.cached_tokens >= len(prompt)
-    assert list(nxt.token_ids) == stateless.generate(seq, GREEDY)
 
 
 def test_queue_limit_and_conversation_ttl():

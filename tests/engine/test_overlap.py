@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +28,7 @@ from pensieve_jax.runner.page_programs import PAGE_CHUNK
 from pensieve_jax.runner.step_program import StepHandle, StepInput
 from pensieve_jax.engine.sampling import SamplingParams
 from pensieve_jax.weights import load_model
+from tests.engine.tiny_engine import in_threads, make, settle
 
 HASH = 1 << 24          # slot values stay exact in the float32 host tier
 LOW, HIGH = 97, 105     # sampled tokens are bytes 'a'..'h' (stop strings can match)
@@ -216,12 +216,6 @@ def run_workload(engine: Engine, seed: int, clients: int = 6, turns: int = 4) ->
     return tally
 
 
-def settle(engine: Engine) -> dict:
-    while (s := engine.stats())["running"] or s["waiting"]:
-        time.sleep(0.005)
-    return s
-
-
 CONFIGS = {
     "roomy": dict(),
     "tight": dict(num_pages=17, max_num_seqs=4),                  # preemption, eviction
@@ -300,12 +294,8 @@ def test_stateless_turns_release_after_their_last_row():
 
 # -- the real programs (random:tiny, float32) ------------------------------------------------
 
-OPTS = dict(max_model_len=128, page_size=8, max_batched_tokens=16, max_num_seqs=8)
-
-
 def tiny(overlap=True, policy="stateful", **kw) -> Engine:
-    return Engine.from_pretrained("random:tiny", cache_policy=policy, overlap=overlap,
-                                  **{**OPTS, "num_pages": 64, **kw})
+    return make(policy, overlap=overlap, **kw)
 
 
 def conversations(engine: Engine, n: int, seed: int, turns: int = 3, lo: int = 3, hi: int = 20,
@@ -325,11 +315,7 @@ def conversations(engine: Engine, n: int, seed: int, turns: int = 3, lo: int = 3
             seq = seq + list(out.token_ids)
         results[i] = outs
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(run, [(i,) for i in range(n)])
     return results
 
 
@@ -367,6 +353,9 @@ def test_overlap_on_equals_off_equals_stateless():
 
 
 def test_cancel_mid_generation_overlapped():
+    """A cancel while the overlapped loop runs ahead: the turn ends "abort" with exactly the
+    tokens delivered (the stateless engine's), frees its slot, and the next turn continues from
+    them with the cache."""
     engine, stateless = tiny(True), tiny(False, "stateless")
     try:
         prompt = list(range(30, 45))

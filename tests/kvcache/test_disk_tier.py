@@ -9,7 +9,7 @@ import pytest
 
 from pensieve_jax.engine.config import SWAP_IN_MODES, EngineConfig
 from pensieve_jax.engine.sampling import SamplingParams
-from tests.engine.test_engine import conversation_turns, make, random_turns, settle
+from tests.engine.tiny_engine import conversation_turns, make, random_turns, settle
 
 P = SamplingParams(max_tokens=8, ignore_eos=True)
 PAGE_BYTES = 2 * 2 * 8 * 2 * 16 * 4       # tiny: 2 layers, page 8, 2 kv heads, dim 16, float32

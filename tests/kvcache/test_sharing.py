@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pensieve_jax.engine.sampling import SamplingParams
-from tests.engine.test_engine import make, settle
+from tests.engine.tiny_engine import make, settle
 
 P = SamplingParams(max_tokens=6, ignore_eos=True)
 PAGE_BYTES = 2 * 2 * 8 * 2 * 16 * 4       # tiny: 2 layers, page 8, 2 kv heads, dim 16, float32

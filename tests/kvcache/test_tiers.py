@@ -1,8 +1,6 @@
 """The multi-tier cache: device pages, host pages and dropped prefixes, each path against the
 stateless baseline (greedy float32), with pools small enough to force every path."""
 
-import threading
-
 import pytest
 
 from pensieve_jax.kvcache.pages import PageAllocator
@@ -13,17 +11,11 @@ from pensieve_jax.kvcache.eviction import LRUPolicy, PensievePolicy, make_policy
 from pensieve_jax.engine.request import Request
 from pensieve_jax.engine.sampling import SamplingParams
 from pensieve_jax.engine.scheduler import Scheduler, SchedulerConfig
-from tests.engine.test_engine import conversation_turns, make, random_turns, settle
+from tests.engine.tiny_engine import (PAGE_BYTES, conversation_turns, engine_fixture, make,
+                                      random_turns, run_conversations, settle, tokens)
 
 P = SamplingParams(max_tokens=8, ignore_eos=True)
-PAGE_BYTES = 2 * 2 * 8 * 2 * 16 * 4       # tiny: 2 layers, page 8, 2 kv heads, dim 16, float32
-
-
-@pytest.fixture(scope="module")
-def stateless():
-    e = make("stateless")
-    yield e
-    e.shutdown()
+stateless = engine_fixture("stateless")
 
 
 def tier_of(engine, conversation_id):
@@ -95,19 +87,9 @@ def test_ten_times_oversubscribed_all_paths_in_one_batch(stateless, policy, host
     host tier overflows into recomputation, never an error."""
     eng = make(num_pages=24, host_cache_bytes=host_pages * PAGE_BYTES, eviction_policy=policy,
                max_num_seqs=6, swap_in=swap_in)
-    want, got = {}, {}
-
-    def run(engine, store, i):
-        store[i] = [o.token_ids for o in conversation_turns(
-            engine, random_turns(300 + i, 2, 20, 40), f"c{i}", P)]
-
-    for engine, store in ((eng, got), (stateless, want)):
-        threads = [threading.Thread(target=run, args=(engine, store, i)) for i in range(20)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert got == want
+    turns = {f"c{i}": random_turns(300 + i, 2, 20, 40) for i in range(20)}
+    assert tokens(run_conversations(eng, turns, P)) == \
+        tokens(run_conversations(stateless, turns, P))
     stats = settle(eng)
     assert stats["device_to_host_pages"] > 0 and stats["eviction_policy"] == policy
     if host_pages > 100:

@@ -3,12 +3,9 @@ the generated stubs (and `python -m serving chat`), against the in-process engin
 
 import json
 import os
-import pathlib
-import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import grpc
@@ -20,17 +17,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving.pensieve.v1 import pensieve_pb2 as pb
 from serving.pensieve.v1 import pensieve_pb2_grpc as pb_grpc
 
-from .conftest import ENGINE_OPTIONS, GREEDY, LONG, MODEL, collect, sampling, user
+from .conftest import GREEDY, LONG, MODEL, collect, sampling, user
+from .served import ROOT, Served
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 SYSTEM = "You are a test."
 TEXTS = ["hello there", "tell me more", "and finally?"]
-
-
-def server_command(*extra):
-    options = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE_OPTIONS.items()]
-    return [sys.executable, "-m", "serving", "serve", "--model", MODEL, "--port", "0",
-            *options, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -40,39 +31,6 @@ def env(tmp_path_factory):
     return {**os.environ, "PYTHONIOENCODING": "utf-8", "JAX_COMPILATION_CACHE_DIR": str(cache),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
-
-class Served:
-    def __init__(self, env, *extra):
-        self.proc = subprocess.Popen(server_command(*extra), cwd=ROOT, env=env, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.lines = []
-        self.metrics_port = None
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            if m := re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", line):
-                self.metrics_port = int(m.group(1))
-            if m := re.search(r"serving \S+ on (127\.0\.0\.1:\d+)", line):
-                self.target = m.group(1)
-                return
-        self.stop()
-        raise RuntimeError("the server did not start:\n" + "".join(self.lines))
-
-    def stop(self, signal_it=True, timeout=20):
-        """Wait for the exit (after a SIGTERM unless signal_it is False); the exit status."""
-        if signal_it and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.lines += self.proc.stdout.readlines()
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="module")

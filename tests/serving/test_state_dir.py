@@ -14,7 +14,8 @@ from serving.pensieve.v1 import pensieve_pb2 as pb
 from serving.pensieve.v1 import pensieve_pb2_grpc as pb_grpc
 
 from .conftest import GREEDY, LONG, collect, sampling, user
-from .test_serving_e2e import ROOT, SYSTEM, TEXTS, Served, env, server_command  # noqa: F401
+from .served import ROOT, Served, server_command
+from .test_serving_e2e import SYSTEM, TEXTS, env  # noqa: F401 (env: a fixture)
 
 pytestmark = pytest.mark.slow      # three server processes each
 

@@ -8,12 +8,8 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import os
-import pathlib
-import re
-import signal
-import subprocess
-import sys
 import threading
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -28,8 +24,8 @@ from serving.router import RouterServer
 from serving.server import BackgroundServer
 from .conftest import ENGINE_OPTIONS, GREEDY, MODEL, collect, engine_like, sampling, user, \
     wait_until
+from .served import Served
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 SERVICES = ("", "pensieve.v1.Pensieve")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -198,41 +194,22 @@ def test_the_cluster_is_ready_once_every_replica_is_serving(engine, monkeypatch)
 
 @pytest.mark.slow
 def test_pensieve_serve_opens_its_port_then_reaches_serving(tmp_path):
-    options = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE_OPTIONS.items()]
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", "PENSIEVE_JAX_CACHE": str(tmp_path)}
     env.pop("PENSIEVE_JAX_PRECOMPILE", None)
-    proc = subprocess.Popen([sys.executable, "-m", "serving", "serve", "--model", MODEL,
-                             "--port", "0", *options], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    lines: list[str] = []
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    served = Served(env, start_s=120)
+    lines = served.lines
     try:
-        served = wait_until(lambda: next((m.group(1) for line in list(lines) if (m := re.search(
-            r"pensieve: serving \S+ on (127\.0\.0\.1:\d+)", line))), None), timeout=120)
-        assert served, "".join(lines)
         # a turn sent at once is served (after the warm-up, if it is still running)
-        with grpc.insecure_channel(served) as channel:
+        with grpc.insecure_channel(served.target) as channel:
             *_, last, _ = collect(pb_grpc.PensieveStub(channel).Generate(pb.GenerateRequest(
                 token_ids=pb.TokenIds(ids=[1, 2, 3]), sampling=sampling(GREEDY)), timeout=300))
         assert last.finish_reason == "length"
-        assert wait_until(lambda: health(served) == dict.fromkeys(SERVICES, SERVING),
+        assert wait_until(lambda: health(served.target) == dict.fromkeys(SERVICES, SERVING),
                           timeout=120), "".join(lines)
         if LAZY:             # the engine warms up: the log says when, with compile seconds
-            assert wait_until(lambda: any(re.search(r"pensieve: warm after \d+\.\d s", line)
-                                          for line in list(lines)), timeout=30), "".join(lines)
+            assert served.announced(r"pensieve: (warm) after \d+\.\d s", timeout=30), \
+                "".join(lines)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        reader.join(10)
-    assert proc.returncode == 0, "".join(lines)
+        status = served.stop(timeout=60)
+    assert status == 0, "".join(lines)
     assert any("stopped" in line for line in lines), "".join(lines)

@@ -2,55 +2,31 @@
 client: the OpenAI API served next to gRPC from the same engine, with an API key."""
 
 import os
-import pathlib
-import re
-import signal
-import subprocess
-import sys
-import time
 
 import httpx2 as httpx
 import openai
 import pytest
 
-from ..conftest import ENGINE_OPTIONS, MODEL
+from ..served import Served
 from .conftest import unique
 
 pytestmark = pytest.mark.slow      # `.ci/run` runs it (make test stays under 10 min)
 
-ROOT = pathlib.Path(__file__).resolve().parents[3]
 NAME = "tiny-cli"
 KEY = "sk-test-key"
 
 
 @pytest.fixture(scope="module")
 def served():
-    options = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE_OPTIONS.items()]
-    command = [sys.executable, "-m", "serving", "serve", "--model", MODEL, "--port", "0",
-               "--http-port", "0", "--served-model-name", NAME, "--api-key", KEY, *options]
-    proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONIOENCODING": "utf-8"},
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    lines, url = [], None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and url is None:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if m := re.search(r"OpenAI API on (http://\S+/v1)", line):
-            url = m.group(1)
+    server = Served({**os.environ, "PYTHONIOENCODING": "utf-8"}, "--http-port", "0",
+                    "--served-model-name", NAME, "--api-key", KEY, start_s=120)
     try:
+        url = server.announced(r"OpenAI API on (http://\S+/v1)", timeout=30)
         if url is None:
-            raise RuntimeError("no OpenAI API announced:\n" + "".join(lines))
+            raise RuntimeError("no OpenAI API announced:\n" + "".join(server.lines))
         yield url
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop(timeout=30)
 
 
 def test_the_openai_api_of_a_served_process(served):
