@@ -79,11 +79,12 @@ class FakeRunner:
     def reset_kv(self) -> None:
         self.kv = (np.zeros(self.shape, np.float32), np.zeros(self.shape, np.float32))
 
-    def stats(self) -> dict[str, Any]:
-        return {"count": len(self.programs.shapes), "shapes": [], "page_chunk": PAGE_CHUNK,
-                "compiled": len(self.programs.shapes) if self.compiled else 0, "compile_s": 0.0,
-                "ready": self.ready, "compilations_after_ready": 0, "compiled_after_ready": [],
-                "real_tokens": 0, "padded_tokens": 0}
+    def report_stats(self) -> dict[str, dict[str, Any]]:
+        return {"programs": {
+            "count": len(self.programs.shapes), "shapes": [], "page_chunk": PAGE_CHUNK,
+            "compiled": len(self.programs.shapes) if self.compiled else 0, "compile_s": 0.0,
+            "ready": self.ready, "step_programs_after_ready": 0, "real_tokens": 0,
+            "padded_tokens": 0}}
 
     def step(self, s: StepInput, incoming: HostPages | None = None) -> np.ndarray:
         return self.fetch(self.dispatch(s, incoming))

@@ -239,3 +239,7 @@ class Turns:
         for req in self.scheduler.abort_all():
             if not req.finished:
                 self.deliver(req, error)
+
+    def report_stats(self) -> dict[str, int]:
+        """A Reporter (model/reporting.py): the counters (COUNTERS), as top-level entries."""
+        return dict(self.counts)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from pensieve_jax.kvcache import disk_restart
 from pensieve_jax.kvcache.disk_cache import DiskCache
@@ -222,11 +222,14 @@ class ConversationStore:
                 disk += len(c.disk_pages)
         return {"device": len(device) * ps, "host": len(host) * ps, "disk": disk * ps}
 
-    def cached_tokens(self) -> int:
-        """Computed tokens of idle conversations (shared ones counted per holder)."""
-        return sum(c.num_computed for c in self.conversations.values() if not c.busy)
-
-    def sharing_stats(self) -> dict[str, int]:
-        """Device pages held by more than one conversation, and the prefix index's size."""
-        return {"shared_pages": self.ledger.shared_device_pages(),
-                **(self.index.stats() if self.index is not None else {})}
+    def report_stats(self) -> dict[str, Any]:
+        """A Reporter (model/reporting.py): conversations, `counts`, cached_tokens_resident
+        (computed tokens of idle conversations, shared ones per holder), resident_tokens,
+        sharing (device pages held by several conversations, the index's size), eviction_policy."""
+        index = self.index.stats() if self.index is not None else {}
+        return {"conversations": len(self.conversations), **self.counts,
+                "cached_tokens_resident": sum(c.num_computed for c in
+                                              self.conversations.values() if not c.busy),
+                "resident_tokens": self.resident_tokens(), "eviction_policy": self.policy.name,
+                "sharing": {"shared_pages": self.ledger.shared_device_pages(), **index,
+                            "enabled": self.index is not None}}

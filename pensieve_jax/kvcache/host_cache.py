@@ -19,7 +19,7 @@ from pensieve_jax.runner.model_runner import pages_to_host
 class HostCache:
     def __init__(self, num_pages: int, page_shape: tuple[int, ...], dtype):
         """page_shape: (layers, page_size, kv_heads, head_dim); pools are [layers, pages, ...]."""
-        self.allocator = PageAllocator(max(num_pages, 1))
+        self.allocator = PageAllocator(max(num_pages, 1), "host")
         self.enabled = num_pages > 0
         layers, *rest = page_shape
         shape = (layers, max(num_pages, 1), *rest)
@@ -65,3 +65,10 @@ class HostCache:
         self.stats["in_pages"] += len(host_ids)
         self.stats["in_bytes"] += len(host_ids) * self.page_bytes
         return self.k[:, ids], self.v[:, ids]
+
+    def report_stats(self) -> dict[str, dict[str, dict[str, int]]]:
+        """pages: {"host": used, free, total} (all 0 without a host tier); a Reporter
+        (model/reporting.py). The copies' counters (`stats`) are the swapper's to report."""
+        if not self.enabled:
+            return {"pages": {"host": {"used": 0, "free": 0, "total": 0}}}
+        return self.allocator.report_stats()

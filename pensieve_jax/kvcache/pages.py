@@ -1,4 +1,5 @@
-"""Host-side page allocator for the device KV pools: a free list with reference counts."""
+"""Host-side page allocator for a KV page pool (the device's, or the host tier's): a free list
+with reference counts."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ class OutOfPages(RuntimeError):
 
 
 class PageAllocator:
-    """Hands out page ids [0, num_pages). A page returns to the free list when its count hits 0."""
+    """Hands out page ids [0, num_pages). A page returns to the free list when its count hits 0.
+    tier: the pool's name in Engine.stats()["pages"] ("device", "host")."""
 
-    def __init__(self, num_pages: int):
+    def __init__(self, num_pages: int, tier: str = "device"):
         if num_pages < 1:
             raise ValueError(f"num_pages must be >= 1, got {num_pages}")
-        self.num_pages = num_pages
+        self.num_pages, self.tier = num_pages, tier
         self._free = list(range(num_pages - 1, -1, -1))
         self._refs = [0] * num_pages
 
@@ -48,3 +50,9 @@ class PageAllocator:
             self._refs[p] -= 1
             if self._refs[p] == 0:
                 self._free.append(p)
+
+    def report_stats(self) -> dict[str, dict[str, dict[str, int]]]:
+        """pages: {tier: pages used, free, total} (a Reporter, model/reporting.py)."""
+        used = self.num_pages - len(self._free)
+        return {"pages": {self.tier: {"used": used, "free": len(self._free),
+                                      "total": self.num_pages}}}

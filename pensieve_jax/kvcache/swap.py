@@ -136,10 +136,11 @@ class Swapper:
         if self.disk_writes is not None:
             self.disk_writes.drop()
 
-    def stats(self) -> dict:
-        return dict(self.host.stats, **self.rates.stats(),
-                    in_step_load_error=self.runner.in_step_load_error)
-
-    def disk_stats(self) -> dict:
-        """The disk tier's counters and bytes (DiskCache.report); {"enabled": False} if none."""
-        return self.disk.report() if self.disk is not None else {"enabled": False}
+    def report_stats(self) -> dict[str, dict]:
+        """A Reporter (model/reporting.py): swap, the host tier's copies (HostCache.stats),
+        the transfer rates (TransferCosts.stats) and why steps cannot load host pages inside
+        (None: they can); disk, the disk tier's counters and bytes (DiskCache.report;
+        {"enabled": False} without one)."""
+        return {"swap": dict(self.host.stats, **self.rates.stats(),
+                             in_step_load_error=self.runner.in_step_load_error),
+                "disk": self.disk.report() if self.disk is not None else {"enabled": False}}

@@ -82,8 +82,13 @@ class AttentionChoice:
     fallback: bool = False          # the check failed and the engine fell back to "xla"
 
     def as_dict(self) -> dict[str, Any]:
-        """For stats(): plain values only."""
+        """Plain values only."""
         return dataclasses.asdict(self)
+
+    def report_stats(self) -> dict[str, Any]:
+        """A Reporter (model/reporting.py): attention, the backend in use; attention_check,
+        how it was chosen (as_dict: its GPU self-check, a fallback to "xla")."""
+        return {"attention": self.attention, "attention_check": self.as_dict()}
 
 
 # -- resolution --------------------------------------------------------------------------------

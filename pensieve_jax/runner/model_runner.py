@@ -235,15 +235,15 @@ class ModelRunner:
         ids[:len(incoming.page_ids)] = incoming.page_ids
         return Incoming(k, v, self.pools.replicate(ids))
 
-    def stats(self) -> dict[str, Any]:
-        """The program set and what compiling and padding cost."""
-        late = self.compilations_after_ready
-        return {"count": len(self.programs.shapes),
-                "shapes": [dataclasses.asdict(x) for x in self.programs.shapes],
-                "page_chunk": PAGE_CHUNK, "compiled": len(self.compiler.compiled),
-                "compile_s": round(self.compiler.compile_s, 3), "ready": self.ready,
-                "compilations_after_ready": len(late), "compiled_after_ready": late[-8:],
-                "real_tokens": self.real_tokens, "padded_tokens": self.padded_tokens}
+    def report_stats(self) -> dict[str, dict[str, Any]]:
+        """programs: the program set and what compiling and padding cost (runner/seam.py)."""
+        return {"programs": {
+            "count": len(self.programs.shapes),
+            "shapes": [dataclasses.asdict(x) for x in self.programs.shapes],
+            "page_chunk": PAGE_CHUNK, "compiled": len(self.compiler.compiled),
+            "compile_s": round(self.compiler.compile_s, 3), "ready": self.ready,
+            "step_programs_after_ready": len(self.compilations_after_ready),
+            "real_tokens": self.real_tokens, "padded_tokens": self.padded_tokens}}
 
 
 __all__ = ["HostPages", "ModelRunner", "StepHandle", "StepInput", "pages_to_host"]

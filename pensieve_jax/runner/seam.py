@@ -62,5 +62,7 @@ class Runner(Protocol):
 
     def scatter_staged(self, staged: list[tuple[Any, Any]], page_ids: list[int]) -> None: ...
 
-    def stats(self) -> dict[str, Any]:
-        """Program set, compiles, padding (count, shapes, compiled, ready, ...)."""
+    def report_stats(self) -> dict[str, dict[str, Any]]:
+        """A Reporter (model/reporting.py): programs, the step program set (count, shapes,
+        page_chunk), compiles (compiled, compile_s, ready, step_programs_after_ready) and
+        padding (real_tokens, padded_tokens)."""

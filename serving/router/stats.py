@@ -81,5 +81,14 @@ class RouterStats:
         c.predicted_tokens += predicted
         c.completion_tokens += usage.completion_tokens
 
+    def report_stats(self) -> dict[str, Any]:
+        """A Reporter (pensieve_jax/model/reporting.py): the counters no one part owns, as
+        router_stats() gives them: events, reasons, kv_moves, by_policy. The others are
+        reported by the part that counts them (forgotten: the conversation directory;
+        reports: the cache view; prefills, to_decode, to_prefill: the disaggregator)."""
+        return {"events": dict(self.events), "reasons": dict(self.reasons),
+                "kv_moves": self.moves.as_dict(),
+                "by_policy": {p: c.as_dict() for p, c in self.counters.items()}}
+
 
 __all__ = ["Counters", "MoveCounters", "RouterStats"]
