@@ -173,12 +173,9 @@ class RouterService(pb_grpc.PensieveServicer):
 
     def router_stats(self) -> dict[str, Any]:
         """The router's own statistics (GetStats' stats_json "router")."""
-        s = self.stats
         return {
-            "policy": self.policy, "events": dict(s.events), "reasons": dict(s.reasons),
-            **self.mover.describe(), "kv_moves": s.moves.as_dict(),
+            "policy": self.policy, **self.stats.report_stats(), **self.mover.describe(),
             "disaggregation": self.disagg.describe(),
-            "by_policy": {p: c.as_dict() for p, c in s.counters.items()},
             "conversations": len(self.conversations),
             "conversation_table": self.directory.describe(),
             **self.cache.describe(),
