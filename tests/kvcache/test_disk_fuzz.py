@@ -113,8 +113,10 @@ def run_fuzz(seed: int, directory: str) -> dict:
                 assert list(out.token_ids) == reference(c["seq"], params.max_tokens, VOCAB), (
                     seed, c["id"])
                 c["seq"] += list(out.token_ids)
-            if rng.random() < 0.5:
-                engine.call(lambda: damage_a_file(engine, rng))
+            if rng.random() < 0.5:    # (page files still being written are waited for:
+                # under load none may be written yet, and the fuzz would damage nothing)
+                engine.call(lambda: (engine.swapper.disk.poll(wait=True),
+                                     damage_a_file(engine, rng)))
         stats = engine.stats()
         for cid in engine.call(lambda: list(engine.store.conversations)):
             engine.end_conversation(cid)
