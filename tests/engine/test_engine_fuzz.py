@@ -48,7 +48,8 @@ def random_config(rng: random.Random) -> EngineConfig:
 
 def check_pages(engine: Engine) -> None:
     """(engine thread, at each dispatch) Reference counts equal holders; holders of a page
-    share a salt; busy iff a turn is admitted; running turns are restored."""
+    share a salt; busy iff a turn is admitted; KV computed for a prefix of the tokens; running
+    turns are restored."""
     store, scheduler = engine.store, engine.scheduler
     convs = store.conversations
     device = {p: [] for p in range(engine.allocator.num_pages)}
@@ -72,6 +73,9 @@ def check_pages(engine: Engine) -> None:
                 if r.conversation is not None}
     for conv in convs.values():
         assert conv.busy == (id(conv) in admitted), f"{conv.id}: busy={conv.busy}"
+        # KV computed for a prefix of the tokens (a cancelled turn's may end short of them);
+        # only a busy conversation flushes
+        assert conv.num_computed <= len(conv.token_ids) and (conv.busy or not conv.flushing)
     assert all(r.conversation is not None and r.restored for r in scheduler.running)
 
 
