@@ -203,7 +203,7 @@ class Engine(SessionMethods):
         return self.call(lambda: self.store.end(conversation_id))
 
     def stats(self) -> dict[str, Any]:
-        return self.call(lambda: engine_stats(self.parts, self.config, self.counts, self.steps,
+        return self.call(lambda: engine_stats(self.parts, self.config, self.steps,
                                               self._compiles, self.warm_up_s))
 
     # -- KV between engines (kvcache/transfer.py), the cache's contents (kvcache/report.py) ---

@@ -59,11 +59,10 @@ def derived(stats: dict[str, Any]) -> dict[str, Any]:
                 programs["padded_tokens"] / max(1, programs["real_tokens"]), 4)}}
 
 
-def engine_stats(parts: Parts, config: EngineConfig, counts: dict[str, int], loop: StepLoop,
-                 watch: CompileWatch, warm_up_s: float | None) -> dict[str, Any]:
-    """Called on the engine thread. counts: the turns' counters, which they report themselves
-    (loop.turns); not read here. Raises ValueError if two parts report the same entry."""
-    del counts
+def engine_stats(parts: Parts, config: EngineConfig, loop: StepLoop, watch: CompileWatch,
+                 warm_up_s: float | None) -> dict[str, Any]:
+    """Called on the engine thread (the turns' counters come from loop.turns' report). Raises
+    ValueError if two parts report the same entry."""
     own = {"programs": {"warm_up_s": warm_up_s,
                         # every compile on the engine thread after ready (step programs too)
                         "compilations_after_ready": watch.count,
