@@ -31,11 +31,7 @@ LAYERS = (
 
 # -- what does not follow the rules, and why --------------------------------------------------
 LONG_MODULES: set[str] = set()
-LONG_BENCHMARK_MODULES: set[str] = {
-    # being reworked for the time-to-first-token measurements in another change (issue 19
-    # split every other script)
-    "benchmarks.bench_programs",
-}
+LONG_BENCHMARK_MODULES: set[str] = set()
 LONG_CLASSES: set[str] = set()
 CYCLES: set[frozenset[str]] = set()
 UPWARD_IMPORTS: set[tuple[str, str]] = {
