@@ -47,6 +47,7 @@ def reference():
     eng.shutdown()
 
 
+@pytest.mark.slow    # ~20 s: two engines and a disk round trip (.ci/run runs it)
 def test_a_named_session_continues_in_a_later_engine_on_its_kv_from_disk(tmp_path, reference):
     first = kept_engine(tmp_path)
     s = first.session(system="be brief", conversation_id="alice")
