@@ -58,9 +58,10 @@ from common import environment, write_json
 # the parts: peers/ (peers/__init__.py lists them)
 from peers import LLAMA, PENSIEVE, llama_cpp_peer
 from peers.divergence import divergence_prefix, near_tie
-from peers.machine import Load, memory_bandwidth
-from peers.summary import add_quietest, print_table, summarize
-from peers.systems import build_llama, build_pensieve, weights_bytes
+from peers.machine import Load, matmul_peak, memory_bandwidth
+from peers.summary import (add_quietest, prefill_floor, print_prefill_floor, print_table,
+                           summarize)
+from peers.systems import build_llama, build_pensieve, prefill_flops, weights_bytes
 from peers.workloads import Workloads
 
 
@@ -104,6 +105,7 @@ def measure_bandwidth(args) -> dict:
     with Load() as load:
         out = memory_bandwidth(args.bandwidth_mib or (64 if args.smoke else 1024),
                                repeats=3 if args.smoke else 5)
+        out["matmul_peak"] = matmul_peak(256 if args.smoke else 2048)
     out["load"] = load.record
     return out
 
@@ -251,7 +253,12 @@ def main(argv=None) -> dict:
     result["memory_bandwidth_end"] = bw_end = measure_bandwidth(args)
     floor = decode_floor(summary, systems, max(bw["read_gbs"], bw_end["read_gbs"]),
                          weights_bytes(model))
+    tokens = works.describe()["prefill_512"]["prompt_tokens"]
+    compute = prefill_floor(summary, systems, max(bw["matmul_peak"]["gflops"],
+                                                  bw_end["matmul_peak"]["gflops"]),
+                            prefill_flops(model, tokens), tokens)
     result.update({"systems": systems, "summary": summary, "decode_floor": floor,
+                   "prefill_floor": compute,
                    "tokens_match": all(row.get("tokens_match", True) for row in summary.values())
                    if LLAMA in systems else None,
                    "measurements": measurements,
@@ -262,6 +269,8 @@ def main(argv=None) -> dict:
         result["llama_cpp_contention_warning"] = warning
         print("warning:", warning)
     print_table(summary, systems, bw, floor)
+    if "prefill_512" in summary:
+        print_prefill_floor(compute, systems)
     if LLAMA in systems:
         print("greedy tokens identical:", result["tokens_match"])
     if args.out:

@@ -108,3 +108,18 @@ def memory_bandwidth(mib: int = 1024, repeats: int = 5, threads: int | None = No
                       "array_split parts summed concurrently, NumPy releases the GIL); gemv: "
                       "the array as a [N, 1024] matrix times a vector (BLAS, its threads); "
                       "copy: np.copyto, read + written bytes. read_gbs: the best read figure"}
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> dict[str, Any]:
+    """Best-of-`repeats` GFLOP/s of NumPy's BLAS on an [n, n] x [n, n] float32 product (all
+    its threads): the machine's f32 compute ceiling that a prefill (matmuls of hundreds of rows)
+    runs against, as decode runs against the memory bandwidth."""
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    a @ a                                 # first touch, BLAS threads started
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - t)
+    return {"n": n, "repeats": repeats, "gflops": round(2 * n ** 3 / min(times) / 1e9, 1),
+            "method": "best of repeats of a float32 [n, n] @ [n, n] (NumPy's BLAS)"}

@@ -118,3 +118,30 @@ def print_table(summary: dict, systems: list[str], bandwidth: dict, floor: dict)
           f"tok/s; decode at batch 1: " + ", ".join(
               f"{s} {floor['decode_percent_of_floor'][s]:.0f}%" for s in systems
               if floor["decode_percent_of_floor"].get(s) is not None))
+
+
+def prefill_floor(summary: dict, systems: list[str], peak_gflops: float, flops: float,
+                  tokens: int) -> dict:
+    """prefill_512 as a percentage of the compute floor: the floating-point operations of a
+    prefill of `tokens` (systems.prefill_flops) at the machine's f32 matmul peak
+    (machine.matmul_peak)."""
+    floor_tok_s = tokens * peak_gflops * 1e9 / flops
+    prefill = summary.get("prefill_512", {})
+
+    def percent(value):
+        return 100 * value / floor_tok_s if value else None
+    return {"tokens": tokens, "flops": flops, "peak_gflops": peak_gflops,
+            "floor_tok_s": floor_tok_s,
+            "prefill_percent_of_floor": {s: percent(prefill.get(s, {}).get("median"))
+                                         for s in systems},
+            "note": "floor = the prompt's tokens at the better of the two f32 matmul peak "
+                    "measurements; a prefill's matmuls are smaller than the peak's (100% is "
+                    "not reachable)"}
+
+
+def print_prefill_floor(floor: dict, systems: list[str]) -> None:
+    print(f"f32 matmul peak {floor['peak_gflops']:.0f} GFLOP/s; a {floor['tokens']}-token "
+          f"prefill {floor['flops'] / 1e9:.1f} GFLOP; floor {floor['floor_tok_s']:.0f} tok/s; "
+          "prefill: "
+          + ", ".join(f"{s} {floor['prefill_percent_of_floor'][s]:.0f}%" for s in systems
+                      if floor["prefill_percent_of_floor"].get(s) is not None))

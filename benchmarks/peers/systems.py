@@ -65,6 +65,19 @@ def build_llama(args, model, source_gguf: str | None, workdir: str) -> tuple[Any
 
 
 
+def prefill_flops(model, tokens: int) -> float:
+    """Floating-point operations of one prefill of `tokens` tokens that returns one token's
+    logits: 2 per weight per token for the layers' matmuls, the causal attention's two
+    products (2 x 2 x tokens^2 / 2 x heads x head_dim per layer), one row of the output
+    projection."""
+    import jax
+    c = model.config
+    layers = model.params["params"]["layers"]
+    layer_weights = sum(x.size for x in jax.tree_util.tree_leaves(layers) if x.ndim == 3)
+    attention = 2 * tokens ** 2 * c.num_heads * c.head_dim * c.num_layers
+    return 2.0 * layer_weights * tokens + attention + 2.0 * c.vocab_size * c.hidden_size
+
+
 def weights_bytes(model) -> int:
     """Bytes of parameters a decode step reads once: every tensor (a tied embedding counted
     once, as the output projection; the embedding lookup reads one row)."""

@@ -72,6 +72,8 @@ def test_bench_peers_smoke(tmp_path):
     assert len(saved["summary"]["conversation_8"]["pensieve"]["ttft_by_turn_s"]) == 3
     assert saved["memory_bandwidth"]["read_gbs"] > 0
     assert saved["decode_floor"]["decode_percent_of_floor"]["pensieve"] > 0
+    assert saved["memory_bandwidth"]["matmul_peak"]["gflops"] > 0
+    assert 0 < saved["prefill_floor"]["prefill_percent_of_floor"]["pensieve"]
     assert saved["pensieve"]["compilations_after_ready"] == 0
     assert all(m["loadavg_before"] is not None for m in saved["measurements"])
     ok, _ = llama_cpp_peer.available()
