@@ -66,7 +66,7 @@ def bench_move(model, options: dict, lengths: list[int], reps: int, seed: int) -
             out = list(chat_a.Chat(pb.ChatRequest(messages=messages_to_proto(first),
                                                   sampling=params), timeout=600))
             cid = out[-1].conversation_id
-            ids = a.call(lambda: list(a.service.conversations[cid].session._ids))
+            ids = a.call(lambda: list(a.service.conversations[cid].session.token_ids))
             reply = engines[0].tokenizer.decode([t for m in out for t in m.token_ids])
             messages = first + [{"role": "assistant", "content": reply},
                                 {"role": "user", "content": "next"}]

@@ -6,18 +6,18 @@
         print(piece, end="")
     session.close()                               # frees the conversation's cache
 
-Each turn sends the conversation's exact token sequence so far (prompt and generated tokens of
-every earlier turn) plus the chat-template continuation for the new message, so the engine
-finds the whole history in its cache and prefills only the new turn.
+Each turn sends the conversation's exact token history (prompt and generated tokens of every
+earlier turn) plus the chat-template continuation for the new message, so the engine finds it
+in its cache and prefills only the new turn. That history is the engine's, the process's one
+copy (Engine.history: token_ids, rewind), kept while the Session is open.
 
 A session may start from an earlier history (`engine.session(history=[...])`, messages with a
 role and content), or continue from given token ids (`session.continue_from(ids)`); a turn may
-also be a list of messages ending with the user's.
-`stream_chunks` gives the text pieces together with their token ids, and `cancel()` (from any
-thread) stops the running turn. A turn that is stopped early or fails keeps what was read;
-`truncate_reply(n)` cuts it to what its caller was actually shown (a server's delivered
-chunks), `undo_turn()` forgets it. Messages that cannot fit max_model_len are refused before
-anything is tokenized (`check_size`).
+also be a list of messages ending with the user's. `stream_chunks` gives the text pieces
+together with their token ids, and `cancel()` (from any thread) stops the running turn. A turn
+that is stopped early or fails keeps what was read; `truncate_reply(n)` cuts it to what its
+caller was actually shown (a server's delivered chunks), `undo_turn()` forgets it. Messages
+that cannot fit max_model_len are refused before anything is tokenized (`check_size`).
 
 A session named by `conversation_id` on an engine with a state_dir is kept across restarts
 (engine/kept_sessions.py): its record is written before each turn's last chunk (or reply) is
@@ -27,6 +27,7 @@ returned, a later process's `engine.session(conversation_id=...)` continues it, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import secrets
 import threading
@@ -136,8 +137,7 @@ class Session(TurnMethods):
                              f"{brief(conversation_id)}")
         self.engine = engine
         self.cache_salt = cache_salt        # shares cached pages only with the same salt
-        # 128 random bits unless named
-        self.conversation_id = conversation_id or f"session-{secrets.token_hex(16)}"
+        self.conversation_id = conversation_id or f"session-{secrets.token_hex(16)}"  # 128 bits
         self.history: list[dict[str, str]] = []
         if system is not None:
             self.history.append({"role": "system", "content": system})
@@ -147,13 +147,11 @@ class Session(TurnMethods):
         # kept, so that the rendered text extends the conversation's token history exactly
         self._template_history = list(self.history)
         self.last_reply: Reply | None = None
-        self._ids: list[int] = []           # every token the conversation has seen
         self._closed = False
         self._lock = threading.Lock()       # one turn at a time
         self._turn: TurnStream | None = None
         self.turns = 0                      # turns recorded (undo_turn takes one back)
         self._undo: tuple | None = None     # the state before the last turn was recorded
-        self._reply_start = 0               # where the last turn's reply starts in _ids
         # named, on an engine with a state_dir: kept there (a kept one is continued)
         self.kept = getattr(engine, "kept", None) if conversation_id is not None else None
         if self.kept is not None:
@@ -161,8 +159,8 @@ class Session(TurnMethods):
 
     @property
     def token_ids(self) -> list[int]:
-        """Every token the conversation has seen (prompts and replies), exactly."""
-        return list(self._ids)
+        """The conversation's whole token history, exactly: the engine's ([] once closed)."""
+        return [] if self._closed else self.engine.history.token_ids(self.conversation_id)
 
     @property
     def template_history(self) -> list[dict[str, str]]:
@@ -173,35 +171,38 @@ class Session(TurnMethods):
                       earlier: Iterable[dict[str, str]] = ()) -> None:
         """Continue the conversation from exactly `token_ids`: its whole token history so far
         (prompts and replies of every earlier turn), e.g. as a router held it when it moved the
-        conversation to this engine. `earlier` messages (checked like `history`) first join the
-        history. The next turn's prompt extends these ids where the chat template's rendering
-        of the history starts with them. Call it between turns."""
+        conversation here. `earlier` messages (checked like `history`) first join the history.
+        The next turn's prompt extends these ids where the chat template's rendering of the
+        history starts with them. Between turns; undo_turn cannot go back past it."""
         earlier = check_messages(earlier)
         check_size(self.engine, earlier, "history")
-        self.history += earlier
-        self._template_history += earlier
-        self._ids = list(token_ids)
+        with self._lock:
+            self._rewind(token_ids)
+            self.history += earlier
+            self._template_history += earlier
+            self._undo = None
 
-    def _prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        # the conversation's exact ids, extended by the rendering of the new turn (message
-        # content as plain text: a user cannot forge control tokens); the whole rendering where
-        # the template rewrote the history
-        return self.engine.tokenizer.encode_chat(self._template_history + messages,
-                                                 prefix_ids=self._ids)
+    def _prompt_ids(self, messages: list[dict[str, str]]) -> tuple[list[int], tuple]:
+        """The engine's history extended by the new turn's rendering (content as plain text: a
+        user cannot forge control tokens), or the whole rendering where the template rewrote
+        the history; and how undo_turn rewinds: ((), its length), or if rewritten (ids, None)."""
+        before = self.engine.history.token_ids(self.conversation_id, hold=True)
+        prompt = self.engine.tokenizer.encode_chat(self._template_history + messages,
+                                                   prefix_ids=before)
+        return prompt, ((), len(before)) if prompt[:len(before)] == before else (before, None)
 
     def stream_chunks(self, text: str | Sequence[dict[str, str]],
                       params: SamplingParams | None = None) -> Iterator[Chunk]:
         """One turn as Chunks. text: the user's message, or the turn's messages ending with the
-        user's. The first chunk is empty and comes once the engine accepted the turn (errors
-        in the input or EngineOverloaded are raised before it). Closing the iterator early
-        cancels the turn; the conversation keeps the tokens read so far."""
+        user's. The first chunk is empty and comes once the engine accepted the turn (bad input
+        or EngineOverloaded raise before it). Closing it early cancels; what was read is kept."""
         if self._closed:
             raise SessionClosed(f"session {self.conversation_id} is closed")
         messages = turn_messages(text)
         check_size(self.engine, messages)
         params = params or SamplingParams()
         with self._lock:
-            prompt = self._prompt_ids(messages)
+            prompt, before = self._prompt_ids(messages)
             handle = self.engine.submit(prompt, params, conversation_id=self.conversation_id,
                                         cache_salt=self.cache_salt)
             turn = self._turn = TurnStream(self.engine, handle, params, prompt)
@@ -210,31 +211,38 @@ class Session(TurnMethods):
                 yield from turn
             except GeneratorExit:           # the caller stopped early: cancel, keep what ran
                 turn.stop()
-                self._record(messages, turn)
                 raise
             except Exception:               # the engine failed the turn: keep what was read
                 turn.abandon()
-                self._record(messages, turn)
                 raise
             finally:
                 self._turn = None
+                if turn.output is not None:
+                    self._record(messages, turn, before)
             last = turn.last_chunk()
-            self._record(messages, turn)
             if last.text or last.token_ids:
                 yield last
 
-    def _record(self, messages: list[dict[str, str]], turn: TurnStream) -> None:
+    def _record(self, messages: list[dict[str, str]], turn: TurnStream, before: tuple) -> None:
+        """The turn joins the history (in the engine's: a turn stopped or failed keeps what the
+        stream read; else the prompt and every token produced, a stop token's or string's too)."""
         reply = turn.reply()
-        self._undo = (len(self.history), len(self._template_history), self._ids, self.last_reply)
+        if reply.finish_reason == "abort":
+            with contextlib.suppress(EngineClosed):      # the history went with the engine
+                self._rewind(list(turn.output.prompt_token_ids) + turn.detok.ids)
+        self._undo = (len(self.history), len(self._template_history), before, self.last_reply)
         self.turns += 1
         self.history += messages + [{"role": "assistant", "content": reply.text}]
         raw = reply.text if turn.output.stop_text_index is not None else \
             self.engine.tokenizer.decode(reply.token_ids)
         self._template_history += messages + [{"role": "assistant", "content": raw}]
-        self._reply_start = len(turn.output.prompt_token_ids)
-        self._ids = list(turn.output.prompt_token_ids) + turn.detok.ids
         self.last_reply = reply
         self._keep()
+
+    def _rewind(self, token_ids: Sequence[int] = (), keep: int | None = None) -> None:
+        """The engine's history becomes token_ids (or its first keep), before the next turn."""
+        self.engine.history.rewind(self.conversation_id, token_ids, self.cache_salt, keep,
+                                        wait=False)
 
     def _keep(self) -> None:
         """A kept session's record: durable before the turn's last chunk goes out."""
@@ -243,9 +251,8 @@ class Session(TurnMethods):
 
     def truncate_reply(self, n_tokens: int, text: str | None = None) -> None:
         """Keep of the last turn's reply only what its caller was shown (a server, after a turn
-        cancelled, failed or past its deadline): its first n_tokens token ids, and `text` as
-        the reply's text (default: those ids' text). The next turn continues from exactly
-        these ids; the engine reuses only the part of its cache that matches. Between turns."""
+        cancelled, failed or past its deadline): its first n_tokens ids and `text` as its text
+        (default: those ids' text); the next turn continues from exactly these. Between turns."""
         reply = self.last_reply
         cut = n_tokens < len(reply.token_ids) if reply is not None else False
         if reply is None or not cut and text in (None, reply.text):
@@ -253,11 +260,11 @@ class Session(TurnMethods):
         tok = self.engine.tokenizer
         with self._lock:
             ids = reply.token_ids[:max(0, n_tokens)]
+            if cut:             # the engine's history: the turn's prompt, then these ids
+                self._rewind(keep=reply.usage.prompt_tokens + len(ids))
+                self._template_history[-1] = {"role": "assistant", "content": tok.decode(ids)}
             shown = tok.decode(ids, skip_special_tokens=True) if text is None else text
             self.history[-1] = {"role": "assistant", "content": shown}
-            if cut:
-                self._template_history[-1] = {"role": "assistant", "content": tok.decode(ids)}
-                self._ids = self._ids[:self._reply_start] + list(ids)
             self.last_reply = dataclasses.replace(
                 reply, text=shown, token_ids=ids,
                 finish_reason="abort" if cut else reply.finish_reason)
@@ -269,15 +276,16 @@ class Session(TurnMethods):
         with self._lock:
             if self._undo is None:
                 return
-            n_history, n_template, self._ids, self.last_reply = self._undo
+            n_history, n_template, (ids, keep), last_reply = self._undo
+            self._rewind(ids, keep)
+            self.last_reply = last_reply
             del self.history[n_history:], self._template_history[n_template:]
             self._undo = None
             self.turns -= 1
             self._keep()
 
     def cancel(self) -> None:
-        """Stop the running turn, if any (from any thread); its stream ends with finish_reason
-        "abort" and the conversation keeps what was generated."""
+        """Stop the running turn, if any (from any thread): it ends "abort", keeping its tokens."""
         turn = self._turn
         if turn is not None:
             turn.handle.cancel()
@@ -288,7 +296,5 @@ class Session(TurnMethods):
             self._closed = True
             if self.kept is not None:
                 self.kept.forget(self.conversation_id)
-            try:
+            with contextlib.suppress(EngineClosed):      # its cache went with the engine
                 self.engine.end_conversation(self.conversation_id)
-            except EngineClosed:      # its cache went with the engine
-                pass

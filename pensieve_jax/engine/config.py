@@ -57,7 +57,8 @@ class EngineConfig:
     reserve_fraction: float = 0.10
     """Share of the pages new turns leave free for running ones."""
     conversation_ttl_s: float | None = None
-    """Seconds after which an idle conversation is forgotten; None: never."""
+    """Seconds after which an idle conversation is forgotten (one an open Session holds loses
+    only its KV: its token ids stay until the Session closes); None: never."""
     restore_policy: str = "auto"
     """Host pages: "load", "recompute", or "auto" (the cheaper by measured bandwidth and prefill speed)."""
     prefix_sharing: bool = True

@@ -9,36 +9,29 @@ its parts (engine/parts.py) and is what callers hold.
 from __future__ import annotations
 
 import atexit
-import logging
-import secrets
-import threading
-import time
-import uuid
 import weakref
 from typing import Any, Callable, Sequence
 
 import jax  # noqa: F401 (before the atexit hook below: see _close_open_engines)
-import numpy as np
 
 from pensieve_jax.engine.buffers import free_buffers
 from pensieve_jax.engine.config import EngineConfig
 from pensieve_jax.engine.errors import EngineClosed, EngineOverloaded  # noqa: F401 (API)
+from pensieve_jax.engine.history import ConversationHistory
 from pensieve_jax.engine.kept_sessions import KeptSessions, open_state_dir
+from pensieve_jax.engine.kv_exchange import KVExchange
 from pensieve_jax.engine.loop import StepLoop
 from pensieve_jax.engine.parts import MakeRunner, build
-from pensieve_jax.engine.request import (Request, RequestHandle, check_prompt, check_sampling,
-                                         check_text_bytes, text_byte_limit)
+from pensieve_jax.engine.request import RequestHandle, check_text_bytes, text_byte_limit
 from pensieve_jax.engine.sampling import SamplingParams
 from pensieve_jax.engine.state_store import ConversationRecord
 from pensieve_jax.engine.stats import engine_stats
+from pensieve_jax.engine.turn_io import checked_request, submit_and_wait, without_stop
 from pensieve_jax.engine.turns import Turns
 from pensieve_jax.engine.worker import EngineThread, overlaps
 from pensieve_jax.kvcache import report, transfer as kv_transfer
-from pensieve_jax.runner.compile_watch import CompileWatch, progress_bar
 from pensieve_jax.tokenizer import Tokenizer
 from pensieve_jax.weights import DEFAULT_MODEL, LoadedModel, load_model
-
-log = logging.getLogger(__name__)
 
 # Every engine not yet closed, without keeping any alive; closed at interpreter exit.
 _open_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
@@ -58,25 +51,10 @@ def _close_open_engines() -> None:
             pass
 
 
-class SessionMethods:
-    """An engine's Session API (the layer above, imported when called) and the conversations
-    its state_dir keeps (`kept`: engine/kept_sessions.py's KeptSessions, or None)."""
-    kept: KeptSessions | None = None
+class Engine:
+    """Serves turns of conversations that keep their KV cache (see the module's docstring);
+    composed of its parts (engine/parts.py), the step loop, its thread and the KV exchange."""
 
-    def session(self, system: str | None = None, history=None, cache_salt: str | None = None,
-                conversation_id: str | None = None):
-        """A Session (one conversation); history: earlier messages to start from; cache_salt:
-        share cached prompt pages only with requests of the same salt (tenant isolation);
-        conversation_id: its name (with a state_dir: kept until closed, or continued)."""
-        from pensieve_jax.session import Session     # the layer above: a convenience
-        return Session(self, system, history, cache_salt, conversation_id)
-
-    def kept_conversations(self) -> list[ConversationRecord]:
-        """The conversations kept in the state_dir, least recently updated first ([]: none)."""
-        return self.kept.records() if self.kept is not None else []
-
-
-class Engine(SessionMethods):
     def __init__(self, model: LoadedModel, dtype="float32", config: EngineConfig = EngineConfig(),
                  make_runner: MakeRunner | None = None, state_dir: str | None = None):
         """make_runner(num_pages, token_ladder): the runner to drive instead of a ModelRunner
@@ -86,6 +64,7 @@ class Engine(SessionMethods):
             config, records = open_state_dir(state_dir, model, config, dtype)
         self.model, self.config = model, config
         self.parts = parts = build(model, dtype, config, make_runner)
+        # the conversations the state_dir keeps (engine/kept_sessions.py); None: no state_dir
         self.kept = KeptSessions(self, records) if state_dir is not None else None
         self.max_model_len, self.runner = parts.max_model_len, parts.runner
         self.allocator, self.host, self.store = parts.allocator, parts.host, parts.store
@@ -99,11 +78,14 @@ class Engine(SessionMethods):
                               parts.rates, self.turns, parts.allocator.num_pages)
         self.loop = self.steps.times
         self.thread = EngineThread(self.steps, parts.store, config.conversation_ttl_s)
+        # conversations' token histories, the process's one copy (engine/history.py)
+        self.history = ConversationHistory(parts.store, parts.scheduler, self.turns, self.steps,
+                                           self.thread, model.config.vocab_size,
+                                           parts.max_model_len)
         self.owns_weights = False            # from_pretrained loaded them: close() frees them
-        self.warm_up_s: float | None = None
-        self._compiles = CompileWatch()      # any compile on the engine thread once ready
-        self._kv = kv_transfer.KVParts(parts.store, parts.runner, parts.host, model.config,
-                                       parts.max_model_len, self.steps.settle_copies)
+        self.kv_exchange = KVExchange(self.call, kv_transfer.KVParts(
+            parts.store, parts.runner, parts.host, model.config, parts.max_model_len,
+            self.steps.settle_copies))
         _open_engines.add(self)
         if config.precompile_enabled:
             self.warm_up()
@@ -127,12 +109,12 @@ class Engine(SessionMethods):
         line per program. Idempotent. After it, `ready` is True and any compile on the engine
         thread is a bug: logged as a warning and counted in stats()["programs"]."""
         if not self.runner.ready:
-            self.call(self._warm_up)
+            self.call(self.parts.warm_up.run)
 
-    def _warm_up(self) -> None:
-        if not self.runner.ready:
-            self.warm_up_s = precompile(self.runner)
-            self._compiles.arm(threading.current_thread())
+    @property
+    def warm_up_s(self) -> float | None:
+        """Seconds warm_up took (None: it did not run)."""
+        return self.parts.warm_up.seconds
 
     @property
     def ready(self) -> bool:
@@ -152,18 +134,11 @@ class Engine(SessionMethods):
         anonymous conversation that shares it), or by any conversation of the same
         `cache_salt` (prompt sharing), is reused. Raises EngineOverloaded beyond
         max_queued_requests unfinished turns; ValueError for bad input, naming the field."""
-        params = params or SamplingParams()
-        if cache_salt is not None and not isinstance(cache_salt, str):
-            raise TypeError(f"cache_salt must be a string, got {type(cache_salt).__name__}")
-        check_sampling(params, self.model.config.vocab_size, self.max_model_len)
-        prompt = check_prompt(prompt_token_ids, self.model.config.vocab_size, self.max_model_len)
-        seed = params.seed if params.seed is not None else secrets.randbits(32)
+        req = checked_request(prompt_token_ids, params, conversation_id, cache_salt,
+                              self.model.config.vocab_size, self.max_model_len, self.cancel)
         self.turns.admit()
-        handle = RequestHandle(uuid.uuid4().hex, conversation_id, self.cancel)
-        req = Request(handle.request_id, prompt, params, seed, conversation_id, handle,
-                      cache_salt or "")
         self.thread.post(overlaps(lambda: self.turns.add(req)))
-        return handle
+        return req.handle
 
     def check_text(self, nbytes: int, field: str = "prompt") -> None:
         """ValueError naming field if a text of nbytes UTF-8 bytes cannot fit max_model_len."""
@@ -172,17 +147,21 @@ class Engine(SessionMethods):
     def generate(self, prompt_token_ids, params: SamplingParams | None = None):
         """Generate for one prompt (a list of ids) or a batch (a list of lists). Returns the new
         token ids per prompt, without a final stop token."""
-        batch = len(prompt_token_ids) > 0 and not isinstance(prompt_token_ids[0], (int, np.integer))
-        prompts = prompt_token_ids if batch else [prompt_token_ids]
-        handles = [self.submit(p, params) for p in prompts]
-        outs = [self.strip_stop(h.result()) for h in handles]
-        return outs if batch else outs[0]
+        return submit_and_wait(self.submit, prompt_token_ids, params)
 
-    def strip_stop(self, output) -> list[int]:
-        ids = list(output.token_ids)
-        if output.finish_reason == "stop" and ids and output.stop_text_index is None:
-            ids.pop()
-        return ids
+    strip_stop = staticmethod(without_stop)     # an output's token ids, no final stop token
+
+    def session(self, system: str | None = None, history=None, cache_salt: str | None = None,
+                conversation_id: str | None = None):
+        """A Session (one conversation); history: earlier messages to start from; cache_salt:
+        share cached prompt pages only with requests of the same salt (tenant isolation);
+        conversation_id: its name (with a state_dir: kept until closed, or continued)."""
+        from pensieve_jax.session import Session     # the layer above: a convenience
+        return Session(self, system, history, cache_salt, conversation_id)
+
+    def kept_conversations(self) -> list[ConversationRecord]:
+        """The conversations kept in the state_dir, least recently updated first ([]: none)."""
+        return self.kept.records() if self.kept is not None else []
 
     def cancel(self, request_id: str) -> None:
         """Stop a turn now; its conversation keeps the tokens produced so far."""
@@ -203,35 +182,28 @@ class Engine(SessionMethods):
         return self.call(lambda: self.store.end(conversation_id))
 
     def stats(self) -> dict[str, Any]:
-        return self.call(lambda: engine_stats(self.parts, self.config, self.steps,
-                                              self._compiles, self.warm_up_s))
+        return self.call(lambda: engine_stats(self.parts, self.config, self.steps))
 
-    # -- KV between engines (kvcache/transfer.py), the cache's contents (kvcache/report.py) ---
+    # -- KV between engines (engine/kv_exchange.py), the cache's contents (kvcache/report.py) -
 
     def export_kv(self, conversation_id: str, start: int = 0, limit: int | None = None):
-        """An idle conversation's held KV prefix as kv_transfer.ExportedKV (token ids, k/v
-        pages from the page holding token `start`, at most `limit` tokens)."""
-        return kv_transfer.call_settled(self.call, lambda: kv_transfer.export_kv(
-            self._kv, conversation_id, start, limit))
+        """An idle conversation's KV as kv_transfer.ExportedKV: KVExchange.export_kv."""
+        return self.kv_exchange.export_kv(conversation_id, start, limit)
 
     def import_kv(self, conversation_id: str | None, token_ids, k, v, layout,
                   first_page: int = 0, cache_salt: str | None = None) -> str:
-        """Make an idle conversation hold token_ids with KV pages k, v (from first_page on);
-        None: the anonymous conversation sharing the longest prefix (or a new one). Returns
-        its id. Raises KVMismatch, ConversationBusy or OutOfPages."""
-        return kv_transfer.call_settled(self.call, lambda: kv_transfer.import_kv(
-            self._kv, conversation_id, token_ids, k, v, layout, first_page, cache_salt or ""))
+        """Make an idle conversation hold token_ids, k, v: KVExchange.import_kv."""
+        return self.kv_exchange.import_kv(conversation_id, token_ids, k, v, layout, first_page,
+                                          cache_salt)
 
     def match_kv(self, conversation_id: str | None, token_ids: Sequence[int],
                  cache_salt: str = "") -> tuple[int, int]:
-        """(tokens of token_ids the conversation holds in a tier, tokens shared prompt pages
-        can serve): what a move of the conversation here would not need to send."""
-        return kv_transfer.call_settled(self.call, lambda: kv_transfer.match(
-            self.store, conversation_id, token_ids, cache_salt))
+        """What of token_ids need not be sent here: KVExchange.match_kv."""
+        return self.kv_exchange.match_kv(conversation_id, token_ids, cache_salt)
 
     def kv_layout(self) -> kv_transfer.KVLayout:
         """The layout of this engine's KV pages (what an import must match)."""
-        return kv_transfer.layout_of(self._kv)
+        return self.kv_exchange.kv_layout()
 
     def computed_tokens(self, conversation_id: str) -> tuple[list[int], str] | None:
         """A conversation's tokens whose KV it computed, and its cache salt (None: unknown)."""
@@ -275,23 +247,3 @@ class Engine(SessionMethods):
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-
-def precompile(runner) -> float:
-    """Compile the runner's programs with a progress bar and a log line each; the seconds."""
-    start = time.perf_counter()
-    total = len(runner.programs.shapes)
-    bar = progress_bar(total, "compiling step programs")
-    done = iter(range(1, total + 1))
-
-    def compiled(shape, seconds: float) -> None:
-        log.info("step program %d/%d ready at %.1f s: %s", next(done), total, seconds, shape)
-        bar.update(1)
-    try:
-        runner.precompile(compiled)
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - start
-    log.info("engine ready: %d step programs compiled or loaded in %.1f s", total, seconds)
-    return seconds
-

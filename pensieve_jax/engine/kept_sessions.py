@@ -12,10 +12,11 @@ serve --state-dir DIR` (serving/server/state.py adds owners and its Conversation
     kept.flush(deadline)                         # at shutdown: its KV to page files
     kept.close()
 
-A record holds what continuing the conversation needs: its exact token ids (the next turn finds
-the kept KV, or recomputes exactly those tokens), the messages its chat template renders, its
-owner and cache salt. A conversation reopened in a later process continues from exactly its
-token ids, on the KV its page files hold (what they lack is recomputed at its next turn).
+A record holds what continuing the conversation needs: its exact token ids (the engine's history
+of it: the next turn finds the kept KV, or recomputes exactly those tokens), the messages its
+chat template renders, its owner and cache salt. A conversation reopened in a later process
+continues from exactly its token ids, on the KV its page files hold (what they lack is
+recomputed at its next turn).
 Neither Session nor the server's conversations have sampling defaults of their own (each turn
 brings its SamplingParams), so records keep none (ConversationRecord.sampling stays None).
 """
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from pensieve_jax.engine import kept_state
 from pensieve_jax.engine.config import EngineConfig
+from pensieve_jax.engine.errors import EngineClosed
 from pensieve_jax.engine.parts import page_layout
 from pensieve_jax.engine.state_store import ConversationRecord, StateStore
 from pensieve_jax.weights import LoadedModel
@@ -76,9 +78,16 @@ class KeptSessions:
 
     def save(self, session, owner: str = "") -> None:
         """Write session's record (owner: who may continue it, the server's); durable when it
-        returns. Skipped once closed (the engine closed: nothing more was acknowledged)."""
+        returns. Its token ids are the engine's history of the conversation. Skipped once
+        closed, or the engine is (nothing more was acknowledged)."""
+        if self.closed:
+            return
+        try:
+            ids = tuple(session.token_ids)
+        except EngineClosed:
+            return
         record = ConversationRecord(session.conversation_id, owner, session.cache_salt or "",
-                                    tuple(session.token_ids), tuple(session.template_history))
+                                    ids, tuple(session.template_history))
         with self._lock:
             if not self.closed:
                 self.store.save(record)

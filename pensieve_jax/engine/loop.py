@@ -54,12 +54,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
-import numpy as np
 
 from pensieve_jax.engine.config import EngineConfig
+from pensieve_jax.engine.inflight import InFlight, token_sources
 from pensieve_jax.engine.scheduler import PreemptionNeeded, Row, Scheduler
 from pensieve_jax.engine.step_input import step_input
 from pensieve_jax.engine.turns import Turns
@@ -67,17 +67,8 @@ from pensieve_jax.kvcache.conversations import ConversationStore
 from pensieve_jax.kvcache.swap import Swapper
 from pensieve_jax.kvcache.transfer_costs import TransferCosts
 from pensieve_jax.runner.seam import Runner
-from pensieve_jax.runner.step_program import StepHandle
 
 log = logging.getLogger(__name__)
-
-
-class InFlight(NamedTuple):
-    """A step dispatched and not yet fetched (the overlapped loop)."""
-    rows: list[Row]
-    handle: StepHandle
-    dispatched: float        # perf_counter() when dispatched
-    num_tokens: int
 
 
 class StepLoop:
@@ -261,6 +252,11 @@ class StepLoop:
                 f"running {len(self.scheduler.running)}, waiting {len(self.scheduler.waiting)}"),
                 pools_lost=False)
 
+    def report_stats(self) -> dict[str, dict[str, Any]]:
+        """A Reporter (model/reporting.py): loop, where its time goes (`times`) and whether it
+        overlaps."""
+        return {"loop": dict(self.times, overlap=self.config.overlap)}
+
     def fail_all(self, error: Exception, pools_lost: bool = True) -> None:
         """Fail every turn in flight (a scheduler bug); with pools_lost every conversation's
         cache goes too, else idle conversations keep theirs."""
@@ -272,22 +268,6 @@ class StepLoop:
             for conv in self.store.conversations.values():
                 self.store.truncate(conv, 0)
             self.runner.reset_kv()
-
-
-def token_sources(rows: list[Row]) -> np.ndarray:
-    """token_src of a step planned while the one before is in flight: for each token row,
-    -1 (its id is known), or the row of the step in flight that samples it."""
-    src = np.full(sum(r.end - r.start for r in rows), -1, np.int32)
-    at = 0
-    for row in rows:
-        req = row.request
-        if req.pending and not row.front:
-            assert req.pending == 1, "more than one step in flight"
-            first = len(req.token_ids) - 1            # the placeholder's position
-            if row.start <= first < row.end:
-                src[at + first - row.start] = req.pending_row
-        at += row.end - row.start
-    return src
 
 
 def pools_intact(kv: Any) -> bool:

@@ -1,6 +1,7 @@
 """An engine's parts, built from a model and an EngineConfig: the page ledger's pools, the
 host and disk tiers, the conversation store, the scheduler, the runner (the device seam), the
-measured transfer costs and the swapper. Engine composes them; nothing here runs a step."""
+measured transfer costs, the swapper and the warm-up. Engine composes them; nothing here runs a
+step."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 
 from pensieve_jax.engine.config import EngineConfig, page_bytes, page_shape, pool_pages
 from pensieve_jax.engine.scheduler import Scheduler, SchedulerConfig
+from pensieve_jax.engine.warm_up import WarmUp
 from pensieve_jax.kvcache.conversations import ConversationStore
 from pensieve_jax.kvcache.disk_cache import DiskCache
 from pensieve_jax.kvcache.eviction import make_policy
@@ -43,6 +45,7 @@ class Parts(NamedTuple):
     rates: TransferCosts              # load or recompute, by measured speeds
     swapper: Swapper
     disk: DiskCache                   # page files on disk (maybe none)
+    warm_up: WarmUp                   # compiles the runner's programs; then watches compiles
 
 
 def model_fingerprint(model: LoadedModel) -> str:
@@ -113,4 +116,4 @@ def build(model: LoadedModel, dtype, config: EngineConfig,
             store.restorer.disk_recompute_cheaper = rates.disk_recompute_cheaper
     swapper = Swapper(runner, store, host, rates, layered=config.swap_in == "layered", disk=disk)
     return Parts(max_model_len, allocator, host, store, scheduler, attention, runner, rates,
-                 swapper, disk)
+                 swapper, disk, WarmUp(runner))

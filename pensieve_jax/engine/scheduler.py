@@ -132,23 +132,11 @@ class Scheduler:
         return True
 
     def _add_rows(self, rows: list[Row], req: Request, budget: int) -> int:
-        """Rows of req within budget: first the dropped prefix still to recompute, then (only
-        once the prefix is complete in this step, and a row is left) its next tokens. Returns
-        tokens used."""
-        used = 0
-        if req.front_done < req.front_end:
-            n = min(req.front_end - req.front_done, budget)
-            rows.append(Row(req, req.front_done, req.front_done + n, False, front=True))
-            used = n
-            # a step holds at most max_num_seqs rows (its program's sequences)
-            if req.front_done + n < req.front_end or len(rows) >= self.config.max_num_seqs:
-                return used
-        n = min(len(req.token_ids) - req.num_computed, budget - used)
-        if n > 0:
-            start = req.num_computed
-            rows.append(Row(req, start, start + n,
-                            start + n == len(req.token_ids) and not req.finished))
-        return used + max(n, 0)
+        """Add req's rows within budget to rows (a step holds at most max_num_seqs rows: its
+        program's sequences); returns the tokens they use."""
+        added = request_rows(req, budget, self.config.max_num_seqs - len(rows))
+        rows += added
+        return sum(r.end - r.start for r in added)
 
     def _restore(self, req: Request) -> bool:
         """Bring the conversation's swapped-out, shared and dropped pages back before its
@@ -234,6 +222,31 @@ class Scheduler:
         reqs = self.running + list(self.waiting)
         self.running, self.waiting = [], collections.deque()
         return reqs
+
+    def report_stats(self) -> dict[str, int]:
+        """A Reporter (model/reporting.py): running and waiting (turns, now), preemptions (so
+        far)."""
+        return {"running": len(self.running), "waiting": len(self.waiting),
+                "preemptions": self.num_preemptions}
+
+
+def request_rows(req: Request, budget: int, seats: int) -> list[Row]:
+    """req's rows of a step, within budget tokens (> 0) and seats rows (>= 1): first the
+    dropped prefix still to recompute, then (only once the prefix is complete in this step,
+    and a seat is left) its next tokens."""
+    rows: list[Row] = []
+    if req.front_done < req.front_end:
+        n = min(req.front_end - req.front_done, budget)
+        rows.append(Row(req, req.front_done, req.front_done + n, False, front=True))
+        budget -= n
+        if req.front_done + n < req.front_end or seats <= 1:
+            return rows
+    n = min(len(req.token_ids) - req.num_computed, budget)
+    if n > 0:
+        start = req.num_computed
+        rows.append(Row(req, start, start + n,
+                        start + n == len(req.token_ids) and not req.finished))
+    return rows
 
 
 def bind_conversation(store: ConversationStore, req: Request) -> bool:

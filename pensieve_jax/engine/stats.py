@@ -1,44 +1,22 @@
 """What `Engine.stats()` reports: counters, pages by tier, hits by tier, sharing and swaps, the
 program set, and where the loop's time goes. Every part reports its own entries (a Reporter,
-model/reporting.py, lists who reports what); the engine adds its own (configuration, warm-up,
-compiles watched after ready) and the few entries derived from the others (`derived`)."""
+model/reporting.py, lists who reports what); the engine adds its own configuration and the few
+entries derived from the others (`derived`)."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 from pensieve_jax.engine.config import EngineConfig
 from pensieve_jax.engine.loop import StepLoop
 from pensieve_jax.engine.parts import Parts
-from pensieve_jax.engine.scheduler import Scheduler
 from pensieve_jax.model.reporting import Reporter, merge_reports
-from pensieve_jax.runner.compile_watch import CompileWatch
-
-
-class SchedulerReport(NamedTuple):
-    """The scheduler's entries: running, waiting (turns), preemptions (so far). Here until
-    Scheduler has room for its own report_stats (its class is at the size limit)."""
-    scheduler: Scheduler
-
-    def report_stats(self) -> dict[str, int]:
-        s = self.scheduler
-        return {"running": len(s.running), "waiting": len(s.waiting),
-                "preemptions": s.num_preemptions}
-
-
-class LoopReport(NamedTuple):
-    """The step loop's entries: loop, where its time goes (StepLoop.times) and whether it
-    overlaps. Here until loop.py has room for StepLoop.report_stats (at the module limit)."""
-    loop: StepLoop
-
-    def report_stats(self) -> dict[str, dict[str, Any]]:
-        return {"loop": dict(self.loop.times, overlap=self.loop.config.overlap)}
 
 
 def reporters(parts: Parts, loop: StepLoop) -> tuple[Reporter, ...]:
     """Every part of an engine that reports entries of its stats."""
-    return (loop.turns, parts.runner, SchedulerReport(parts.scheduler), parts.store,
-            parts.allocator, parts.host, parts.swapper, parts.attention, LoopReport(loop))
+    return (loop.turns, parts.runner, parts.scheduler, parts.store, parts.allocator, parts.host,
+            parts.swapper, parts.attention, loop, parts.warm_up, parts.warm_up.watch)
 
 
 def derived(stats: dict[str, Any]) -> dict[str, Any]:
@@ -59,15 +37,9 @@ def derived(stats: dict[str, Any]) -> dict[str, Any]:
                 programs["padded_tokens"] / max(1, programs["real_tokens"]), 4)}}
 
 
-def engine_stats(parts: Parts, config: EngineConfig, loop: StepLoop, watch: CompileWatch,
-                 warm_up_s: float | None) -> dict[str, Any]:
-    """Called on the engine thread (the turns' counters come from loop.turns' report). Raises
-    ValueError if two parts report the same entry."""
-    own = {"programs": {"warm_up_s": warm_up_s,
-                        # every compile on the engine thread after ready (step programs too)
-                        "compilations_after_ready": watch.count,
-                        "compiled_after_ready": watch.names},
-           "cache_policy": config.cache_policy, "page_size": config.page_size,
+def engine_stats(parts: Parts, config: EngineConfig, loop: StepLoop) -> dict[str, Any]:
+    """Called on the engine thread. Raises ValueError if two parts report the same entry."""
+    own = {"cache_policy": config.cache_policy, "page_size": config.page_size,
            "max_model_len": parts.max_model_len}
     stats = merge_reports([*(r.report_stats() for r in reporters(parts, loop)), own])
     return merge_reports([stats, derived(stats)])

@@ -16,6 +16,9 @@ conversation released, and exactly one final event delivered to its handle.
     failed step (with others)   isolated: requeued, runs alone   KV dropped (recomputed)
     close                       error delivered                  released (its KV dropped)
 
+Between turns a conversation keeps its token history, the process's one copy, whatever its KV
+went through: callers read and set it through engine/history.py (`Engine.history`).
+
 A failed step fails only the turns it touched (`step_failed`): a step of one turn, or of a
 turn already isolated, fails that turn; a step of several isolates each (they go back to wait
 with their KV dropped and then run alone, so the next failure names the culprit). The KV of

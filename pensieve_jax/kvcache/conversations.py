@@ -13,18 +13,24 @@ The store is built from three parts, each in its own module:
     |          |                           | its own tiers or the index, and recomputes the   |
     |          |                           | one range that is left (usually a prefix)        |
 
-The store keeps the conversations themselves (creating, adopting, forking, ending them) and is
-the facade the scheduler and engine call; the `Conversation` record is described in ledger.py.
+The store keeps the conversations themselves (creating, adopting, forking, rewinding, ending
+them) and is the facade the scheduler and engine call; the `Conversation` record is described in
+ledger.py. A conversation's `token_ids` are its token history, the one copy in the process
+(issue 19): a Session reads and sets it through the engine (engine/history.py, Engine.history).
+It outlives the conversation's KV: a stateless turn, eviction, a
+preemption, a failed turn or conversation_ttl_s let KV go; the history goes only with the
+conversation (`end`; `expire` for one no open Session holds).
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from pensieve_jax.kvcache import disk_restart
 from pensieve_jax.kvcache.disk_cache import DiskCache
+from pensieve_jax.kvcache.errors import ConversationBusy
 from pensieve_jax.kvcache.eviction import EvictionPolicy, Evictor, LRUPolicy
 from pensieve_jax.kvcache.ledger import Conversation, PageLedger
 from pensieve_jax.kvcache.pages import PageAllocator
@@ -47,6 +53,7 @@ class ConversationStore:
                                  disk if disk is not None and disk.enabled else None)
         self.conversations: dict[str, Conversation] = {}
         self.closing: set[str] = set()           # ended while busy: removed at release
+        self.held: set[str] = set()              # an open Session's: expire keeps the history
         self.evictor = Evictor(self.ledger, self.conversations, policy or LRUPolicy(),
                                chunk_pages)
         self.restorer = Restorer(self.ledger)
@@ -80,13 +87,9 @@ class ConversationStore:
 
     # -- conversations ------------------------------------------------------------------------
 
-    def new_id(self, prefix: str = "conv") -> str:
-        """An unguessable id (128 random bits): a client cannot name another's conversation."""
-        return f"{prefix}-{secrets.token_hex(16)}"
-
     def new_anonymous(self, salt: str = "") -> Conversation:
-        """A new, empty anonymous conversation."""
-        conv = Conversation(self.new_id("anon"), True, salt)
+        """A new, empty anonymous conversation (an unguessable id: 128 random bits)."""
+        conv = Conversation(f"anon-{secrets.token_hex(16)}", True, salt)
         self.conversations[conv.id] = conv
         return conv
 
@@ -172,6 +175,7 @@ class ConversationStore:
     def end(self, conversation_id: str) -> bool:
         """Forget a conversation and free its cache, after its turn if one is running (see
         release). False if unknown."""
+        self.held.discard(conversation_id)
         if conversation_id not in self.conversations:
             return False
         if self.conversations[conversation_id].busy:
@@ -190,37 +194,39 @@ class ConversationStore:
         return True
 
     def expire(self, ttl_s: float) -> int:
-        """Forget idle conversations unused for ttl_s seconds; returns how many."""
+        """Forget idle conversations unused for ttl_s seconds; one `held` (an open Session's)
+        only loses its KV, its token history stays until `end`. Returns how many."""
         cutoff = time.monotonic() - ttl_s
-        old = [c.id for c in self.conversations.values() if not c.busy and c.last_used < cutoff]
-        for cid in old:
-            self.remove(cid)
+        old = [c for c in self.conversations.values() if not c.busy and c.last_used < cutoff
+               and (c.id not in self.held or c.pages or c.num_computed)]
+        for conv in old:
+            if conv.id in self.held:
+                self.truncate(conv, 0)
+            else:
+                self.remove(conv.id)
         return len(old)
+
+    def rewind(self, conversation_id: str, token_ids: list[int], salt: str = "") -> Conversation:
+        """Between its turns, a named conversation's token history becomes exactly token_ids
+        (it is created if unknown, and `held`): the KV of the computed prefix they share stays,
+        the rest goes. ValueError if it has another salt; ConversationBusy while a turn runs."""
+        conv = self.get_or_create(conversation_id, token_ids, salt)
+        if conv.busy:
+            raise ConversationBusy(f"conversation {conversation_id[:100]!r} has a turn running")
+        self.ledger.rewind(conv, token_ids)
+        self.held.add(conversation_id)
+        return conv
 
     def take_transfers(self):
         """(swap-outs, device copies, swap-ins) planned since the last call, to run in that
         order before the next step."""
-        out = self.evictor.take_swap_outs()
-        copies, into = self.restorer.take_copies()
-        return out, copies, into
+        return (self.evictor.take_swap_outs(), *self.restorer.take_copies())
 
     def swapped_in(self, host_pages: list[int]) -> None:
         """Host pages whose contents were copied back to the device can be let go."""
         self.ledger.free_host(host_pages)
 
     # -- stats --------------------------------------------------------------------------------
-
-    def resident_tokens(self) -> dict[str, int]:
-        """Tokens of idle conversations by tier (device / host / disk; shared pages once each;
-        whole pages)."""
-        ps = self.page_size
-        device, host, disk = set(), set(), 0
-        for c in self.conversations.values():
-            if not c.busy:
-                device.update(p for p in c.pages if p >= 0)
-                host.update(c.host_pages.values())
-                disk += len(c.disk_pages)
-        return {"device": len(device) * ps, "host": len(host) * ps, "disk": disk * ps}
 
     def report_stats(self) -> dict[str, Any]:
         """A Reporter (model/reporting.py): conversations, `counts`, cached_tokens_resident
@@ -230,6 +236,41 @@ class ConversationStore:
         return {"conversations": len(self.conversations), **self.counts,
                 "cached_tokens_resident": sum(c.num_computed for c in
                                               self.conversations.values() if not c.busy),
-                "resident_tokens": self.resident_tokens(), "eviction_policy": self.policy.name,
+                "resident_tokens": resident_tokens(self.conversations.values(), self.page_size),
+                "eviction_policy": self.policy.name,
                 "sharing": {"shared_pages": self.ledger.shared_device_pages(), **index,
                             "enabled": self.index is not None}}
+
+
+def resident_tokens(conversations, page_size: int) -> dict[str, int]:
+    """Tokens of the idle ones of conversations by tier (device / host / disk; shared pages once
+    each; whole pages)."""
+    device, host, disk = set(), set(), 0
+    for c in conversations:
+        if not c.busy:
+            device.update(p for p in c.pages if p >= 0)
+            host.update(c.host_pages.values())
+            disk += len(c.disk_pages)
+    return {"device": len(device) * page_size, "host": len(host) * page_size,
+            "disk": disk * page_size}
+
+
+def check_history(conversation_id: str, token_ids: Sequence[int], vocab_size: int,
+                  max_model_len: int, keep: int | None = None) -> list[int]:
+    """token_ids as a conversation's token history ([] too), or ValueError naming the field;
+    keep (if not None): a number of tokens, with token_ids left empty."""
+    if not isinstance(conversation_id, str) or not conversation_id:
+        raise ValueError(f"conversation_id must be a non-empty string, got {conversation_id!r:.80}")
+    if keep is not None and (not isinstance(keep, int) or keep < 0 or len(token_ids)):
+        raise ValueError(f"keep must be a number of tokens >= 0 (without token_ids), got {keep!r}")
+    try:
+        if isinstance(token_ids, (str, bytes)):
+            raise TypeError("got text")
+        ids = [int(t) for t in token_ids]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"token_ids must be a sequence of ints: {e}") from e
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad or len(ids) > max_model_len:
+        raise ValueError(f"token_ids must be at most max_model_len ({max_model_len}) ids in "
+                         f"[0, {vocab_size}); got {len(ids)}, out of range: {bad[:5]}")
+    return ids

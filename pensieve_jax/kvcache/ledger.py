@@ -3,7 +3,9 @@ prefix index that offers full pages to other conversations.
 
     | Conversation field | meaning                                                          |
     |--------------------|------------------------------------------------------------------|
-    | token_ids          | the whole sequence of the last (or current) turn, prompt + output |
+    | token_ids          | the conversation's token history: every turn's prompt and output  |
+    |                    | so far (the current turn's last one may be a placeholder); the    |
+    |                    | process's one copy of it, kept while its KV goes (issue 19)       |
     | num_computed       | tokens [0, num_computed) have had their KV computed               |
     | pages[i]           | device page of tokens [i*ps, (i+1)*ps), or -1 if not on device    |
     | host_pages[i]      | host page of page index i (when swapped out)                      |
@@ -29,7 +31,7 @@ import time
 
 from pensieve_jax.kvcache.disk_cache import DiskCache
 from pensieve_jax.kvcache.pages import PageAllocator
-from pensieve_jax.kvcache.prefix_index import PrefixIndex
+from pensieve_jax.kvcache.prefix_index import PrefixIndex, common_prefix
 
 __all__ = ["Conversation", "PageLedger"]
 
@@ -109,6 +111,12 @@ class PageLedger:
                         {i for i in (*conv.host_pages, *conv.disk_pages) if i >= keep}):
             self.release_page(conv, i)
         del conv.pages[keep:]
+
+    def rewind(self, conv: Conversation, token_ids: list[int]) -> None:
+        """conv's token history becomes exactly token_ids: the KV of the computed prefix they
+        share stays, the rest goes back to its pools."""
+        self.truncate(conv, common_prefix(conv.token_ids[:conv.num_computed], token_ids))
+        conv.token_ids, conv.last_used = list(token_ids), time.monotonic()
 
     def register(self, conv: Conversation) -> None:
         """Offer conv's full computed pages to other conversations (prompt sharing)."""

@@ -12,7 +12,12 @@ from them (engine/stats.py).
     PageAllocator (kvcache/pages.py)     pages: {its tier: used, free, total}
     HostCache (kvcache/host_cache.py)    pages: {"host": ...} (zeros without a host tier)
     the runner (runner/seam.py)          programs: the step program set, compiles, padding
+    WarmUp (engine/warm_up.py)           programs: warm_up_s
+    CompileWatch (runner/compile_watch)  programs: compilations_after_ready,
+                                         compiled_after_ready
     AttentionChoice (model/self_check)   attention, attention_check
+    the engine (engine/stats.py)         its configuration (cache_policy, page_size,
+                                         max_model_len) and the entries derived from the rest
 
 A report is a mapping of this part's own entries of the stats, keyed as they appear there; a
 nested mapping (pages, programs, sharing) may be filled by several parts, key by key, but no

@@ -32,7 +32,8 @@ def _on_event(event: str, seconds: float, **kwargs) -> None:
 
 
 class CompileWatch:
-    """Compiles of any jitted function on one thread after `arm(thread)`."""
+    """Compiles of any jitted function on one thread after `arm(thread)` (an engine arms it on
+    its thread once ready: every compile there is then a program outside the set)."""
 
     def __init__(self):
         self.thread: threading.Thread | None = None
@@ -55,6 +56,12 @@ class CompileWatch:
         self.names = (self.names + [name])[-8:]
         log.warning("XLA compiled %s (%.2f s) on the engine thread after the engine was ready: "
                     "a program outside the precompiled set", name, seconds)
+
+    def report_stats(self) -> dict[str, dict]:
+        """A Reporter (model/reporting.py): programs.compilations_after_ready (compiles since
+        armed, step programs too) and programs.compiled_after_ready (the last few names)."""
+        return {"programs": {"compilations_after_ready": self.count,
+                             "compiled_after_ready": list(self.names)}}
 
 
 class _NoBar:

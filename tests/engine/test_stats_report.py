@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from pensieve_jax.engine.stats import reporters
+from pensieve_jax.engine.stats import derived, reporters
 from pensieve_jax.model.reporting import Reporter, merge_reports
+from pensieve_jax.runner.compile_watch import CompileWatch
 from tests.engine.tiny_engine import PAGE_BYTES, conversation_turns, make, random_turns, settle
 
 # Engine.stats() of a random:tiny engine with a host and a disk tier, as dotted key paths (a
@@ -112,13 +113,46 @@ def test_every_part_reports_its_own_entries(tiered):
     every = reporters(parts, tiered.steps)
     assert all(isinstance(r, Reporter) for r in every)
     assert {id(p) for p in (tiered.turns, parts.store, parts.swapper, parts.runner,
-                            parts.attention, parts.allocator, parts.host)} <= set(map(id, every))
+                            parts.attention, parts.allocator, parts.host, parts.scheduler,
+                            tiered.steps, parts.warm_up, parts.warm_up.watch)} \
+        <= set(map(id, every))
     reports = tiered.call(lambda: [r.report_stats() for r in every])
     merged = leaves(merge_reports(reports))         # raises if two parts report one entry
     stats = leaves(tiered.stats())     # settled: only seconds waited for (idle) copies grow
     assert set(merged) <= set(SNAPSHOT)
     counted = {path for path in merged if not path.endswith("_s")}
     assert {path: stats[path] for path in counted} == {path: merged[path] for path in counted}
+
+
+def test_the_engine_adds_only_its_configuration_and_the_derived_entries(tiered):
+    """Every entry of stats() but three configuration entries and the derived ones comes from
+    a part's report: the engine counts nothing itself."""
+    reports = tiered.call(lambda: [r.report_stats() for r in reporters(tiered.parts,
+                                                                        tiered.steps)])
+    reported = set(leaves(merge_reports(reports)))
+    derived_paths = set(leaves(derived(tiered.stats())))
+    own = {"cache_policy", "page_size", "max_model_len"}
+    assert reported.isdisjoint(own) and reported.isdisjoint(derived_paths)
+    assert sorted(reported | own | derived_paths) == SNAPSHOT
+
+
+def test_each_part_reports_its_own_counts(tiered):
+    """The scheduler, the step loop, the warm-up and the compile watch report what they hold
+    (the watch's names as a copy)."""
+    parts, loop = tiered.parts, tiered.steps
+    sched = tiered.call(parts.scheduler.report_stats)
+    assert sched == {"running": 0, "waiting": 0, "preemptions": parts.scheduler.num_preemptions}
+    assert tiered.call(loop.report_stats)["loop"] == dict(loop.times, overlap=True)
+    assert parts.warm_up.report_stats() == {"programs": {"warm_up_s": tiered.warm_up_s}}
+    watch = CompileWatch()
+    assert watch.report_stats() == {"programs": {"compilations_after_ready": 0,
+                                                 "compiled_after_ready": []}}
+    watch.record("f", 0.5)
+    report = watch.report_stats()
+    assert report == {"programs": {"compilations_after_ready": 1, "compiled_after_ready": ["f"]}}
+    report["programs"]["compiled_after_ready"].append("g")
+    assert watch.names == ["f"]
+
 
 def test_a_key_reported_twice_is_an_error_naming_it():
     assert merge_reports([{"a": 1, "p": {"x": 1}}, {"b": 2, "p": {"y": 2}}]) == \

@@ -40,13 +40,13 @@ def test_tracker_reports_changes_only(engine):
     r = tracker.report(first.epoch, first.version)
     assert not r.full and r.version > first.version
     mine = {h.conversation_id: h for h in r.conversations}
-    assert mine[s.conversation_id].token_ids == tuple(s._ids)      # every token, held on device
+    assert mine[s.conversation_id].token_ids == tuple(s.token_ids)      # every token, held on device
     same = tracker.report(r.epoch, r.version)                      # nothing changed: empty
     assert (same.version, same.conversations, same.removed) == (r.version, [], [])
     s.send(TURNS[1], GREEDY)
     settle(engine)
     grown = tracker.report(r.epoch, r.version)
-    assert [h.token_ids for h in grown.conversations] == [tuple(s._ids)]
+    assert [h.token_ids for h in grown.conversations] == [tuple(s.token_ids)]
     s.close()
     gone = tracker.report(grown.epoch, grown.version)
     assert gone.removed == [s.conversation_id] and not gone.conversations
@@ -67,7 +67,7 @@ def test_tracker_learns_evictions(engine):
         settle(other)
         r = tracker.report()
         held = {h.conversation_id: len(h.token_ids) for h in r.conversations}
-        assert held == {a.conversation_id: len(a._ids), b.conversation_id: len(b._ids)}
+        assert held == {a.conversation_id: len(a.token_ids), b.conversation_id: len(b.token_ids)}
         store = other.store
         # a has been idle the longest: its page goes first (dropped: there is no host tier)
         other.call(lambda: store.make_room(store.allocator.num_free + 1))

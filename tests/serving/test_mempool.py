@@ -43,7 +43,7 @@ def continue_on(engine, cid, source: Session) -> Session:
     s = Session(engine)
     s.conversation_id = cid
     s.history, s._template_history = list(source.history), list(source._template_history)
-    s._ids = list(source._ids)
+    s.continue_from(source.token_ids)
     return s
 
 
@@ -53,7 +53,7 @@ def test_export_import_continues_exactly(engine, other, reference):
     a = engine.session(system=SYSTEM)
     a.send(TURNS[0], GREEDY)
     kv = engine.export_kv(a.conversation_id)
-    assert kv.first_page == 0 and kv.num_tokens == len(a._ids)
+    assert kv.first_page == 0 and kv.num_tokens == len(a.token_ids)
     assert kv.k.shape == (2, 1, 256, 2, 16) and kv.k.dtype == np.float32
     cid = other.import_kv("moved-1", kv.token_ids, kv.k, kv.v, kv.layout)
     b = continue_on(other, cid, a)
@@ -62,12 +62,12 @@ def test_export_import_continues_exactly(engine, other, reference):
     assert r.usage.cached_tokens == kv.num_tokens
     # the next turn's KV comes back by an incremental export (only the pages a lacks)
     again = other.export_kv(cid, start=kv.num_tokens)
-    assert again.first_page == kv.num_tokens // 256 and again.num_tokens == len(b._ids)
+    assert again.first_page == kv.num_tokens // 256 and again.num_tokens == len(b.token_ids)
     engine.import_kv(a.conversation_id, again.token_ids, again.k, again.v, again.layout,
                      again.first_page)
     a2 = continue_on(engine, a.conversation_id, b)
     r = a2.send(TURNS[2], GREEDY)
-    assert r.token_ids == reference[2].token_ids and r.usage.cached_tokens == len(b._ids)
+    assert r.token_ids == reference[2].token_ids and r.usage.cached_tokens == len(b.token_ids)
     a2.close(), b.close()
 
 
@@ -137,7 +137,7 @@ def test_transfer_between_two_replicas(engine, other, reference):
         out = list(chat_a.Chat(pb.ChatRequest(messages=messages_to_proto(messages),
                                               sampling=sampling_to_proto(GREEDY)), timeout=60))
         cid = out[-1].conversation_id
-        ids = a.call(lambda: list(a.service.conversations[cid].session._ids))
+        ids = a.call(lambda: list(a.service.conversations[cid].session.token_ids))
         m = pool_a.Match(pb.MatchRequest(conversation_id=cid, token_ids=ids + [5]), timeout=30,
                          metadata=INTERNAL)
         assert m.conversation_tokens == len(ids) and m.page_bytes == engine.kv_layout().page_bytes
