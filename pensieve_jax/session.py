@@ -242,7 +242,7 @@ class Session(TurnMethods):
     def _rewind(self, token_ids: Sequence[int] = (), keep: int | None = None) -> None:
         """The engine's history becomes token_ids (or its first keep), before the next turn."""
         self.engine.history.rewind(self.conversation_id, token_ids, self.cache_salt, keep,
-                                        wait=False)
+                                   wait=False)
 
     def _keep(self) -> None:
         """A kept session's record: durable before the turn's last chunk goes out."""
