@@ -147,11 +147,11 @@ class Session(TurnMethods):
         # kept, so that the rendered text extends the conversation's token history exactly
         self._template_history = list(self.history)
         self.last_reply: Reply | None = None
-        self._closed = False
-        self._lock = threading.Lock()       # one turn at a time
+        self._closed, self._lock = False, threading.Lock()   # the lock: one turn at a time
         self._turn: TurnStream | None = None
         self.turns = 0                      # turns recorded (undo_turn takes one back)
         self._undo: tuple | None = None     # the state before the last turn was recorded
+        engine.history.hold_while(self, self.conversation_id)   # a dropped Session lets go
         # named, on an engine with a state_dir: kept there (a kept one is continued)
         self.kept = getattr(engine, "kept", None) if conversation_id is not None else None
         if self.kept is not None:

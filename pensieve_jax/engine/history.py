@@ -5,7 +5,8 @@ thread read and set it here (`Engine.history`); the Session keeps none of its ow
     operation           runs on the engine thread          the conversation
     token_ids           beside the step in flight (drains   unchanged (hold: an open Session
                         first if one of its turns runs)     holds it: the TTL lets only its
-                                                            KV go, not its ids)
+                                                            KV go, not its ids, until the
+                                                            Session is closed or collected)
     rewind              between steps (ConversationBusy     ids become exactly the given ones
                         while a turn runs)                  (created if unknown, held); the KV
                                                             of their computed prefix stays
@@ -14,8 +15,11 @@ thread read and set it here (`Engine.history`); the Session keeps none of its ow
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import weakref
 from typing import Any, Callable, NamedTuple, Sequence
 
+from pensieve_jax.engine.errors import EngineClosed
 from pensieve_jax.engine.loop import StepLoop
 from pensieve_jax.engine.scheduler import Scheduler
 from pensieve_jax.engine.turns import Turns
@@ -57,6 +61,17 @@ class ConversationHistory(NamedTuple):
         read.overlaps = True        # worker.overlaps: runs beside the step in flight
         self.thread.post(read)
         return done.result()
+
+    def hold_while(self, owner: object, conversation_id: str) -> None:
+        """The conversation's hold (token_ids' hold=True) ends when `owner` (a Session) is
+        garbage collected without being closed: the TTL may then forget it again."""
+        weakref.finalize(owner, self.release, conversation_id)
+
+    def release(self, conversation_id: str) -> None:
+        """End an open Session's hold on a conversation (its history stays until the TTL or
+        end_conversation). Any thread; nothing to do on a closed engine."""
+        with contextlib.suppress(EngineClosed):
+            self.thread.post(lambda: self.store.held.discard(conversation_id))
 
     def rewind(self, conversation_id: str, token_ids: Sequence[int] = (),
                cache_salt: str | None = None, keep: int | None = None,

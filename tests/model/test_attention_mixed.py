@@ -73,9 +73,12 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("group", [1, 3])
+# make test: every case with (wide False, group 1) and (wide True, group 3); the other two
+# corners are slow (`make test-all`; .ci/run runs them)
+@pytest.mark.parametrize("wide,group", [(False, 1), (True, 3),
+                                        pytest.param(False, 3, marks=pytest.mark.slow),
+                                        pytest.param(True, 1, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", sorted(CASES))
-@pytest.mark.parametrize("wide", [False, True])
 def test_mixed_steps_match_dense_attention(rng, name, group, wide):
     """wide: the table has 64 pages per sequence (as a program's fixed width), far past any
     context; the cost and the result must not depend on it."""
