@@ -111,6 +111,7 @@ os.kill(os.getpid(), signal.SIGKILL)
         eng.close()
 
 
+@pytest.mark.slow    # ~9 s of engines; .ci/run runs it
 def test_kept_sessions_refuse_what_they_cannot_keep(tmp_path):
     eng = kept_engine(tmp_path)
     try:

@@ -73,6 +73,7 @@ def test_plots_the_cache_work_per_turn(executed):
     assert any("image/png" in o.get("data", {}) for o in outputs), outputs
 
 
+@pytest.mark.slow    # executes the notebook (~20 s: a server subprocess); .ci/run runs tests/examples
 def test_remote_session_and_server_stop(executed):
     text = "".join(stdout(c) for c in executed.cells if c.cell_type == "code")
     assert "pensieve: serving random:tiny on " in text

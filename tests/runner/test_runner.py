@@ -86,6 +86,7 @@ def test_a_step_larger_than_the_largest_program_is_refused(model):
         runner.step(one_sequence_step([1, 2, 6, 7, 8], 0, 33))
 
 
+@pytest.mark.slow    # ~8 s: compiles both load paths; .ci/run runs it
 def test_a_backend_that_cannot_compile_the_load_gets_the_pages_before_the_step(model,
                                                                                monkeypatch):
     k, v = random_pages(model, 3, seed=3)
