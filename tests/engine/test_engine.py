@@ -40,6 +40,7 @@ def test_multiturn_stateful_equals_stateless_while_others_run(engine, stateless)
             assert (b.cached_tokens, b.prefilled_tokens, b.recomputed_tokens) == (0, new, history)
 
 
+@pytest.mark.slow    # ~7 s; .ci/run runs it
 def test_pool_exhaustion_still_finishes_every_request_correctly(stateless):
     """14 pages of 8 tokens for 8 concurrent conversations: eviction and preemption happen,
     outputs stay identical to the uncontended stateless engine."""

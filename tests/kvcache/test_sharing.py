@@ -104,6 +104,7 @@ def test_shared_prefix_swapped_out_or_dropped_comes_back_identical(stateless, ho
     eng.shutdown()
 
 
+@pytest.mark.slow    # ~7 s; .ci/run runs it
 def test_concurrent_conversations_all_paths_identical(stateless):
     """Twelve conversations, four system prompts, a pool too small for all: sharing, copy on
     write, swaps and recompute mixed in the same batches; every output equals the baseline."""

@@ -46,6 +46,7 @@ def test_chunked_prefill_equals_one_shot(model_and_params, rng):
     np.testing.assert_allclose(np.concatenate([a, b]), full, atol=1e-5)
 
 
+@pytest.mark.slow    # ~12 s; the engine and attention tests cover mixed batches in make test; .ci/run runs it
 def test_mixed_batch_equals_sequences_alone(model_and_params, rng):
     """One step with a prefill over history, a decode and a fresh prompt, plus padding rows."""
     model, params = model_and_params
