@@ -8,10 +8,10 @@ import pytest
 
 from pensieve_jax.engine.engine import Engine
 from pensieve_jax.engine.errors import TurnFailed
-from pensieve_jax.engine.request import RequestHandle, TokenEvent
 from pensieve_jax.engine.sampling import SamplingParams
 from pensieve_jax.session import Chunk, IncrementalDetokenizer, SessionClosed
 from pensieve_jax.tokenizer import Tokenizer
+from tests.engine.tiny_engine import fail_turns_after_reading_hi
 
 PARAMS = SamplingParams(max_tokens=8, ignore_eos=True)
 
@@ -269,14 +269,7 @@ def test_undo_turn_forgets_the_last_turn(engines):
 def test_a_failed_turn_keeps_what_was_read(engines, monkeypatch):
     engine = engines["stateful"]
     s = engine.session()
-
-    def failing_submit(prompt, params=None, conversation_id=None, cache_salt=None):
-        handle = RequestHandle("rid", conversation_id)
-        handle.put(TokenEvent((104,), None, "h"))
-        handle.put(TokenEvent((105,), None, "i"))
-        handle.put(TurnFailed("internal error (request id rid)", "rid"))
-        return handle
-    monkeypatch.setattr(engine, "submit", failing_submit)
+    fail_turns_after_reading_hi(engine, monkeypatch)
     with pytest.raises(TurnFailed):
         s.send("fail please", PARAMS)
     assert s.turns == 1 and s.last_reply.finish_reason == "abort"

@@ -10,9 +10,9 @@ import pytest
 
 from pensieve_jax.engine.engine import Engine
 from pensieve_jax.engine.errors import TurnFailed
-from pensieve_jax.engine.request import RequestHandle, TokenEvent
 from pensieve_jax.engine.sampling import SamplingParams
 from pensieve_jax.kvcache.errors import ConversationBusy
+from tests.engine.tiny_engine import fail_turns_after_reading_hi
 
 P = SamplingParams(max_tokens=8, ignore_eos=True)
 LONG = SamplingParams(max_tokens=200, ignore_eos=True)
@@ -147,14 +147,7 @@ def test_a_cancelled_turn_keeps_only_what_was_read(engines):
 def test_a_failed_turn_leaves_the_engine_holding_what_was_read(engines, monkeypatch):
     eng = engines["stateful"]
     s = eng.session()
-
-    def failing_submit(prompt, params=None, conversation_id=None, cache_salt=None):
-        handle = RequestHandle("rid", conversation_id)
-        handle.put(TokenEvent((104,), None, "h"))
-        handle.put(TokenEvent((105,), None, "i"))
-        handle.put(TurnFailed("internal error (request id rid)", "rid"))
-        return handle
-    monkeypatch.setattr(eng, "submit", failing_submit)
+    fail_turns_after_reading_hi(eng, monkeypatch)
     with pytest.raises(TurnFailed):
         s.send("fail please", P)
     monkeypatch.undo()

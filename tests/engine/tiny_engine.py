@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 
 from pensieve_jax.engine.engine import Engine
+from pensieve_jax.engine.errors import TurnFailed
+from pensieve_jax.engine.request import RequestHandle, TokenEvent
 from pensieve_jax.engine.sampling import SamplingParams
 
 OPTS = dict(max_model_len=128, page_size=8, max_batched_tokens=16, max_num_seqs=8)
@@ -103,3 +105,15 @@ def random_turns(seed: int, n_turns: int = 3, lo: int = 3, hi: int = 20) -> list
     """n_turns turns of random token ids (below 256), lo to hi - 1 ids each."""
     rng = np.random.default_rng(seed)
     return [list(rng.integers(0, 256, rng.integers(lo, hi))) for _ in range(n_turns)]
+
+
+def fail_turns_after_reading_hi(engine: Engine, monkeypatch) -> None:
+    """Every turn submitted to engine (until monkeypatch.undo()) streams the tokens 104 and 105
+    ("h", "i") and then fails as a step failure fails it (TurnFailed)."""
+    def failing_submit(prompt, params=None, conversation_id=None, cache_salt=None):
+        handle = RequestHandle("rid", conversation_id)
+        handle.put(TokenEvent((104,), None, "h"))
+        handle.put(TokenEvent((105,), None, "i"))
+        handle.put(TurnFailed("internal error (request id rid)", "rid"))
+        return handle
+    monkeypatch.setattr(engine, "submit", failing_submit)
