@@ -17,14 +17,15 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import weakref
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 from pensieve_jax.engine.errors import EngineClosed
 from pensieve_jax.engine.loop import StepLoop
+from pensieve_jax.engine.request import check_history
 from pensieve_jax.engine.scheduler import Scheduler
 from pensieve_jax.engine.turns import Turns
 from pensieve_jax.engine.worker import EngineThread
-from pensieve_jax.kvcache.conversations import ConversationStore, check_history
+from pensieve_jax.kvcache.conversations import ConversationStore
 
 
 class ConversationHistory(NamedTuple):
@@ -36,9 +37,6 @@ class ConversationHistory(NamedTuple):
     thread: EngineThread
     vocab_size: int
     max_model_len: int
-
-    def call(self, fn: Callable[[], Any]) -> Any:
-        return self.thread.call(fn)
 
     def token_ids(self, conversation_id: str, hold: bool = False) -> list[int]:
         """A conversation's whole token history: its turns' prompts and outputs so far,
@@ -93,6 +91,6 @@ class ConversationHistory(NamedTuple):
             new = ids if keep is None else (conv.token_ids[:keep] if conv is not None else [])
             return self.store.rewind(conversation_id, new, cache_salt or "").num_computed
         if wait:
-            return self.call(run)
+            return self.thread.call(run)
         self.thread.post(run)
         return None

@@ -211,6 +211,29 @@ def check_prompt(ids: Sequence[int], vocab_size: int, max_model_len: int) -> lis
     return prompt
 
 
+def check_history(conversation_id: str, token_ids: Sequence[int], vocab_size: int,
+                  max_model_len: int, keep: int | None = None) -> list[int]:
+    """token_ids as a conversation's token history ([] too), or ValueError naming the field;
+    keep (if not None): a number of tokens, with token_ids left empty."""
+    if not isinstance(conversation_id, str) or not conversation_id:
+        raise ValueError(f"conversation_id must be a non-empty string, got "
+                         f"{conversation_id!r:.80}")
+    if keep is not None and (not isinstance(keep, int) or keep < 0 or len(token_ids)):
+        raise ValueError(f"keep must be a number of tokens >= 0 (without token_ids), got "
+                         f"{keep!r}")
+    try:
+        if isinstance(token_ids, (str, bytes)):
+            raise TypeError("got text")
+        ids = [int(t) for t in token_ids]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"token_ids must be a sequence of ints: {e}") from e
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad or len(ids) > max_model_len:
+        raise ValueError(f"token_ids must be at most max_model_len ({max_model_len}) ids in "
+                         f"[0, {vocab_size}); got {len(ids)}, out of range: {bad[:5]}")
+    return ids
+
+
 def check_sampling(params: SamplingParams, vocab_size: int, max_model_len: int,
                    explicit_max_tokens: bool = False) -> None:
     """What SamplingParams cannot check alone: ValueError naming the field. max_tokens beyond
