@@ -104,7 +104,8 @@ def test_usage_adds_up_for_every_turn_with_preemptions_and_every_tier(stateless)
     prefilled (new to the conversation) + recomputed (history whose KV it lost), also when the
     turn was preempted and restored again: work lost to a preemption is counted nowhere (it
     used to be counted again as recomputed, past prompt_tokens). 8 conversations of 3 turns in
-    16 pages and a 6-page host tier: preemptions, swaps out and back, dropped prefixes."""
+    16 pages and a 6-page host tier: preemptions, swaps out and back, dropped prefixes, and
+    one more turn alone of a conversation with pages on the host."""
     eng = make(num_pages=16, max_num_seqs=8, host_cache_bytes=6 * PAGE_BYTES,
                swap_out_threshold=0.0)
     turns = {f"u{i}": random_turns(500 + i, 3, 12, 30) for i in range(8)}
@@ -123,10 +124,21 @@ def test_usage_adds_up_for_every_turn_with_preemptions_and_every_tier(stateless)
             assert u.cached_host_tokens <= u.cached_tokens, (c, k, u)
             assert u.cached_shared_tokens <= u.cached_tokens, (c, k, u)
             history[c] = seq + list(out.token_ids)
+    settle(eng)
+    # which pages are on the host now depends on how the threads interleaved: one more turn,
+    # alone, of a conversation with pages there, so that a swap-in happens in every run
+    c = max(turns, key=lambda c: tier_of(eng, c)["host"])
+    assert tier_of(eng, c)["host"] > 0, {c: tier_of(eng, c) for c in turns}
+    seq = history[c] + [7, 8, 9]
+    out = eng.submit(seq, P, conversation_id=c).result()
+    assert list(out.token_ids) == stateless.generate(seq, P)
+    u, prompt_tokens = out.usage, prompt_tokens + len(seq)
+    assert u.cached_tokens + u.prefilled_tokens + u.recomputed_tokens == len(seq), u
+    assert 0 < u.cached_host_tokens <= u.cached_tokens, u
     stats = settle(eng)
     assert stats["preemptions"] > 0 and stats["swap"]["in_pages"] > 0
     assert stats["host_dropped_pages"] > 0 and stats["recomputed_tokens"] > 0
-    assert stats["finished"] == 24 and stats["prompt_tokens"] == prompt_tokens
+    assert stats["finished"] == 25 and stats["prompt_tokens"] == prompt_tokens
     assert stats["prompt_tokens"] == stats["hit_tokens"] + stats["miss_tokens"]
     eng.shutdown()
 
