@@ -84,7 +84,7 @@ class FakeRunner:
             "count": len(self.programs.shapes), "shapes": [], "page_chunk": PAGE_CHUNK,
             "compiled": len(self.programs.shapes) if self.compiled else 0, "compile_s": 0.0,
             "ready": self.ready, "step_programs_after_ready": 0, "real_tokens": 0,
-            "padded_tokens": 0}}
+            "padded_tokens": 0, "cpu_kernels": "off: no device"}}
 
     def step(self, s: StepInput, incoming: HostPages | None = None) -> np.ndarray:
         return self.fetch(self.dispatch(s, incoming))

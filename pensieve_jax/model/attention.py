@@ -31,20 +31,23 @@ class AttentionFn(Protocol):
     its own - W only (Mistral), and a backend need not read the pages wholly outside it.
     interpret: for kernels with an interpreter (Pallas), run it instead of compiling the
     kernel; the caller decides from the platform it compiles for (backends without one ignore
-    it)."""
+    it). cpu_kernels: use the CPU custom-call kernels (cpu_kernels/) where the backend has
+    them; the caller decides (a CPU, float32, the kernels loaded)."""
 
     def __call__(self, q: jax.Array, kv: KVCache, layer: jax.Array, batch: AttentionBatch, *,
                  sm_scale: float, sliding_window: int | None = None, mesh: Any = None,
-                 interpret: bool = False) -> jax.Array: ...
+                 interpret: bool = False, cpu_kernels: bool = False) -> jax.Array: ...
 
 
 def pallas_paged_attention(q: jax.Array, kv: KVCache, layer: jax.Array, batch: AttentionBatch, *,
                            sm_scale: float, sliding_window: int | None = None, mesh: Any = None,
-                           interpret: bool = False) -> jax.Array:
+                           interpret: bool = False, cpu_kernels: bool = False) -> jax.Array:
     """The Pallas kernel: compiled (Triton, GPU only) when interpret is False, interpreted
     when True; the caller says which (model.Llama's interpret, set by the runner from the
     platform of its devices), nothing is inferred from the default backend.
-    Under a mesh the kernel runs once per shard (shard_map) on that shard's heads and pages."""
+    Under a mesh the kernel runs once per shard (shard_map) on that shard's heads and pages.
+    cpu_kernels is ignored (a GPU kernel)."""
+    del cpu_kernels
     from pallas_kernels import ragged_paged_attention_stacked
     from pensieve_jax.model.parallel import shard_heads
 

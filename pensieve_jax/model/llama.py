@@ -62,6 +62,7 @@ class DecoderLayer(nn.Module):
     attention: str
     mesh: Any = None         # a jax.sharding.Mesh with axis "tp": heads are split over it
     interpret: bool = False  # run the attention kernel's interpreter (Pallas off GPU)
+    cpu_kernels: bool = False    # attention's CPU kernels (cpu_kernels/) where it has them
 
     @nn.compact
     def __call__(self, carry, layer, rope, slots, batch: AttentionBatch,
@@ -113,7 +114,8 @@ class DecoderLayer(nn.Module):
         kv = write_kv(kv, layer, k, v, slots)
         attn = get_attention(self.attention)(q, kv, layer, batch, sm_scale=c.head_dim ** -0.5,
                                              sliding_window=c.sliding_window, mesh=self.mesh,
-                                             interpret=self.interpret)
+                                             interpret=self.interpret,
+                                             cpu_kernels=self.cpu_kernels)
         attn = constrain(attn, self.mesh, HEADS_SPEC)
         h = h + dense(c.hidden_size, "o_proj", c.o_bias)(attn.reshape(num_tokens, -1))
 
@@ -146,6 +148,8 @@ class Llama(nn.Module):
     interpret: run the attention kernel's interpreter instead of compiling it ("pallas" off a
     GPU); explicit, never inferred from the default backend (the runner sets it from the
     platform of the devices it compiles for).
+    cpu_kernels: the attention backend's CPU kernels (cpu_kernels/: "xla"'s decode rows) in
+    the program; the runner sets it (a CPU, float32, the kernels built).
     incoming: None, or pages in host memory to load into the pools during the step. Layer l's
     pages are written just before layer l writes and reads the pools, and the copy of layer
     l + 1's pages is started then, so it runs while layer l computes (double buffering; the
@@ -157,6 +161,7 @@ class Llama(nn.Module):
     attention: str = "xla"
     mesh: Any = None
     interpret: bool = False
+    cpu_kernels: bool = False
 
     @nn.compact
     def __call__(self, token_ids, positions, kv: KVCache, batch: AttentionBatch,
@@ -175,7 +180,7 @@ class Llama(nn.Module):
         layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(0,) + (nn.broadcast,) * 5, length=c.num_layers)
         (h, kv, _), _ = layers(c, self.dtype, self.attention, self.mesh, self.interpret,
-                               name="layers")(
+                               self.cpu_kernels, name="layers")(
             (h, kv, arrived), jnp.arange(c.num_layers, dtype=jnp.int32), rope, slots, batch,
             incoming, layer_kernels)
 

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from pensieve_jax.model.cpu_attention import cpu_decode_rows
 from pensieve_jax.model.kv_layout import AttentionBatch, KVCache
 
 MASK_VALUE = -1e30
@@ -217,7 +218,7 @@ def _tiles(qg: jax.Array, pos: jax.Array, seq: jax.Array, prefill: jax.Array, nu
 
 def xla_paged_attention(q: jax.Array, kv: KVCache, layer: jax.Array, batch: AttentionBatch, *,
                         sm_scale: float, sliding_window: int | None = None, mesh: Any = None,
-                        interpret: bool = False) -> jax.Array:
+                        interpret: bool = False, cpu_kernels: bool = False) -> jax.Array:
     """Paged attention in plain XLA: the fast path on CPU, and the fallback anywhere.
 
     q [T, num_q_heads, head_dim] -> [T, num_q_heads, head_dim]. A step's rows are computed by
@@ -241,8 +242,10 @@ def xla_paged_attention(q: jax.Array, kv: KVCache, layer: jax.Array, batch: Atte
     key blocks). sliding_window W: a row attends to the positions > its own - W only, and
     pages wholly before every row's window are not read. Under a mesh (heads sharded) XLA
     partitions it by head from the operands' shardings. interpret is ignored (plain XLA).
+    cpu_kernels: the decode rows (float32) by the CPU kernel (model/cpu_attention.py; a CPU
+    only, cpu_kernels.load() first), about 6x faster there than the work list.
     """
-    del mesh, interpret
+    del interpret
     batch = AttentionBatch(*(jnp.asarray(a, jnp.int32) for a in batch))
     kv = KVCache(jnp.asarray(kv.k), jnp.asarray(kv.v))
     num_tokens, num_heads, head_dim = q.shape
@@ -266,9 +269,15 @@ def xla_paged_attention(q: jax.Array, kv: KVCache, layer: jax.Array, batch: Atte
 
     last_q = qg[jnp.clip(cu[1:] - 1, 0, num_tokens - 1)][:, None]              # [S, 1, ...]
     has_rows = ((q_lens > 0) & ((plan != 1) | (seqs != one)))[:, None]
-    out = _attend(last_q, jnp.where(has_rows, batch.kv_lens[:, None] - 1, -1),
-                  jnp.where(has_rows, seqs[:, None], -1), seqs, seqs, kv, layer, batch,
-                  sm_scale, 8, LAST_ROWS_KEYS, sliding_window)[:, 0][seq]
+    if cpu_kernels and kv.k.dtype == jnp.float32:    # the decode rows by the CPU kernel
+        out = cpu_decode_rows(last_q.reshape(num_seqs, num_heads, head_dim), kv, layer, batch,
+                              jnp.where(has_rows[:, 0], batch.kv_lens, 0), sm_scale=sm_scale,
+                              sliding_window=sliding_window, mesh=mesh)
+        out = out.reshape(num_seqs, num_kv_heads, group, head_dim)[seq]
+    else:
+        out = _attend(last_q, jnp.where(has_rows, batch.kv_lens[:, None] - 1, -1),
+                      jnp.where(has_rows, seqs[:, None], -1), seqs, seqs, kv, layer, batch,
+                      sm_scale, 8, LAST_ROWS_KEYS, sliding_window)[:, 0][seq]
 
     if num_tokens > 1:
         def one_sequence(out):

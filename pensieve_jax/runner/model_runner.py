@@ -34,8 +34,9 @@ from pensieve_jax.runner.page_programs import PAGE_CHUNK, PageCopies, Pools, pag
 from pensieve_jax.runner.programs import (INCOMING_PAGES, ProgramSet, StepShape,
                                           single_decode_program, token_buckets)
 from pensieve_jax.runner.step_compiler import EXECUTABLES, StepCompiler
-from pensieve_jax.runner.step_program import (HostPages, StepHandle, StepInput, host_memory_kind,
-                                              jit_step, kernel_interpret, runtime_params)
+from pensieve_jax.runner.step_program import (HostPages, StepHandle, StepInput,
+                                              cpu_kernels_status, host_memory_kind, jit_step,
+                                              kernel_interpret, runtime_params)
 from pensieve_jax.weights import LoadedModel
 
 
@@ -43,6 +44,14 @@ def _pad(a: np.ndarray, shape: tuple[int, ...], fill=0) -> np.ndarray:
     out = np.full(shape, fill, dtype=a.dtype)
     out[tuple(slice(0, n) for n in a.shape)] = a
     return out
+
+
+def stage_incoming(incoming: HostPages, m: int, pools: Pools, sharding) -> Incoming:
+    """Host pages, padded to m pages, in the step's host memory (sharding); ids replicated."""
+    k, v = put_pages(incoming.k, incoming.v, m, sharding)
+    ids = np.full(m, pools.num_pages, np.int32)   # padding pages are dropped
+    ids[:len(incoming.page_ids)] = incoming.page_ids
+    return Incoming(k, v, pools.replicate(ids))
 
 
 class ModelRunner:
@@ -60,6 +69,7 @@ class ModelRunner:
         self.mesh = parallel.make_mesh(tensor_parallel) if tensor_parallel > 1 else None
         devices = [jax.devices()[0]] if self.mesh is None else list(self.mesh.devices.flat)
         self.interpret = kernel_interpret(devices)   # the Pallas kernel's mode, by platform
+        self.cpu_kernels = cpu_kernels_status(devices[0].platform, self.dtype, attention)
         self.programs = ProgramSet(
             tuple(token_ladder) if token_ladder else token_buckets(
                 max_batched_tokens, single=single_decode_program(devices[0].platform)),
@@ -80,13 +90,14 @@ class ModelRunner:
             self._incoming_sharding = kv_sh.with_memory_kind(host_kind) if host_kind else kv_sh
         self.real_tokens = 0          # token rows run, and the rows their programs padded them to
         self.padded_tokens = 0
-        self.model = Llama(c, self.dtype, attention, self.mesh, interpret=self.interpret)
+        self.model = Llama(c, self.dtype, attention, self.mesh, interpret=self.interpret,
+                           cpu_kernels=self.cpu_kernels == "on")
         mesh_ids = None if self.mesh is None else tuple(d.id for d in self.mesh.devices.flat)
         self.pages = PageCopies(self.pools, mesh_ids, EXECUTABLES)
         # two programs: plain steps, and steps that also load swapped-in pages layer by layer
         self.compiler = StepCompiler(
             self.programs, self.pools, (c, self.dtype.name, attention, num_pages, page_size,
-                                        mesh_ids),
+                                        mesh_ids, self.cpu_kernels == "on"),
             jit_step(self.model, param_sh),
             jit_step(self.model, param_sh, None if self.mesh is None else self._incoming_sharding),
             lambda: self.params, self._incoming_sharding)
@@ -177,7 +188,7 @@ class ModelRunner:
             if len(incoming.page_ids) > m:      # the rest goes in before the step
                 self.scatter_pages(incoming.k[:, m:], incoming.v[:, m:], incoming.page_ids[m:])
                 incoming = HostPages(incoming.k[:, :m], incoming.v[:, :m], incoming.page_ids[:m])
-            staged = args + (self._stage_incoming(incoming, m),)
+            staged = args + (stage_incoming(incoming, m, self.pools, self._incoming_sharding),)
             try:
                 self.compiler.executable(shape)
                 args, incoming = staged, None
@@ -228,19 +239,13 @@ class ModelRunner:
                                  else self.pools.replicate(zeros))
         return self._zero_tokens
 
-    def _stage_incoming(self, incoming: HostPages, m: int) -> Incoming:
-        """Host pages, padded to m pages, in the step's host memory; ids replicated."""
-        k, v = put_pages(incoming.k, incoming.v, m, self._incoming_sharding)
-        ids = np.full(m, self.num_pages, np.int32)   # padding pages are dropped
-        ids[:len(incoming.page_ids)] = incoming.page_ids
-        return Incoming(k, v, self.pools.replicate(ids))
-
     def report_stats(self) -> dict[str, dict[str, Any]]:
         """programs: the program set and what compiling and padding cost (runner/seam.py)."""
         return {"programs": {
             "count": len(self.programs.shapes),
             "shapes": [dataclasses.asdict(x) for x in self.programs.shapes],
             "page_chunk": PAGE_CHUNK, "compiled": len(self.compiler.compiled),
+            "cpu_kernels": self.cpu_kernels,
             "compile_s": round(self.compiler.compile_s, 3), "ready": self.ready,
             "step_programs_after_ready": len(self.compilations_after_ready),
             "real_tokens": self.real_tokens, "padded_tokens": self.padded_tokens}}

@@ -40,7 +40,7 @@ from pensieve_jax.model.attention import AttentionBatch, Incoming, KVCache
 
 log = logging.getLogger(__name__)
 
-_PACKAGES = ("pensieve_jax", "pallas_kernels")
+_PACKAGES = ("pensieve_jax", "pallas_kernels", "cpu_kernels")
 ENV = "PENSIEVE_JAX_PROGRAM_STORE"     # "0" / "none" / "off": JAX's cache only
 SUFFIX = ".jaxexport"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from typing import Any, NamedTuple
 
+import cpu_kernels
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,9 +123,21 @@ def lower_step(step, params, kv: KVCache, shape: StepShape, incoming_sharding: A
 
 
 def export_step(step, params, kv: KVCache, shape: StepShape) -> jax.export.Exported:
-    """The step program `step` for `shape`, traced and exported (program_store keeps it)."""
+    """The step program `step` for `shape`, traced and exported (program_store keeps it). The
+    CPU kernels' custom call is allowed: a process that loads the program registers it first
+    (the runner loads cpu_kernels before any step program)."""
+    allowed = [jax.export.DisabledSafetyCheck.custom_call(cpu_kernels.DECODE_ATTENTION)]
     with _precision(kv):
-        return jax.export.export(step)(params, kv, *step_args(kv, shape))
+        return jax.export.export(step, disabled_checks=allowed)(params, kv,
+                                                                *step_args(kv, shape))
+
+
+def cpu_kernels_status(platform: str, dtype, attention: str) -> str:
+    """Whether a runner's steps use the CPU kernels (cpu_kernels/): "on", or "off: why"."""
+    if platform != "cpu" or jnp.dtype(dtype) != jnp.float32 or attention != "xla":
+        return f"off: {platform}, {jnp.dtype(dtype).name}, {attention} attention (they serve " \
+               "float32 xla attention on a CPU)"
+    return cpu_kernels.status()
 
 
 def lower_exported(program: jax.export.Exported, params, kv: KVCache, shape: StepShape):

@@ -35,6 +35,7 @@ SNAPSHOT = sorted(DISK + [
     "pages.host.free", "pages.host.total", "pages.host.used", "preemptions",
     "prefilled_tokens", "programs.compilations_after_ready", "programs.compile_s",
     "programs.compiled", "programs.compiled_after_ready", "programs.count",
+    "programs.cpu_kernels",
     "programs.padded_tokens", "programs.padding_ratio", "programs.page_chunk",
     "programs.ready", "programs.real_tokens", "programs.shapes",
     "programs.step_programs_after_ready", "programs.warm", "programs.warm_up_s",
