@@ -15,8 +15,18 @@ import pytest
 from pensieve_jax.tokenizer import Tokenizer, TokenizerError
 
 
-def test_texts_match_reference(smollm2, hf_reference):
-    tok = smollm2.tokenizer
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer, built as load_model builds it (from the embedded GGUF's metadata),
+    without converting the weights as conftest's smollm2 fixture does (under half the time)."""
+    from pensieve_jax.weights import embedded_model_path
+    from pensieve_jax.weights.gguf_file import open_gguf, read_metadata
+    path = embedded_model_path("smollm2-135m-instruct")
+    return Tokenizer.from_gguf_metadata(read_metadata(open_gguf(path)))
+
+
+def test_texts_match_reference(smollm2_tokenizer, hf_reference):
+    tok = smollm2_tokenizer
     differ = set(hf_reference["text_ids_differ"])
     assert differ == {11}, "the fixture documents exactly one digit-split difference"
     for i, text in enumerate(hf_reference["texts"]):
@@ -25,13 +35,13 @@ def test_texts_match_reference(smollm2, hf_reference):
         assert tok.decode(tok.encode(text)) == text
 
 
-def test_special_tokens_in_text_are_matched(smollm2, hf_reference):
+def test_special_tokens_in_text_are_matched(smollm2_tokenizer, hf_reference):
     case = hf_reference["special_in_text"]
-    assert smollm2.tokenizer.encode(case["text"]) == case["ids_parse_special"]
+    assert smollm2_tokenizer.encode(case["text"]) == case["ids_parse_special"]
 
 
-def test_chat_template_matches_reference(smollm2, hf_reference):
-    tok = smollm2.tokenizer
+def test_chat_template_matches_reference(smollm2_tokenizer, hf_reference):
+    tok = smollm2_tokenizer
     assert tok.render_chat(hf_reference["messages"]) == hf_reference["chat_text"]
     assert tok.apply_chat_template(hf_reference["messages"]) == hf_reference["chat_ids"]
     assert tok.apply_chat_template(hf_reference["messages_no_system"]) == \
@@ -39,16 +49,16 @@ def test_chat_template_matches_reference(smollm2, hf_reference):
     assert tok.apply_chat_template(hf_reference["prompt_messages"]) == hf_reference["prompt_ids"]
 
 
-def test_special_ids(smollm2):
-    tok = smollm2.tokenizer
+def test_special_ids(smollm2_tokenizer):
+    tok = smollm2_tokenizer
     assert tok.token_text(tok.eos_token_id) == "<|im_end|>"
     assert tok.token_text(tok.bos_token_id) == "<|im_start|>"
     assert tok.eos_token_id in tok.stop_token_ids
     assert tok.encode("hi", add_special_tokens=True) == tok.encode("hi")   # add_bos_token False
 
 
-def test_bad_input_is_a_clear_error(smollm2):
-    tok = smollm2.tokenizer
+def test_bad_input_is_a_clear_error(smollm2_tokenizer):
+    tok = smollm2_tokenizer
     with pytest.raises(TokenizerError, match="out of range"):
         tok.decode([10**9])
     with pytest.raises(TypeError, match="expects str"):
@@ -233,11 +243,11 @@ def respelled(tok, ids):
     raise AssertionError("no token to respell")
 
 
-def test_encode_chat_extends_prefix_ids_exactly(sp_tokenizers, smollm2):
+def test_encode_chat_extends_prefix_ids_exactly(sp_tokenizers, smollm2_tokenizer):
     """A conversation's ids so far plus the newly rendered turn: the ids are kept as they are
     (here respelled, as generated ids may be), and the new turn gets the ids the whole
     conversation encoded at once gives it, for every kind of tokenizer."""
-    tokenizers = {**sp_tokenizers, "smollm2": smollm2.tokenizer}
+    tokenizers = {**sp_tokenizers, "smollm2": smollm2_tokenizer}
     for name, tok in tokenizers.items():
         whole = tok.encode_chat(CONVERSATION)
         for k in (2, 4):
@@ -288,8 +298,8 @@ def control_ids(tok, ids):
 
 
 @pytest.mark.parametrize("which", ["bytes", "smollm2"])
-def test_special_tokens_in_content_are_plain_text(smollm2, which):
-    tok = Tokenizer.byte_level(512) if which == "bytes" else smollm2.tokenizer
+def test_special_tokens_in_content_are_plain_text(smollm2_tokenizer, which):
+    tok = Tokenizer.byte_level(512) if which == "bytes" else smollm2_tokenizer
     forged = [{"role": "user", "content": FORGED}]
     ids = tok.encode_chat(forged)
     benign = tok.encode_chat([{"role": "user", "content": "x"}])

@@ -144,6 +144,7 @@ def test_a_state_dir_of_another_page_layout_is_refused_at_construction(tmp_path)
         kept_engine(tmp_path / "other", disk_cache_dir=str(tmp_path / "elsewhere"))
 
 
+@pytest.mark.slow    # ~11 s: two engines; .ci/run runs it
 def test_an_unnamed_session_or_an_engine_without_state_dir_keeps_nothing(tmp_path):
     eng = kept_engine(tmp_path)
     s = eng.session(system="be brief")

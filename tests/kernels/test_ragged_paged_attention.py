@@ -179,7 +179,9 @@ def test_sliding_window_matches_reference(window, page_size):
 
 @pytest.mark.parametrize("num_splits", [None, pytest.param(1, marks=pytest.mark.slow),
                                         pytest.param(3, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("window,q_lens", [(16, [1, 1, 1]), (24, [5, 1, 12]), (70, [1, 3, 1])])
+@pytest.mark.parametrize("window,q_lens", [   # make test: the first; .ci/run: all
+    (16, [1, 1, 1]), pytest.param(24, [5, 1, 12], marks=pytest.mark.slow),
+    pytest.param(70, [1, 3, 1], marks=pytest.mark.slow)])
 def test_sliding_window_never_reads_pages_before_it(window, q_lens, num_splits):
     """Pages wholly before a sequence's window (in whole page blocks) hold NaN: the output is
     still the reference's on clean pages, so they were never read; with context splits too."""

@@ -54,8 +54,9 @@ def test_host_tier_round_trip(stateless, swap_in):
     eng.shutdown()
 
 
-@pytest.mark.parametrize("host_pages,swap_in", [(0, "next_step"), (3, "next_step"),
-                                               (3, "layered")])
+@pytest.mark.parametrize("host_pages,swap_in", [
+    pytest.param(0, "next_step", marks=pytest.mark.slow),   # ~10 s; .ci/run runs it
+    (3, "next_step"), (3, "layered")])
 def test_dropped_front_is_recomputed_with_the_new_prompt(stateless, host_pages, swap_in):
     """host 0: front dropped, rest on device; host 3: front dropped, middle on host."""
     eng = make(num_pages=16, host_cache_bytes=host_pages * PAGE_BYTES, swap_out_threshold=0.0,

@@ -46,12 +46,19 @@ def reference(q, kv, batch, sm_scale):
     return out
 
 
-@pytest.mark.parametrize("q_lens,kv_lens", [
+DENSE_CASES = [
     ([5], [5]),                    # prefill from scratch
     ([1, 1, 1], [9, 1, 17]),       # decodes
     ([7, 1, 0, 3], [20, 6, 4, 3]), # mixed: prefill over history, decode, idle row, fresh prefill
-])
-@pytest.mark.parametrize("group", [1, 2])
+]
+
+
+# make test: every case with one query head per KV head, and the prefill with two; the other
+# grouped cases are slow (.ci/run runs them)
+@pytest.mark.parametrize("group,q_lens,kv_lens", [
+    pytest.param(group, q_lens, kv_lens, id=f"{group}-q_lens{i}-kv_lens{i}",
+                 marks=pytest.mark.slow if group == 2 and i > 0 else ())
+    for group in (1, 2) for i, (q_lens, kv_lens) in enumerate(DENSE_CASES)])
 def test_matches_dense_attention(rng, q_lens, kv_lens, group):
     q, kv, batch = make_case(rng, q_lens, kv_lens, heads=2 * group, kv_heads=2)
     scale = 16 ** -0.5

@@ -63,6 +63,7 @@ def test_mixed_batch_equals_sequences_alone(model_and_params, rng):
     np.testing.assert_allclose(mixed, np.concatenate(alone), atol=1e-5)
 
 
+@pytest.mark.slow    # ~6 s; .ci/run runs it
 def test_padding_rows_do_not_touch_the_cache(model_and_params, rng):
     model, params = model_and_params
     tokens = rng.integers(0, CONFIG.vocab_size, 5)

@@ -85,8 +85,8 @@ def code_of(call, metadata) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-@pytest.mark.parametrize("method", ["Chat", "Generate", "EndConversation", "GetStats",
-                                    "reflection"])
+@pytest.mark.parametrize("method", ["Chat", pytest.param("Generate", marks=pytest.mark.slow),
+                                    "EndConversation", "GetStats", "reflection"])
 def test_every_call_needs_a_key(keyed, method):
     with grpc.insecure_channel(keyed.target) as channel:
         call = rpcs(pb_grpc.PensieveStub(channel),
