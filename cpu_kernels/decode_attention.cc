@@ -26,38 +26,13 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "parallel_for.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
 constexpr float kMaskValue = -1e30f;   // finite: the build uses -ffast-math
-
-// Runs fn(i) for i in [0, n) on the caller and on the pool's threads and returns when all are
-// done. Items are claimed from a counter, so the caller never waits for a task that has not
-// started: no deadlock when the pool is busy or has no threads.
-template <typename Fn>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Fn& fn) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  auto state = std::make_shared<State>();
-  auto work = [state, n, fn]() {
-    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
-      fn(i);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work]() { work(); });
-  work();
-  while (state->done.load(std::memory_order_acquire) < n) {
-#if defined(__x86_64__)
-    __builtin_ia32_pause();
-#endif
-  }
-}
 
 template <typename A, typename B>
 bool SameDims(const A& a, const B& b) {
@@ -72,7 +47,7 @@ struct Dims {
 };
 
 constexpr int64_t kChunk = 64;         // keys per online-softmax step (across pages)
-constexpr int64_t kSplitKeys = 256;    // keys per work item (a sequence's keys are split)
+constexpr int64_t kSplitKeys = 128;    // keys per work item (a sequence's keys are split)
 
 // Keys [a, b) of sequence s, all heads: the partial softmax state of each query head,
 // m [H], l [H] and the unnormalized output o [H, D] (flash decoding's split).
@@ -176,7 +151,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   const int64_t H = d.H, D = d.D;
   std::vector<float> state(items * H * (D + 2));   // per item: m [H], l [H], o [H, D]
   float* st = state.data();
-  ParallelFor(pool, items, [&](int64_t i) {
+  pensieve::ParallelFor(pool, items, [&](int64_t i) {
     const int64_t s = std::upper_bound(first_item.begin(), first_item.end(), i) -
                       first_item.begin() - 1;
     const int64_t a = lo[s] + (i - first_item[s]) * kSplitKeys;

@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 ENV = "PENSIEVE_CPU_KERNELS"               # "0" / "off" / "false": not used
 CACHE_ENV = "PENSIEVE_CPU_KERNELS_CACHE"
 SOURCES = ("decode_attention.cc",)
+HEADERS = ("parallel_for.h",)
 TARGETS = {"pensieve_decode_attention": "PensieveDecodeAttention"}   # FFI name: C symbol
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-std=c++17", "-shared",
-         "-fPIC", "-w")
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp-simd",
+         "-std=c++17", "-shared", "-fPIC", "-w")
 _HERE = Path(__file__).resolve().parent
 
 
@@ -45,7 +46,7 @@ def _cpu_signature() -> str:
 def _library_path() -> Path:
     import jaxlib
     h = hashlib.sha256()
-    for name in SOURCES:
+    for name in SOURCES + HEADERS:
         h.update((_HERE / name).read_bytes())
     h.update(repr((FLAGS, jaxlib.__version__, platform.machine(), _cpu_signature())).encode())
     root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "pensieve_jax" /
