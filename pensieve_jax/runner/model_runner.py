@@ -58,7 +58,8 @@ class ModelRunner:
     def __init__(self, model: LoadedModel, num_pages: int, page_size: int, attention: str = "xla",
                  dtype=jnp.float32, tensor_parallel: int = 1, max_num_seqs: int = 64,
                  max_batched_tokens: int = 512, max_model_len: int = 4096,
-                 token_ladder: tuple[int, ...] | None = None, layered_loads: bool = False):
+                 token_ladder: tuple[int, ...] | None = None, layered_loads: bool = False,
+                 cpu_kernels: bool = True):
         c = model.config
         parallel.check_tensor_parallel(c, tensor_parallel)
         self.config = c
@@ -69,7 +70,8 @@ class ModelRunner:
         self.mesh = parallel.make_mesh(tensor_parallel) if tensor_parallel > 1 else None
         devices = [jax.devices()[0]] if self.mesh is None else list(self.mesh.devices.flat)
         self.interpret = kernel_interpret(devices)   # the Pallas kernel's mode, by platform
-        self.cpu_kernels = cpu_kernels_status(devices[0].platform, self.dtype, attention)
+        self.cpu_kernels = cpu_kernels_status(devices[0].platform, self.dtype, attention,
+                                              cpu_kernels)   # "on", or "off: why"
         self.programs = ProgramSet(
             tuple(token_ladder) if token_ladder else token_buckets(
                 max_batched_tokens, single=single_decode_program(devices[0].platform)),

@@ -132,8 +132,10 @@ def export_step(step, params, kv: KVCache, shape: StepShape) -> jax.export.Expor
                                                                 *step_args(kv, shape))
 
 
-def cpu_kernels_status(platform: str, dtype, attention: str) -> str:
+def cpu_kernels_status(platform: str, dtype, attention: str, wanted: bool = True) -> str:
     """Whether a runner's steps use the CPU kernels (cpu_kernels/): "on", or "off: why"."""
+    if not wanted:
+        return "off: not asked for (ModelRunner(cpu_kernels=False))"
     if platform != "cpu" or jnp.dtype(dtype) != jnp.float32 or attention != "xla":
         return f"off: {platform}, {jnp.dtype(dtype).name}, {attention} attention (they serve " \
                "float32 xla attention on a CPU)"
