@@ -32,7 +32,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr float kMaskValue = -1e30f;   // finite: the build uses -ffast-math
+constexpr float kMaskValue = -1e30f;   // finite: the build assumes finite math
 
 template <typename A, typename B>
 bool SameDims(const A& a, const B& b) {

@@ -29,8 +29,11 @@ CACHE_ENV = "PENSIEVE_CPU_KERNELS_CACHE"
 SOURCES = ("decode_attention.cc",)
 HEADERS = ("parallel_for.h",)
 TARGETS = {"pensieve_decode_attention": "PensieveDecodeAttention"}   # FFI name: C symbol
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp-simd",
-         "-std=c++17", "-shared", "-fPIC", "-w")
+# -ffast-math for the compile only (the vectorized expf); linking with it would add
+# crtfastmath, which sets flush-to-zero for the whole process when the library loads
+COMPILE_FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math",
+                 "-fopenmp-simd", "-std=c++17", "-fPIC", "-w")
+LINK_FLAGS = ("-shared", "-fPIC")
 _HERE = Path(__file__).resolve().parent
 
 
@@ -48,7 +51,8 @@ def _library_path() -> Path:
     h = hashlib.sha256()
     for name in SOURCES + HEADERS:
         h.update((_HERE / name).read_bytes())
-    h.update(repr((FLAGS, jaxlib.__version__, platform.machine(), _cpu_signature())).encode())
+    h.update(repr((COMPILE_FLAGS, LINK_FLAGS, jaxlib.__version__, platform.machine(),
+                   _cpu_signature())).encode())
     root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "pensieve_jax" /
                 "cpu_kernels")
     return root / f"libpensieve_cpu_{h.hexdigest()[:16]}.so"
@@ -61,12 +65,18 @@ def _build(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:   # built aside, then renamed:
         out = Path(tmp) / path.name                             # concurrent builds are safe
-        cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}",
-               *(str(_HERE / s) for s in SOURCES), "-o", str(out)]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr[-2000:]}")
+        objects = [str(Path(tmp) / f"{Path(s).stem}.o") for s in SOURCES]
+        for source, obj in zip(SOURCES, objects):
+            _run([compiler, *COMPILE_FLAGS, f"-I{jax.ffi.include_dir()}", "-c",
+                  str(_HERE / source), "-o", obj])
+        _run([compiler, *LINK_FLAGS, *objects, "-o", str(out)])
         os.replace(out, path)
+
+
+def _run(cmd: list[str]) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr[-2000:]}")
 
 
 @functools.lru_cache(maxsize=1)

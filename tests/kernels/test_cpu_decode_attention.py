@@ -74,3 +74,11 @@ def test_shapes_and_dtypes_are_checked_with_the_reason():
         paged_decode_attention(q.astype(jnp.bfloat16), k, v, 0, table, lens, sm_scale=1.0)
     with pytest.raises(ValueError, match="sliding_window"):
         paged_decode_attention(q, k, v, 0, table, lens, sm_scale=1.0, sliding_window=0)
+
+
+def test_loading_the_kernels_leaves_the_process_floating_point_mode_alone():
+    """Built with fast math, linked without it: no flush-to-zero for the whole process (a
+    subnormal float32 survives arithmetic after the library is loaded)."""
+    assert cpu_kernels.load()
+    tiny = np.nextafter(np.float32(0), np.float32(1))
+    assert tiny > 0 and tiny * np.float32(1.0) > 0 and np.float32(1e-39) * np.float32(2) > 0
