@@ -3,9 +3,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_swap.py"
 
 
+@pytest.mark.slow
 def test_bench_swap_reports_every_path_per_batch(tmp_path):
     # its own process: pinned_host buffers and memory-kind puts on the CPU backend stay out of
     # the test process

@@ -195,6 +195,7 @@ def test_queue_limit_and_conversation_ttl():
     eng.shutdown()
 
 
+@pytest.mark.slow
 def test_pallas_attention_engine_gives_the_same_tokens(engine):
     """The engine with the Pallas kernel (interpret mode on CPU) against the XLA path."""
     eng = make(attention="pallas")

@@ -11,6 +11,10 @@ from pensieve_jax.model.xla_attention import ONE_KEYS, ONE_ROWS, ONE_TAIL_KEYS, 
 from tests.model.test_attention import windowed_reference
 from tests.model.test_attention_mixed import PAGE_SIZE, check, make_batch
 
+# about 12 s in all: run by .ci/run and make test-all; make test keeps the shorter plan tests
+# (tests/model/test_attention_mixed.py)
+pytestmark = pytest.mark.slow
+
 LONG = 2 * ONE_KEYS + 3 * ONE_TAIL_KEYS + 5          # two big blocks, a tail of four
 
 
@@ -19,7 +23,7 @@ LONG = 2 * ONE_KEYS + 3 * ONE_TAIL_KEYS + 5          # two big blocks, a tail of
     ([ONE_ROWS + 40, 1, 1], [LONG, 9, LONG - 100]),  # two row chunks, decodes beside it
     ([1, 1, 3 * ONE_ROWS], [700, 20, 3 * ONE_ROWS]),  # a long prompt from scratch, last
 ])
-@pytest.mark.parametrize("group", [3, pytest.param(1, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("group", [3, 1])
 def test_one_sequence_plan_matches_dense_attention(rng, q_lens, kv_lens, group):
     width = -(-max(kv_lens) // PAGE_SIZE) + 2
     q, kv, batch = make_batch(rng, q_lens, kv_lens, kv_heads=2, group=group,

@@ -36,6 +36,7 @@ def test_incremental_decode_equals_full_prefill(model_and_params, rng):
     assert (np.concatenate(rows).argmax(-1) == full.argmax(-1)).all()
 
 
+@pytest.mark.slow
 def test_chunked_prefill_equals_one_shot(model_and_params, rng):
     model, params = model_and_params
     tokens = rng.integers(0, CONFIG.vocab_size, 11)
