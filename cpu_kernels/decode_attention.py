@@ -7,7 +7,7 @@ of pallas_kernels/: the wrapper validating shapes, then the reference.
 
 Row s is at position kv_lens[s] - 1 and attends to its sequence's keys [0, kv_lens[s]) (with a
 sliding window W, only those > its position - W), read page by page through page_table. A
-sequence with no keys gets 0. The kernel splits long contexts into blocks of 256 keys (flash
+sequence with no keys gets 0. The kernel splits long contexts into blocks of 128 keys (flash
 decoding) spread over XLA's CPU thread pool, so its cost follows the keys each row needs.
 Float32 only: callers with other dtypes use plain XLA.
 """

@@ -243,7 +243,7 @@ def xla_paged_attention(q: jax.Array, kv: KVCache, layer: jax.Array, batch: Atte
     pages wholly before every row's window are not read. Under a mesh (heads sharded) XLA
     partitions it by head from the operands' shardings. interpret is ignored (plain XLA).
     cpu_kernels: the decode rows (float32) by the CPU kernel (model/cpu_attention.py; a CPU
-    only, cpu_kernels.load() first), about 6x faster there than the work list.
+    only, cpu_kernels.load() first), about 3x faster there than the work list (SmolLM2).
     """
     del interpret
     batch = AttentionBatch(*(jnp.asarray(a, jnp.int32) for a in batch))
