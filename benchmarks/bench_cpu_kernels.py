@@ -16,12 +16,9 @@ import os
 import statistics
 import time
 
-os.environ.setdefault("PENSIEVE_JAX_PROGRAM_STORE", "0")   # both runners trace their own
-
-from common import environment, write_json                  # noqa: E402
-from model_step import make_runner, make_step               # noqa: E402
-from pensieve_jax.runner import step_compiler              # noqa: E402
-from pensieve_jax.weights import load_model                 # noqa: E402
+from common import environment, write_json
+from model_step import make_runner, make_step
+from pensieve_jax.weights import load_model
 
 
 def main(argv=None) -> None:
@@ -45,7 +42,6 @@ def main(argv=None) -> None:
                                                  vocab)
     runners = {}
     for name, on in (("on", True), ("off", False)):
-        step_compiler.EXECUTABLES.clear()        # each runner compiles its own programs
         runner = make_runner(model, args, list(steps.values()), cpu_kernels=on)
         for step in steps.values():
             runner.step(step)
